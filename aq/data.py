@@ -1,0 +1,125 @@
+"""Calibration and evaluation data, by name ("wikitext2", "c4") or by file path.
+
+Names resolve from the folder in the environment variable AQ_DATA_DIR when it is set (layout:
+wikitext-2-raw-v1/test.jsonl, c4/c4-train.00000-of-01024.first1000.jsonl, zeroshot/*.jsonl), else from the Hugging Face
+hub. Everything goes through `datasets.load_dataset`.
+
+- wikitext2: evaluation on the test split; calibration on the train split (hub only: the local folder has no train split).
+- c4: the first 1000 documents of train shard 0; documents [0, 800) calibrate, [800, 1000) are the held-out evaluation set.
+- a file: .txt (the whole text) or .json/.jsonl (rows with a "text" field), used as is for either purpose.
+Evaluation text is the "\\n\\n"-join of the rows (the GPTQ / OmniQuant / AffineQuant protocol).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+DATA_ENV = "AQ_DATA_DIR"
+NAMES = ("wikitext2", "c4")
+C4_CALIB_DOCS = (0, 800)
+C4_EVAL_DOCS = (800, 1000)
+_LOCAL = {
+    "wikitext2": "wikitext-2-raw-v1/test.jsonl",
+    "c4": "c4/c4-train.00000-of-01024.first1000.jsonl",
+}
+
+
+def data_dir() -> Path | None:
+    """The local data folder from AQ_DATA_DIR, or None when unset. A set but missing folder is an error."""
+    d = os.environ.get(DATA_ENV)
+    if not d:
+        return None
+    p = Path(d).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"{DATA_ENV}={d} is not a folder (it should hold wikitext-2-raw-v1/, c4/, zeroshot/)")
+    return p
+
+
+def _is_file_spec(name: str) -> bool:
+    return name not in NAMES and (os.sep in name or Path(name).suffix in (".txt", ".json", ".jsonl"))
+
+
+def check_name(name: str) -> None:
+    """Fail early on a dataset that is neither a known name nor an existing file."""
+    if name in NAMES:
+        return
+    if _is_file_spec(name):
+        if not Path(name).expanduser().is_file():
+            raise FileNotFoundError(f"data file {name} does not exist")
+        return
+    raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(NAMES)} or a path to a .txt/.json/.jsonl file")
+
+
+def _load_json_rows(path: Path) -> list[str]:
+    import datasets
+
+    ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    if "text" not in ds.column_names:
+        raise ValueError(f"{path} has no 'text' field (columns: {ds.column_names})")
+    return list(ds["text"])
+
+
+def _load_hub_rows(name: str, split: str) -> list[str]:
+    import datasets
+
+    try:
+        if name == "wikitext2":
+            ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+        else:
+            ds = datasets.load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"},
+                                       split="train[:1000]")
+    except Exception as e:  # offline, hub down, auth...: one clear message
+        raise FileNotFoundError(
+            f"dataset {name!r} is not reachable: {DATA_ENV} is not set and the hub failed ({type(e).__name__}: {e}). "
+            f"Set {DATA_ENV} to a local data folder."
+        ) from e
+    return list(ds["text"])
+
+
+def load_rows(name: str, purpose: str) -> list[str]:
+    """Text rows of a dataset for purpose "eval" or "calib"."""
+    if purpose not in ("eval", "calib"):
+        raise ValueError(f"purpose must be 'eval' or 'calib', got {purpose!r}")
+    check_name(name)
+    if name not in NAMES:
+        p = Path(name).expanduser()
+        return [p.read_text()] if p.suffix == ".txt" else _load_json_rows(p)
+    root = data_dir()
+    if name == "wikitext2" and purpose == "calib":
+        if root is not None:
+            raise FileNotFoundError(
+                f"wikitext2 calibration needs the train split, which {DATA_ENV}={root} does not hold; "
+                "calibrate on c4 or a file instead")
+        return _load_hub_rows(name, "train")
+    if root is not None:
+        f = root / _LOCAL[name]
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found in {DATA_ENV}={root}")
+        rows = _load_json_rows(f)
+    else:
+        rows = _load_hub_rows(name, "test")
+    if name == "c4":
+        lo, hi = C4_EVAL_DOCS if purpose == "eval" else C4_CALIB_DOCS
+        rows = rows[lo:hi]
+    return rows
+
+
+def _encode(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(text, return_tensors=None)["input_ids"], dtype=torch.long)
+
+
+def eval_tokens(tokenizer, name: str) -> torch.Tensor:
+    """1-D token ids of the evaluation text ("\\n\\n"-joined rows)."""
+    return _encode(tokenizer, "\n\n".join(load_rows(name, "eval")))
+
+
+def calib_segments(tokenizer, name: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """[nsamples, seqlen] random token windows of the calibration text (rows "\\n\\n"-joined), reproducible by seed."""
+    ids = _encode(tokenizer, "\n\n".join(load_rows(name, "calib")))
+    if ids.numel() <= seqlen:
+        raise ValueError(f"calibration data {name!r} has {ids.numel()} tokens, fewer than one segment of {seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
