@@ -14,7 +14,7 @@ from aq import backend, primitives
 
 # 1.5 * 2^23: adding and subtracting it rounds an fp32 |v| < 2^22 to the nearest integer, ties to even (as torch.round),
 # in compiled and interpreted Triton alike.
-_RNE = 12582912.0
+_RNE = tl.constexpr(12582912.0)  # a global read inside @triton.jit must be constexpr
 
 
 @triton.jit
