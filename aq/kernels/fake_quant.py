@@ -95,3 +95,73 @@ def fake_quant(x: torch.Tensor, bits: int, group_size: int | None = None, symmet
     if backend.choose(x) == backend.TRITON:
         return fake_quant_triton(x, bits, group_size, symmetric)
     return primitives.fake_quant(x, bits, group_size, symmetric)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Differentiable fake quantization (straight-through rounding, learnable weight clipping): torch reference
+# ---------------------------------------------------------------------------------------------------------------------
+
+def round_ste(v: torch.Tensor) -> torch.Tensor:
+    """torch.round in the forward pass, identity in the backward pass (straight-through estimator).
+
+    For |v| < 2^22 the value is exactly torch.round(v): round(v) - v is exact (Sterbenz) and so is the sum."""
+    return v + (torch.round(v) - v).detach()
+
+
+def fake_quant_ste_reference(x: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False,
+                             u: torch.Tensor | None = None, l: torch.Tensor | None = None) -> torch.Tensor:
+    """What the fake-quant kernels differentiate, in plain torch (autograd on this is the ground truth).
+
+    Same operations as aq.primitives.fake_quant (values are bit-identical), with:
+      - learnable clipping: xmax' = sigmoid(u) * max, xmin' = sigmoid(l) * min per row (or group), before the
+        range extension to 0 (asymmetric) or max(|xmax'|, |xmin'|) (symmetric);
+      - round(x / s) and the zero point round(-xmin' / s) through round_ste;
+      - max/min reductions give their gradient to the extreme elements (split evenly among ties), the clamps give zero
+        gradient outside their range (torch's inclusive convention), the scale clamp at SCALE_EPS likewise.
+    """
+    primitives.check_bits(bits)
+    K = x.shape[-1]
+    g = primitives.check_group_size(K, group_size)
+    xg = x.float().reshape(*x.shape[:-1], K // g, g)
+    xmax = xg.amax(-1)
+    xmin = xg.amin(-1)
+    if u is not None:
+        xmax = xmax * torch.sigmoid(u.float())
+    if l is not None:
+        xmin = xmin * torch.sigmoid(l.float())
+    qmax = 2**bits - 1
+    if symmetric:
+        amax = torch.maximum(xmax.abs(), xmin.abs())
+        scale = (amax / (2 ** (bits - 1) - 1)).clamp(min=primitives.SCALE_EPS)
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    else:
+        xmin = xmin.clamp(max=0)
+        xmax = xmax.clamp(min=0)
+        scale = ((xmax - xmin) / qmax).clamp(min=primitives.SCALE_EPS)
+        zero = round_ste(-xmin / scale)
+    s = scale.unsqueeze(-1)
+    z = zero.unsqueeze(-1)
+    q = torch.clamp(round_ste(xg / s) + z, 0, qmax)
+    return ((q - z) * s).reshape(x.shape).to(x.dtype)
+
+
+def _check_lwc(x: torch.Tensor, group_size: int | None, t: torch.Tensor | None, what: str) -> None:
+    if t is None:
+        return
+    K = x.shape[-1]
+    g = primitives.check_group_size(K, group_size)
+    want = tuple(x.shape[:-1]) + (K // g,)
+    if tuple(t.shape) != want:
+        raise ValueError(f"LWC logits {what} have shape {tuple(t.shape)}, expected {want} (x.shape[:-1] + (K // g,))")
+
+
+def fake_quant_ste(x: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False,
+                   u: torch.Tensor | None = None, l: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable fake quantization of x (..., K), per row (group_size None: per output channel of a weight,
+    per token of an activation) or per group of group_size columns; u, l: LWC logits of shape x.shape[:-1] + (K // g,)
+    (or None). Gradients flow to x, u and l (straight-through rounding). Runs on the path aq.backend picks."""
+    primitives.check_bits(bits)
+    primitives.check_group_size(x.shape[-1], group_size)
+    _check_lwc(x, group_size, u, "u")
+    _check_lwc(x, group_size, l, "l")
+    return fake_quant_ste_reference(x, bits, group_size, symmetric, u, l)
