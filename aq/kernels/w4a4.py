@@ -1,0 +1,697 @@
+"""W4A4 on int8 tensor cores: per-token activation quantization (fused with the norm and transform before it), int4
+weight packing, and an int8 x int8 -> int32 GEMM with a fused dequantizing epilogue. Hopper has no int4 tensor cores, so
+int4 is the storage format and int8 the arithmetic.
+
+Public API
+----------
+- ``pack_w4a4_weight(w, wbits=4, symmetric=False, scale=None, zero=None) -> W4A4Weight``
+  Per-output-channel quantization of w [N, K] (codes of ``aq.primitives.quantize``), packed two codes per byte, plus the
+  per-channel scale, zero point and row sum of the codes (for the zero-point correction in the GEMM epilogue).
+  Pass ``scale``/``zero`` ([N]) to pack with calibrated qparams (e.g. learned clipping) instead of min/max ones.
+- ``quantize_activation(x, bits=4, symmetric=False, norm=None, norm_weight=None, norm_bias=None, norm_eps=1e-6,
+  transform=None) -> QuantizedActivation(q, scale, zero, code_sum)``
+  Per-token quantization of x [..., K]: q int8 codes in [0, 2^bits - 1] (exactly those of
+  ``primitives.quantize(y, *primitives.choose_qparams(y, bits, None, symmetric), bits)``), scale float32 [...],
+  zero int32 [...], code_sum int32 [...] (sum of each token's codes). y is x itself (``norm=None``), or
+  ``norm(x) * norm_weight (+ norm_bias)`` with ``norm="rms"`` or ``"layer"``; then optionally times a diagonal
+  (``transform`` of shape [K]) or right-multiplied block by block by a block-diagonal matrix (``transform`` of shape
+  [K // h, h, h]: ``y[:, b*h:(b+1)*h] @ transform[b]``; h a power of two >= 16). Everything happens in one kernel; the
+  normalized activation never goes to memory.
+- ``w4a4_matmul(a: QuantizedActivation, weight: W4A4Weight, bias=None, out_dtype=torch.float16) -> y [..., N]``
+  y = ((qa - za) sa) ((qw - zw) sw)^T + bias. ``out_dtype=torch.int32`` returns the exact integer sum_k (qa-za)(qw-zw).
+- ``w4a4_linear(x, weight, bias=None, *, abits=4, a_symmetric=False, norm=..., transform=..., out_dtype=None)``:
+  both steps; out_dtype defaults to x's dtype (float32 for float32 inputs).
+- References in plain torch beside them: ``quantize_activation_reference``, ``w4a4_matmul_reference``.
+All calls go through ``aq.backend``: compiled Triton on CUDA, interpreted Triton on CPU under TRITON_INTERPRET=1, the
+torch references otherwise.
+
+Formats
+-------
+- Weight codes, [N, Kh] uint8 with Kh = ceil(K / 2): byte j of row n holds code k = j in its low nibble and code
+  k = Kh + j in its high nibble (0 past K). A K-step of the GEMM loads one [BLOCK_N, BLOCK_KH] byte tile and gets two
+  int8 operand tiles (``p & 15`` and ``p >> 4``) whose activation partners are two contiguous column ranges of A, so no
+  interleaving is needed in registers.
+- Epilogue: with acc = sum_k qa qw (unsigned codes, int8 operands, int32 accumulator),
+  sum_k (qa - za)(qw - zw) = acc - za * Rw[n] - zw[n] * Ra[m] + K za zw, Rw the weight code row sums (pack time) and
+  Ra the activation code row sums (written by the quantization kernel). All of it is exact int32; one float multiply
+  by sa * sw, plus bias, gives the output.
+
+Dispatch by M lives in ``pick_config`` alone: small M runs a "swap" kernel (the weight tile is the MxK operand of the
+dot, the few tokens the N side), larger M the plain tiled kernel; block shapes per M bucket come from
+``configs/w4a4-<gpu>.json`` when present (written from bench/w4a4.py measurements), else from the defaults below.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from aq import backend, primitives
+
+__all__ = [
+    "W4A4Weight", "QuantizedActivation", "pack_w4a4_weight", "unpack_w4a4_codes", "quantize_activation",
+    "quantize_activation_reference", "w4a4_matmul", "w4a4_matmul_reference", "w4a4_linear", "pick_config",
+]
+
+_NORMS = {None: 0, "rms": 1, "layer": 2}
+_MAX_ROW_BLOCK = 16384  # rows up to this many columns are quantized with the whole row in registers
+_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class W4A4Weight:
+    """A linear weight [N, K] quantized per output channel and packed two codes per byte (layout in the module doc)."""
+    packed: torch.Tensor    # uint8 [N, ceil(K/2)]
+    scale: torch.Tensor     # float32 [N]
+    zero: torch.Tensor      # int32 [N]
+    code_sum: torch.Tensor  # int32 [N], sum over k of the codes
+    N: int
+    K: int
+    bits: int = 4
+    symmetric: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def to(self, device) -> "W4A4Weight":
+        return W4A4Weight(self.packed.to(device), self.scale.to(device), self.zero.to(device),
+                          self.code_sum.to(device), self.N, self.K, self.bits, self.symmetric)
+
+    def codes(self) -> torch.Tensor:
+        """The codes as uint8 [N, K]."""
+        return unpack_w4a4_codes(self.packed, self.K)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return primitives.dequantize(self.codes(), self.scale[:, None], self.zero.float()[:, None], None, dtype)
+
+
+class QuantizedActivation(NamedTuple):
+    """Per-token codes of an activation [..., K]."""
+    q: torch.Tensor         # int8 [..., K], codes in [0, 2^bits - 1]
+    scale: torch.Tensor     # float32 [...]
+    zero: torch.Tensor      # int32 [...]
+    code_sum: torch.Tensor  # int32 [...], sum over k of the codes
+
+
+def _check_float(t: torch.Tensor, what: str):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{what} must be float16, bfloat16 or float32, got {t.dtype}")
+
+
+def _check_wbits(bits):
+    primitives.check_bits(bits, "wbits")
+    if bits > 4:
+        raise ValueError(f"W4A4 weights hold at most 4 bits per code (two per byte), got wbits={bits}")
+    return bits
+
+
+def _check_abits(bits):
+    primitives.check_bits(bits, "abits")
+    if bits > 7:
+        raise ValueError(f"activation codes must fit a signed int8 operand (<= 7 bits), got bits={bits}")
+    return bits
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Weight packing (torch, at load time)
+# ----------------------------------------------------------------------------------------------------------------------
+def pack_codes(q: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] (< 16) -> [N, ceil(K/2)] bytes: low nibble k = j, high nibble k = ceil(K/2) + j."""
+    N, K = q.shape
+    Kh = (K + 1) // 2
+    hi = torch.zeros(N, Kh, dtype=torch.uint8, device=q.device)
+    hi[:, : K - Kh] = q[:, Kh:]
+    return (q[:, :Kh] | (hi << 4)).contiguous()
+
+
+def unpack_w4a4_codes(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """Inverse of the packing: [N, ceil(K/2)] bytes -> uint8 codes [N, K]."""
+    Kh = (K + 1) // 2
+    if packed.dim() != 2 or packed.shape[1] != Kh:
+        raise ValueError(f"packed codes must be [N, {Kh}] for K={K}, got {tuple(packed.shape)}")
+    return torch.cat([packed & 15, packed >> 4], dim=1)[:, :K].contiguous()
+
+
+def pack_w4a4_weight(w: torch.Tensor, wbits: int = 4, symmetric: bool = False,
+                     scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> W4A4Weight:
+    """Quantize a linear weight w [N, K] per output channel (aq.primitives) and pack it for the W4A4 GEMM."""
+    _check_float(w, "weight")
+    _check_wbits(wbits)
+    if w.dim() != 2 or w.shape[0] == 0 or w.shape[1] == 0:
+        raise ValueError(f"weight must be a non-empty 2-D [N, K] tensor, got shape {tuple(w.shape)}")
+    N, K = w.shape
+    wf = w.float()
+    if (scale is None) != (zero is None):
+        raise ValueError("give both scale and zero, or neither")
+    if scale is None:
+        scale, zero = (t.squeeze(-1) for t in primitives.choose_qparams(wf, wbits, None, symmetric))
+    else:
+        scale = scale.float().reshape(-1).to(w.device)
+        zero = zero.float().reshape(-1).to(w.device)
+        if scale.numel() != N or zero.numel() != N:
+            raise ValueError(f"scale and zero must have N={N} entries, got {scale.numel()} and {zero.numel()}")
+        if (scale <= 0).any() or (zero != zero.round()).any() or (zero < 0).any() or (zero > 2**wbits - 1).any():
+            raise ValueError("scale must be > 0 and zero an integer in [0, 2^wbits - 1]")
+    q = primitives.quantize(wf, scale[:, None], zero[:, None], wbits)
+    return W4A4Weight(pack_codes(q), scale.float().contiguous(), zero.to(torch.int32).contiguous(),
+                      q.sum(1, dtype=torch.int32).contiguous(), N, K, wbits, symmetric)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Activation quantization: references
+# ----------------------------------------------------------------------------------------------------------------------
+def _normed_reference(x, norm, norm_weight, norm_bias, norm_eps, transform):
+    """y = norm(x) * w (+ b), then the transform; float32, operation order of the kernels."""
+    y = x.float()
+    if norm == "rms":
+        rstd = 1.0 / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + norm_eps)
+        y = (y * rstd) * norm_weight.float()
+    elif norm == "layer":
+        yc = y - y.mean(-1, keepdim=True)
+        rstd = 1.0 / torch.sqrt(yc.pow(2).mean(-1, keepdim=True) + norm_eps)
+        y = (yc * rstd) * norm_weight.float()
+        if norm_bias is not None:
+            y = y + norm_bias.float()
+    if transform is not None:
+        t = transform.float()
+        if t.dim() == 1:
+            y = y * t
+        else:
+            nb, h, _ = t.shape
+            y = torch.einsum("...bi,bij->...bj", y.reshape(*y.shape[:-1], nb, h), t).reshape(y.shape)
+    return y
+
+
+def quantize_activation_reference(x, bits=4, symmetric=False, norm=None, norm_weight=None, norm_bias=None,
+                                  norm_eps=1e-6, transform=None) -> QuantizedActivation:
+    """Plain-torch reference of quantize_activation (aq.primitives on the float32 normalized, transformed row)."""
+    _check_act_args(x, bits, norm, norm_weight, norm_bias, transform)
+    y = _normed_reference(x, norm, norm_weight, norm_bias, norm_eps, transform)
+    scale, zero = primitives.choose_qparams(y, bits, None, symmetric)
+    q = primitives.quantize(y, scale, zero, bits)
+    scale, zero = scale.squeeze(-1), zero.squeeze(-1)
+    return QuantizedActivation(q.to(torch.int8), scale, zero.to(torch.int32), q.sum(-1, dtype=torch.int32))
+
+
+def _check_act_args(x, bits, norm, norm_weight, norm_bias, transform):
+    _check_float(x, "activation x")
+    _check_abits(bits)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"activation must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    K = x.shape[-1]
+    if norm not in _NORMS:
+        raise ValueError(f"norm must be None, 'rms' or 'layer', got {norm!r}")
+    if norm is None and (norm_weight is not None or norm_bias is not None):
+        raise ValueError("norm_weight/norm_bias given without norm='rms' or 'layer'")
+    if norm is not None:
+        if norm_weight is None:
+            raise ValueError(f"norm={norm!r} needs norm_weight of shape [{K}]")
+        _check_float(norm_weight, "norm_weight")
+        if tuple(norm_weight.shape) != (K,):
+            raise ValueError(f"norm_weight must have shape [{K}], got {tuple(norm_weight.shape)}")
+    if norm_bias is not None:
+        if norm != "layer":
+            raise ValueError("norm_bias is only used with norm='layer'")
+        _check_float(norm_bias, "norm_bias")
+        if tuple(norm_bias.shape) != (K,):
+            raise ValueError(f"norm_bias must have shape [{K}], got {tuple(norm_bias.shape)}")
+    if transform is not None:
+        _check_float(transform, "transform")
+        if transform.dim() == 1:
+            if transform.shape[0] != K:
+                raise ValueError(f"a diagonal transform must have shape [{K}], got {tuple(transform.shape)}")
+        elif transform.dim() == 3:
+            nb, h, h2 = transform.shape
+            if h != h2 or nb * h != K:
+                raise ValueError(f"a block-diagonal transform must have shape [K // h, h, h] with K={K}, "
+                                 f"got {tuple(transform.shape)}")
+            if h < 16 or h & (h - 1):
+                raise ValueError(f"block-diagonal transform blocks must be a power of two >= 16, got h={h}")
+        else:
+            raise ValueError(f"transform must be [K] (diagonal) or [K // h, h, h] (block-diagonal), "
+                             f"got shape {tuple(transform.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Activation quantization: Triton
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _rne(v):
+    # round half to even for |v| < 2^22 in fp32 (1.5 * 2^23), compiled and interpreted alike (as torch.round)
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _qparams(xmin, xmax, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, SCALE_EPS: tl.constexpr):
+    """aq.primitives.choose_qparams on row minima/maxima, with IEEE divisions (as torch)."""
+    if SYMMETRIC:
+        amax = tl.maximum(tl.abs(xmax), tl.abs(xmin))
+        scale = tl.maximum(tl.div_rn(amax, tl.full(amax.shape, 2 ** (BITS - 1) - 1, tl.float32)), SCALE_EPS)
+        zero = tl.full(amax.shape, 2 ** (BITS - 1), tl.float32)
+    else:
+        lo = tl.minimum(xmin, 0.0)
+        hi = tl.maximum(xmax, 0.0)
+        scale = tl.maximum(tl.div_rn(hi - lo, tl.full(hi.shape, 2**BITS - 1, tl.float32)), SCALE_EPS)
+        zero = _rne(tl.div_rn(-lo, scale))
+    return scale, zero
+
+
+@triton.jit
+def _codes(y, scale, zero, BITS: tl.constexpr):
+    q = _rne(tl.div_rn(y, tl.broadcast_to(scale[:, None], y.shape))) + zero[:, None]
+    return tl.minimum(tl.maximum(q, 0.0), 2**BITS - 1)
+
+
+@triton.jit
+def _act_quant_rows_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, cs_ptr, nw_ptr, nb_ptr, d_ptr,
+    M, K, stride_xm, stride_qm, eps,
+    BITS: tl.constexpr, SYMMETRIC: tl.constexpr, NORM: tl.constexpr, HAS_NB: tl.constexpr, DIAG: tl.constexpr,
+    SCALE_EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Whole rows in registers: one load, norm, diagonal, range, codes, stores."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_K)
+    rok = rows < M
+    cok = cols < K
+    m = rok[:, None] & cok[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    if NORM == 1:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / K + eps)
+        w = tl.load(nw_ptr + cols, mask=cok, other=0.0).to(tl.float32)
+        x = (x * rstd[:, None]) * w[None, :]
+    elif NORM == 2:
+        mean = tl.sum(x, axis=1) / K
+        xc = tl.where(m, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / K + eps)
+        w = tl.load(nw_ptr + cols, mask=cok, other=0.0).to(tl.float32)
+        x = (xc * rstd[:, None]) * w[None, :]
+        if HAS_NB:
+            x = x + tl.load(nb_ptr + cols, mask=cok, other=0.0).to(tl.float32)[None, :]
+    if DIAG:
+        x = x * tl.load(d_ptr + cols, mask=cok, other=0.0).to(tl.float32)[None, :]
+    xmax = tl.max(tl.where(m, x, float("-inf")), axis=1)
+    xmin = tl.min(tl.where(m, x, float("inf")), axis=1)
+    scale, zero = _qparams(xmin, xmax, BITS, SYMMETRIC, SCALE_EPS)
+    q = tl.where(m, _codes(x, scale, zero, BITS), 0.0).to(tl.int32)
+    tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(tl.int8), mask=m)
+    tl.store(s_ptr + rows, scale, mask=rok)
+    tl.store(z_ptr + rows, zero.to(tl.int32), mask=rok)
+    tl.store(cs_ptr + rows, tl.sum(q, axis=1), mask=rok)
+
+
+@triton.jit
+def _chunk(x_ptr, nw_ptr, nb_ptr, t_ptr, rows64, rok, c0, K, stride_xm, mean, rstd,
+           NORM: tl.constexpr, HAS_NB: tl.constexpr, TRANSFORM: tl.constexpr, BLOCK_C: tl.constexpr,
+           PREC: tl.constexpr):
+    """Columns [c0, c0 + BLOCK_C) of the normalized, transformed rows (float32) and their mask."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    cok = cols < K
+    m = rok[:, None] & cok[None, :]
+    x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    if NORM != 0:
+        w = tl.load(nw_ptr + cols, mask=cok, other=0.0).to(tl.float32)
+        x = ((x - mean[:, None]) * rstd[:, None]) * w[None, :]
+        if HAS_NB:
+            x = x + tl.load(nb_ptr + cols, mask=cok, other=0.0).to(tl.float32)[None, :]
+    if TRANSFORM == 1:
+        x = x * tl.load(t_ptr + cols, mask=cok, other=0.0).to(tl.float32)[None, :]
+    if TRANSFORM == 2:
+        # one block of the block-diagonal matrix per chunk (BLOCK_C == h, K % h == 0)
+        ti = tl.arange(0, BLOCK_C)
+        t = tl.load(t_ptr + c0 * BLOCK_C + ti[:, None] * BLOCK_C + ti[None, :]).to(tl.float32)
+        x = tl.dot(tl.where(m, x, 0.0), t, input_precision=PREC)
+    return x, m
+
+
+@triton.jit
+def _act_quant_chunked_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, cs_ptr, nw_ptr, nb_ptr, t_ptr,
+    M, K, stride_xm, stride_qm, eps,
+    BITS: tl.constexpr, SYMMETRIC: tl.constexpr, NORM: tl.constexpr, HAS_NB: tl.constexpr, TRANSFORM: tl.constexpr,
+    SCALE_EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr,
+):
+    """Rows in chunks of BLOCK_C columns: norm statistics, then the range, then the codes (recomputing each chunk)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rok = rows < M
+    rows64 = rows.to(tl.int64)
+    cc = tl.arange(0, BLOCK_C)
+    mean = tl.zeros([BLOCK_M], tl.float32)
+    rstd = tl.full([BLOCK_M], 1.0, tl.float32)
+    if NORM != 0:
+        if NORM == 2:
+            s1 = tl.zeros([BLOCK_M], tl.float32)
+            for c0 in range(0, K, BLOCK_C):
+                m = rok[:, None] & ((c0 + cc) < K)[None, :]
+                s1 += tl.sum(tl.load(x_ptr + rows64[:, None] * stride_xm + (c0 + cc)[None, :], mask=m,
+                                     other=0.0).to(tl.float32), axis=1)
+            mean = s1 / K
+        s2 = tl.zeros([BLOCK_M], tl.float32)
+        for c0 in range(0, K, BLOCK_C):
+            m = rok[:, None] & ((c0 + cc) < K)[None, :]
+            xv = tl.load(x_ptr + rows64[:, None] * stride_xm + (c0 + cc)[None, :], mask=m, other=0.0)
+            xc = tl.where(m, xv.to(tl.float32) - mean[:, None], 0.0)
+            s2 += tl.sum(xc * xc, axis=1)
+        rstd = 1.0 / tl.sqrt(s2 / K + eps)
+    xmax = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    xmin = tl.full([BLOCK_M], float("inf"), tl.float32)
+    for c0 in range(0, K, BLOCK_C):
+        y, m = _chunk(x_ptr, nw_ptr, nb_ptr, t_ptr, rows64, rok, c0, K, stride_xm, mean, rstd,
+                      NORM, HAS_NB, TRANSFORM, BLOCK_C, PREC)
+        xmax = tl.maximum(xmax, tl.max(tl.where(m, y, float("-inf")), axis=1))
+        xmin = tl.minimum(xmin, tl.min(tl.where(m, y, float("inf")), axis=1))
+    scale, zero = _qparams(xmin, xmax, BITS, SYMMETRIC, SCALE_EPS)
+    csum = tl.zeros([BLOCK_M], tl.int32)
+    for c0 in range(0, K, BLOCK_C):
+        y, m = _chunk(x_ptr, nw_ptr, nb_ptr, t_ptr, rows64, rok, c0, K, stride_xm, mean, rstd,
+                      NORM, HAS_NB, TRANSFORM, BLOCK_C, PREC)
+        q = tl.where(m, _codes(y, scale, zero, BITS), 0.0).to(tl.int32)
+        tl.store(q_ptr + rows64[:, None] * stride_qm + (c0 + cc)[None, :], q.to(tl.int8), mask=m)
+        csum += tl.sum(q, axis=1)
+    tl.store(s_ptr + rows, scale, mask=rok)
+    tl.store(z_ptr + rows, zero.to(tl.int32), mask=rok)
+    tl.store(cs_ptr + rows, csum, mask=rok)
+
+
+def _as_param(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    if t is None:
+        return like  # never read (its constexpr flag is off)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def quantize_activation_triton(x, bits=4, symmetric=False, norm=None, norm_weight=None, norm_bias=None,
+                               norm_eps=1e-6, transform=None) -> QuantizedActivation:
+    _check_act_args(x, bits, norm, norm_weight, norm_bias, transform)
+    K = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    dev = x.device
+    q = torch.empty(M, K, dtype=torch.int8, device=dev)
+    scale = torch.empty(M, dtype=torch.float32, device=dev)
+    zero = torch.empty(M, dtype=torch.int32, device=dev)
+    csum = torch.empty(M, dtype=torch.int32, device=dev)
+    if M > 0:
+        nw, nb = _as_param(norm_weight, x2), _as_param(norm_bias, x2)
+        tr = _as_param(transform, x2)
+        blockdiag = transform is not None and transform.dim() == 3
+        common = dict(BITS=bits, SYMMETRIC=bool(symmetric), NORM=_NORMS[norm], HAS_NB=norm_bias is not None,
+                      SCALE_EPS=primitives.SCALE_EPS)
+        eps = float(norm_eps) if norm is not None else 0.0
+        if not blockdiag and K <= _MAX_ROW_BLOCK:
+            block_k = triton.next_power_of_2(K)
+            block_m = max(1, min(triton.next_power_of_2(M), 2048 // block_k))
+            warps = max(4, min(16, block_m * block_k // 1024))
+            _act_quant_rows_kernel[(triton.cdiv(M, block_m),)](
+                x2, q, scale, zero, csum, nw, nb, tr, M, K, x2.stride(0), q.stride(0), eps,
+                DIAG=transform is not None, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, **common)
+        else:
+            if blockdiag:
+                block_c, block_m, code, warps = transform.shape[1], 16, 2, 4
+                if transform.dtype != torch.float32:
+                    tr = tr.float()
+            else:
+                block_c, block_m, code, warps = 4096, 1, int(transform is not None), 8
+            _act_quant_chunked_kernel[(triton.cdiv(M, block_m),)](
+                x2, q, scale, zero, csum, nw, nb, tr, M, K, x2.stride(0), q.stride(0), eps,
+                TRANSFORM=code, BLOCK_M=block_m, BLOCK_C=block_c, PREC="tf32x3", num_warps=warps, **common)
+    return QuantizedActivation(q.reshape(*lead, K), scale.reshape(lead), zero.reshape(lead), csum.reshape(lead))
+
+
+def quantize_activation(x, bits=4, symmetric=False, norm=None, norm_weight=None, norm_bias=None, norm_eps=1e-6,
+                        transform=None) -> QuantizedActivation:
+    """Per-token quantization of x [..., K], fused with the norm and transform before it (see the module doc)."""
+    tensors = [t for t in (x, norm_weight, norm_bias, transform) if isinstance(t, torch.Tensor)]
+    if backend.choose(*tensors) == backend.TRITON:
+        return quantize_activation_triton(x, bits, symmetric, norm, norm_weight, norm_bias, norm_eps, transform)
+    return quantize_activation_reference(x, bits, symmetric, norm, norm_weight, norm_bias, norm_eps, transform)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GEMM: references
+# ----------------------------------------------------------------------------------------------------------------------
+def _check_mm_args(a: QuantizedActivation, weight: W4A4Weight, bias, out_dtype):
+    if not isinstance(weight, W4A4Weight):
+        raise TypeError(f"weight must be a W4A4Weight (see pack_w4a4_weight), got {type(weight).__name__}")
+    if not isinstance(a, QuantizedActivation):
+        raise TypeError(f"activation must be a QuantizedActivation (see quantize_activation), got {type(a).__name__}")
+    if a.q.dtype != torch.int8:
+        raise TypeError(f"activation codes must be int8, got {a.q.dtype}")
+    if a.q.dim() < 1 or a.q.shape[-1] != weight.K:
+        raise ValueError(f"activation has K={a.q.shape[-1] if a.q.dim() else None} but the weight has K={weight.K}")
+    lead = tuple(a.q.shape[:-1])
+    for name, t, dt in (("scale", a.scale, torch.float32), ("zero", a.zero, torch.int32),
+                        ("code_sum", a.code_sum, torch.int32)):
+        if tuple(t.shape) != lead or t.dtype != dt:
+            raise ValueError(f"activation {name} must be {dt} of shape {lead}, got {t.dtype} {tuple(t.shape)}")
+    if bias is not None:
+        _check_float(bias, "bias")
+        if tuple(bias.shape) != (weight.N,):
+            raise ValueError(f"bias must have shape [{weight.N}], got {tuple(bias.shape)}")
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+
+
+def w4a4_matmul_reference(a: QuantizedActivation, weight: W4A4Weight, bias=None, out_dtype=torch.float16):
+    """Plain torch: the exact integer sum_k (qa - za)(qw - zw) (float64 holds it exactly), then scales and bias."""
+    _check_mm_args(a, weight, bias, out_dtype)
+    K = weight.K
+    qa = a.q.reshape(-1, K).double() - a.zero.reshape(-1, 1).double()
+    qw = weight.codes().double() - weight.zero.double()[:, None]
+    s = qa @ qw.T
+    lead = tuple(a.q.shape[:-1])
+    if out_dtype == torch.int32:
+        return s.round().to(torch.int32).reshape(*lead, weight.N)
+    y = s * a.scale.reshape(-1, 1).double() * weight.scale.double()[None, :]
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(out_dtype).reshape(*lead, weight.N)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GEMM: Triton
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _unpack(p, USE_ASM: tl.constexpr):
+    """uint8 bytes -> (low nibbles, high nibbles) as int8, 4 bytes per 32-bit op when USE_ASM."""
+    if USE_ASM:
+        lo = tl.inline_asm_elementwise("and.b32 $0, $1, 0x0F0F0F0F;", "=r,r", [p], dtype=tl.int8, is_pure=True,
+                                       pack=4)
+        hi = tl.inline_asm_elementwise("{ .reg .b32 t; shr.u32 t, $1, 4; and.b32 $0, t, 0x0F0F0F0F; }", "=r,r",
+                                       [p], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        lo = (p & 15).to(tl.int8)
+        hi = (p >> 4).to(tl.int8)
+    return lo, hi
+
+
+@triton.jit
+def _epilogue(acc, rm, rn, M, N, K, y_ptr, stride_ym, as_ptr, az_ptr, acs_ptr, ws_ptr, wz_ptr, wcs_ptr, b_ptr,
+              HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr):
+    """acc [BM, BN] = sum_k qa qw -> y = sa sw (acc - za Rw - zw Ra + K za zw) + bias, stored in y's dtype."""
+    mok = rm < M
+    nok = rn < N
+    za = tl.load(az_ptr + rm, mask=mok, other=0)
+    ra = tl.load(acs_ptr + rm, mask=mok, other=0)
+    zw = tl.load(wz_ptr + rn, mask=nok, other=0)
+    rw = tl.load(wcs_ptr + rn, mask=nok, other=0)
+    s = acc - za[:, None] * rw[None, :] - (ra[:, None] - K * za[:, None]) * zw[None, :]
+    ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+    if INT_OUT:
+        tl.store(ptrs, s, mask=mok[:, None] & nok[None, :])
+    else:
+        sa = tl.load(as_ptr + rm, mask=mok, other=0.0)
+        sw = tl.load(ws_ptr + rn, mask=nok, other=0.0)
+        y = s.to(tl.float32) * (sa[:, None] * sw[None, :])
+        if HAS_BIAS:
+            y = y + tl.load(b_ptr + rn, mask=nok, other=0.0).to(tl.float32)[None, :]
+        tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=mok[:, None] & nok[None, :])
+
+
+@triton.jit
+def _w4a4_mm_kernel(
+    a_ptr, w_ptr, y_ptr, as_ptr, az_ptr, acs_ptr, ws_ptr, wz_ptr, wcs_ptr, b_ptr,
+    M, N, K, Kh, stride_am, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Tiled GEMM for larger M: acc[BM, BN] += A_lo W_lo^T + A_hi W_hi^T per step of BLOCK_KH packed columns."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    gsize = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % gsize
+    pid_n = (pid % in_group) // gsize
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rj = tl.arange(0, BLOCK_KH)
+    # rows past M / N read a valid row (results masked at the store), so only K needs masks
+    a_lo_ptrs = a_ptr + (rm % M).to(tl.int64)[:, None] * stride_am + rj[None, :]
+    w_ptrs = w_ptr + (rn % N).to(tl.int64)[:, None] * stride_wn + rj[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for j0 in range(0, Kh, BLOCK_KH):
+        if EVEN_K:
+            a_lo = tl.load(a_lo_ptrs)
+            a_hi = tl.load(a_lo_ptrs + Kh)
+            p = tl.load(w_ptrs)
+        else:
+            jok = (j0 + rj) < Kh
+            a_lo = tl.load(a_lo_ptrs, mask=jok[None, :], other=0)
+            a_hi = tl.load(a_lo_ptrs + Kh, mask=((Kh + j0 + rj) < K)[None, :], other=0)
+            p = tl.load(w_ptrs, mask=jok[None, :], other=0)
+        w_lo, w_hi = _unpack(p, USE_ASM)
+        acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
+        acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
+        a_lo_ptrs += BLOCK_KH
+        w_ptrs += BLOCK_KH
+    _epilogue(acc, rm, rn, M, N, K, y_ptr, stride_ym, as_ptr, az_ptr, acs_ptr, ws_ptr, wz_ptr, wcs_ptr, b_ptr,
+              HAS_BIAS, INT_OUT)
+
+
+@triton.jit
+def _w4a4_mm_swap_kernel(
+    a_ptr, w_ptr, y_ptr, as_ptr, az_ptr, acs_ptr, ws_ptr, wz_ptr, wcs_ptr, b_ptr,
+    M, N, K, Kh, stride_am, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Small M: acc^T[BN, BM] += W_lo A_lo^T + W_hi A_hi^T, the weight tile on the wide side of the dot."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rj = tl.arange(0, BLOCK_KH)
+    a_lo_ptrs = a_ptr + (rm % M).to(tl.int64)[:, None] * stride_am + rj[None, :]
+    w_ptrs = w_ptr + (rn % N).to(tl.int64)[:, None] * stride_wn + rj[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+    for j0 in range(0, Kh, BLOCK_KH):
+        if EVEN_K:
+            a_lo = tl.load(a_lo_ptrs)
+            a_hi = tl.load(a_lo_ptrs + Kh)
+            p = tl.load(w_ptrs)
+        else:
+            jok = (j0 + rj) < Kh
+            a_lo = tl.load(a_lo_ptrs, mask=jok[None, :], other=0)
+            a_hi = tl.load(a_lo_ptrs + Kh, mask=((Kh + j0 + rj) < K)[None, :], other=0)
+            p = tl.load(w_ptrs, mask=jok[None, :], other=0)
+        w_lo, w_hi = _unpack(p, USE_ASM)
+        acc = tl.dot(w_lo, tl.trans(a_lo), acc, out_dtype=tl.int32)
+        acc = tl.dot(w_hi, tl.trans(a_hi), acc, out_dtype=tl.int32)
+        a_lo_ptrs += BLOCK_KH
+        w_ptrs += BLOCK_KH
+    _epilogue(tl.trans(acc), rm, rn, M, N, K, y_ptr, stride_ym, as_ptr, az_ptr, acs_ptr, ws_ptr, wz_ptr, wcs_ptr,
+              b_ptr, HAS_BIAS, INT_OUT)
+
+
+# Per M bucket (first whose max_m >= M): kernel ("swap" or "tile"), blocks, warps, stages. BLOCK_KH counts packed
+# bytes, i.e. 2 * BLOCK_KH codes of K per step. Overridden by configs/w4a4-<gpu>.json when it exists.
+DEFAULT_CONFIGS = [
+    dict(max_m=16, kernel="swap", BLOCK_M=16, BLOCK_N=32, BLOCK_KH=256, GROUP_M=1, num_warps=4, num_stages=4),
+    dict(max_m=32, kernel="swap", BLOCK_M=32, BLOCK_N=64, BLOCK_KH=128, GROUP_M=1, num_warps=4, num_stages=4),
+    dict(max_m=64, kernel="swap", BLOCK_M=64, BLOCK_N=64, BLOCK_KH=128, GROUP_M=1, num_warps=4, num_stages=4),
+    dict(max_m=128, kernel="tile", BLOCK_M=64, BLOCK_N=128, BLOCK_KH=64, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(max_m=512, kernel="tile", BLOCK_M=128, BLOCK_N=128, BLOCK_KH=64, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(max_m=None, kernel="tile", BLOCK_M=128, BLOCK_N=256, BLOCK_KH=64, GROUP_M=8, num_warps=8, num_stages=3),
+]
+# The interpreter's cost is programs x steps: few, large blocks there.
+_INTERPRET_CONFIGS = [
+    dict(max_m=16, kernel="swap", BLOCK_M=16, BLOCK_N=128, BLOCK_KH=128, GROUP_M=1, num_warps=4, num_stages=1),
+    dict(max_m=None, kernel="tile", BLOCK_M=64, BLOCK_N=128, BLOCK_KH=128, GROUP_M=4, num_warps=4, num_stages=1),
+]
+
+
+def _gpu_tag(device) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+@functools.lru_cache(maxsize=None)
+def _configs_for(tag: str) -> tuple:
+    path = os.path.join(os.path.dirname(__file__), "configs", f"w4a4-{tag}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return tuple(json.load(f)["configs"])
+    return tuple(DEFAULT_CONFIGS)
+
+
+def pick_config(M: int, N: int, K: int, device: torch.device | str = "cpu") -> dict:
+    """The one place that dispatches the GEMM by M: returns the kernel and launch parameters for this problem."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        table = _configs_for(_gpu_tag(device))
+    else:
+        table = _INTERPRET_CONFIGS
+    for cfg in table:
+        if cfg["max_m"] is None or M <= cfg["max_m"]:
+            return dict(cfg)
+    return dict(table[-1])
+
+
+def w4a4_matmul_triton(a: QuantizedActivation, weight: W4A4Weight, bias=None, out_dtype=torch.float16,
+                       config: dict | None = None):
+    _check_mm_args(a, weight, bias, out_dtype)
+    K, N = weight.K, weight.N
+    lead = tuple(a.q.shape[:-1])
+    q = a.q.reshape(-1, K)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    M = q.shape[0]
+    y = torch.empty(M, N, dtype=out_dtype, device=q.device)
+    if M == 0:
+        return y.reshape(*lead, N)
+    cfg = dict(config) if config is not None else pick_config(M, N, K, q.device)
+    kind = cfg.pop("kernel")
+    cfg.pop("max_m", None)
+    use_asm = cfg.pop("USE_ASM", True) and not backend.interpreting()
+    Kh = (K + 1) // 2
+    even_k = K % 2 == 0 and Kh % cfg["BLOCK_KH"] == 0
+    args = (q, weight.packed, y, a.scale.reshape(-1), a.zero.reshape(-1), a.code_sum.reshape(-1), weight.scale,
+            weight.zero, weight.code_sum, bias if bias is not None else weight.scale,
+            M, N, K, Kh, q.stride(0), weight.packed.stride(0), y.stride(0))
+    flags = dict(HAS_BIAS=bias is not None, INT_OUT=out_dtype == torch.int32, EVEN_K=even_k, USE_ASM=use_asm)
+    if kind == "swap":
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
+        _w4a4_mm_swap_kernel[grid](*args, **flags, **cfg)
+    elif kind == "tile":
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        _w4a4_mm_kernel[grid](*args, **flags, **cfg)
+    else:
+        raise ValueError(f"unknown W4A4 kernel {kind!r}")
+    return y.reshape(*lead, N)
+
+
+def w4a4_matmul(a: QuantizedActivation, weight: W4A4Weight, bias=None, out_dtype=torch.float16):
+    """y = ((qa - za) sa) ((qw - zw) sw)^T + bias for quantized activations a [..., K] and a packed weight [N, K]."""
+    tensors = [a.q, weight.packed] + ([bias] if bias is not None else [])
+    if backend.choose(*tensors) == backend.TRITON:
+        return w4a4_matmul_triton(a, weight, bias, out_dtype)
+    return w4a4_matmul_reference(a, weight, bias, out_dtype)
+
+
+def w4a4_linear(x, weight: W4A4Weight, bias=None, *, abits=4, a_symmetric=False, norm=None, norm_weight=None,
+                norm_bias=None, norm_eps=1e-6, transform=None, out_dtype=None):
+    """Quantize x [..., K] per token (fused with the norm/transform before it) and multiply by the packed weight."""
+    _check_float(x, "activation x")
+    if out_dtype is None:
+        out_dtype = x.dtype
+    a = quantize_activation(x, abits, a_symmetric, norm, norm_weight, norm_bias, norm_eps, transform)
+    return w4a4_matmul(a, weight, bias, out_dtype)
