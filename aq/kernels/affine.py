@@ -10,9 +10,14 @@ Levy-Desplanques theorem), <= 0 otherwise (-inf for a zero on the diagonal).
 """
 from __future__ import annotations
 
-import torch
+import functools
+import os
 
-from aq import primitives
+import torch
+import triton
+import triton.language as tl
+
+from aq import backend, primitives
 from aq.kernels import fake_quant as FQ
 
 
@@ -128,26 +133,520 @@ def transform_fake_quant_reference(w, A, bits, group_size, band=None, block=None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------------------------------
+# DOT_MODE: how tl.dot multiplies. 0: exact fp32 ("ieee"), 1: tf32 (fp32 operands, tensor cores), 2: bf16, 3: fp16.
+DOT_IEEE, DOT_TF32, DOT_BF16, DOT_FP16 = 0, 1, 2, 3
+
+
+@triton.jit
+def _mask_values(rows, cols, band, block, alpha):
+    """M[rows, cols]: 1 on the diagonal, alpha where |i - j| < band in one block, 0 elsewhere."""
+    diff = rows[:, None] - cols[None, :]
+    keep = (diff < band) & (diff > -band) & ((rows // block)[:, None] == (cols // block)[None, :])
+    return tl.where(diff == 0, 1.0, tl.where(keep, alpha, 0.0))
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_MODE: tl.constexpr):
+    if DOT_MODE == 0:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif DOT_MODE == 1:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
+    elif DOT_MODE == 2:
+        acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    else:
+        acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+    return acc
+
+
+def _mm_configs():
+    cfgs = []
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); the interpreter takes the first one that fits (large blocks)
+    shapes = [(64, 64, 64, 4, 2), (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 2),
+              (128, 64, 64, 4, 3), (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 64, 4, 3), (128, 16, 32, 4, 4),
+              (64, 16, 64, 4, 3), (64, 256, 32, 8, 3), (128, 256, 32, 8, 3)]
+    for bm, bn, bk, w, st in shapes:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w,
+                                  num_stages=st))
+    return cfgs
+
+
+_FREE_BN = (32, 64, 128)  # tile widths tried when the group size does not fix BLOCK_N
+
+
+def _prune_mm(configs, named_args, **kwargs):
+    req = kwargs.get("REQ_BN", named_args.get("REQ_BN", 0))
+    return [c for c in configs if (c.kwargs["BLOCK_N"] == req if req else c.kwargs["BLOCK_N"] in _FREE_BN)]
+
+
+def _no_tuning() -> bool:
+    """The interpreter cannot time configs; AQ_FAST_TUNE=1 skips the timing on a GPU too (first fitting config)."""
+    return backend.interpreting() or os.environ.get("AQ_FAST_TUNE") == "1"
+
+
+def _launch(kernel, grid, prune, args, kwargs):
+    """Launch an autotuned kernel, or its first fitting config without timing when _no_tuning()."""
+    if not _no_tuning():
+        kernel[grid](*args, **kwargs)
+        return
+    named = dict(zip(kernel.arg_names, args))
+    cfg = prune(kernel.configs, named, **kwargs)[0]
+    meta = {**kwargs, **cfg.kwargs}
+    g = grid(meta) if callable(grid) else grid
+    kernel.fn[g](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+@triton.autotune(configs=_mm_configs(), key=["M", "N", "K", "SPAN_KEY", "REQ_BN", "APPLY_MASK", "QUANT", "DOT_MODE"],
+                 prune_configs_by={"early_config_prune": _prune_mm})
+@triton.jit
+def _band_mm_kernel(
+    x_ptr, b_ptr, out_ptr, y_ptr, cmax_ptr, cmin_ptr, stats_ptr,
+    M, N, K, NG,
+    sxm, sxk, sbn, sbk,
+    band, block, alpha,
+    SPAN_KEY, REQ_BN,
+    APPLY_MASK: tl.constexpr, RESTRICT: tl.constexpr, DOT_MODE: tl.constexpr,
+    QUANT: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, EPS: tl.constexpr,
+    HAS_CMAX: tl.constexpr, HAS_CMIN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out[m, n] = sum_k x[m, k] * B[n, k] (* M[n, k] if APPLY_MASK), k restricted to the band/block of n (RESTRICT).
+
+    B is addressed through strides (sbn, sbk), so B = A gives x @ (A*M)^T and swapped strides give x @ (A*M).
+    QUANT: BLOCK_N is one quantization group; the epilogue also fake-quantizes the tile (y) and saves per-group stats
+    [4, M, NG] (raw max, raw min, scale, zero) for the backward pass; out then holds the fp32 transformed values."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    n0 = pid_n * BLOCK_N
+    if RESTRICT:
+        n_last = tl.minimum(n0 + BLOCK_N, N) - 1
+        lo = tl.maximum(tl.maximum(n0 - band + 1, (n0 // block) * block), 0)
+        hi = tl.minimum(tl.minimum(n_last + band, (n_last // block + 1) * block), K)
+        lo = (lo // BLOCK_K) * BLOCK_K
+    else:
+        lo = 0
+        hi = K
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = n0 + tl.arange(0, BLOCK_N)
+    rk0 = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * sxm
+    b_rows = b_ptr + rn[:, None].to(tl.int64) * sbn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(lo, hi, BLOCK_K):
+        rk = k0 + rk0
+        k_ok = rk < hi
+        xt = tl.load(x_rows + rk[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        bt = tl.load(b_rows + rk[None, :] * sbk, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        if APPLY_MASK:
+            bt = bt * _mask_values(rn, rk, band, block, alpha)
+        acc = _dot(xt, tl.trans(bt), acc, DOT_MODE)
+
+    offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+    ok = m_ok[:, None] & n_ok[None, :]
+    if QUANT:
+        xmax = tl.where(m_ok, tl.max(acc, axis=1), 0.0)
+        xmin = tl.where(m_ok, tl.min(acc, axis=1), 0.0)
+        pidx = rm.to(tl.int64) * NG + pid_n
+        cmax = tl.full([BLOCK_M], 1.0, tl.float32)
+        cmin = tl.full([BLOCK_M], 1.0, tl.float32)
+        if HAS_CMAX:
+            cmax = tl.load(cmax_ptr + pidx, mask=m_ok, other=1.0)
+        if HAS_CMIN:
+            cmin = tl.load(cmin_ptr + pidx, mask=m_ok, other=1.0)
+        scale, zero = FQ.qparams(xmax, xmin, cmax, cmin, BITS, SYMMETRIC, EPS)
+        y = FQ.fake_quant_values(acc, scale[:, None], zero[:, None], BITS)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+        MG = M * NG
+        tl.store(stats_ptr + pidx, xmax, mask=m_ok)
+        tl.store(stats_ptr + MG + pidx, xmin, mask=m_ok)
+        tl.store(stats_ptr + 2 * MG + pidx, scale, mask=m_ok)
+        tl.store(stats_ptr + 3 * MG + pidx, zero, mask=m_ok)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _grad_configs():
+    shapes = [(64, 64, 64, 4, 2), (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+              (128, 128, 64, 8, 2)]
+    return [triton.Config({"BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_R": br}, num_warps=w, num_stages=st)
+            for bi, bj, br, w, st in shapes]
+
+
+def _prune_grad(configs, named_args, **kwargs):
+    return configs
+
+
+@triton.autotune(configs=_grad_configs(), key=["R", "D", "SPAN_KEY", "APPLY_MASK", "DOT_MODE"],
+                 prune_configs_by={"early_config_prune": _prune_grad})
+@triton.jit
+def _band_grad_kernel(
+    p_ptr, q_ptr, out_ptr, R, D, spr, spd, sqr, sqd, band, block, alpha, scale_f, SPAN_KEY,
+    APPLY_MASK: tl.constexpr, DOT_MODE: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[i, j] = scale_f * M[i, j] * sum_r P[r, i] Q[r, j], computed only on the (i, j) tiles that meet the
+    band/block structure (program (pid_i, pid_j) takes the pid_j-th such j-tile of row tile pid_i); out is
+    pre-zeroed elsewhere."""
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    i0 = pid_i * BLOCK_I
+    i_last = tl.minimum(i0 + BLOCK_I, D) - 1
+    jlo = tl.maximum(tl.maximum(i0 - band + 1, (i0 // block) * block), 0)
+    jhi = tl.minimum(tl.minimum(i_last + band, (i_last // block + 1) * block), D)
+    j0 = (jlo // BLOCK_J) * BLOCK_J + pid_j * BLOCK_J
+    if j0 < jhi:
+        ri = i0 + tl.arange(0, BLOCK_I)
+        rj = j0 + tl.arange(0, BLOCK_J)
+        rr0 = tl.arange(0, BLOCK_R)
+        i_ok = ri < D
+        j_ok = rj < D
+        acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + rr0
+            r_ok = rr < R
+            pt = tl.load(p_ptr + rr[:, None].to(tl.int64) * spr + ri[None, :] * spd, mask=r_ok[:, None] & i_ok[None, :],
+                         other=0.0)
+            qt = tl.load(q_ptr + rr[:, None].to(tl.int64) * sqr + rj[None, :] * sqd, mask=r_ok[:, None] & j_ok[None, :],
+                         other=0.0)
+            acc = _dot(tl.trans(pt), qt, acc, DOT_MODE)
+        if APPLY_MASK:
+            acc = acc * _mask_values(ri, rj, band, block, alpha)
+        acc = acc * scale_f
+        tl.store(out_ptr + ri[:, None].to(tl.int64) * D + rj[None, :], acc, mask=i_ok[:, None] & j_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# launch wrappers
+# ---------------------------------------------------------------------------------------------------------------------
+
+def dot_mode_for(dtype: torch.dtype, device: torch.device) -> int:
+    """How the kernels multiply: exact fp32 in the interpreter; on a GPU, 16-bit inputs in their dtype (as autocast
+    would) and fp32 inputs in tf32 or exact fp32 following torch's float32 matmul precision setting
+    (torch.set_float32_matmul_precision("high") -> tf32, the same rule cuBLAS calls follow)."""
+    if device.type != "cuda":
+        return DOT_IEEE
+    if dtype == torch.bfloat16:
+        return DOT_BF16
+    if dtype == torch.float16:
+        return DOT_FP16
+    tf32 = torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32
+    return DOT_TF32 if tf32 else DOT_IEEE
+
+
+def _span_key(K: int, band: int, block: int) -> int:
+    return triton.next_power_of_2(max(1, min(K, 2 * band - 1, block)))
+
+
+def band_mm(x: torch.Tensor, B: torch.Tensor, band: int, block: int, alpha: float, *, transpose_b: bool = False,
+            apply_mask: bool = True, out_dtype: torch.dtype | None = None, dot_mode: int | None = None,
+            quant: dict | None = None):
+    """out = x @ (B*M)^T (transpose_b False) or x @ (B*M) (True); M from (band, block, alpha) when apply_mask, else
+    B is used as is and (band, block) only says where B is zero. x [rows, d], B [d, d].
+
+    quant = dict(bits, g, symmetric, cmax, cmin) (g a power of 2 in 16..256 dividing d): returns (out fp32, y, stats)
+    with y = fake_quant(out) in out_dtype; otherwise returns out in out_dtype (x's dtype by default)."""
+    Mr, K = x.shape
+    d = B.shape[0]
+    assert B.shape == (d, d) and K == d
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    dm = dot_mode_for(x.dtype, x.device) if dot_mode is None else dot_mode
+    sbn, sbk = (B.stride(1), B.stride(0)) if transpose_b else (B.stride(0), B.stride(1))
+    restrict = band < d or block < d
+    if quant is not None:
+        g = quant["g"]
+        NG = d // g
+        out = torch.empty((Mr, d), dtype=torch.float32, device=x.device)
+        y = torch.empty((Mr, d), dtype=out_dtype or x.dtype, device=x.device)
+        stats = torch.empty((4, Mr, NG), dtype=torch.float32, device=x.device)
+        cmax, cmin = quant.get("cmax"), quant.get("cmin")
+        bits, sym, req_bn = quant["bits"], quant["symmetric"], g
+    else:
+        NG = 1
+        out = torch.empty((Mr, d), dtype=out_dtype or x.dtype, device=x.device)
+        y = stats = cmax = cmin = None
+        bits, sym, req_bn = 8, False, 0
+    if Mr == 0:
+        return (out, y, stats) if quant is not None else out
+
+    def grid(meta):
+        return (triton.cdiv(Mr, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_N"]),)
+
+    _launch(_band_mm_kernel, grid, _prune_mm, (
+        x, B, out, y if y is not None else out, cmax if cmax is not None else out, cmin if cmin is not None else out,
+        stats if stats is not None else out,
+        Mr, d, K, NG, x.stride(0), x.stride(1), sbn, sbk, band, block, float(alpha),
+        _span_key(d, band, block) if restrict else d, req_bn), dict(
+        APPLY_MASK=apply_mask, RESTRICT=restrict, DOT_MODE=dm, QUANT=quant is not None, BITS=bits, SYMMETRIC=sym,
+        EPS=primitives.SCALE_EPS, HAS_CMAX=cmax is not None, HAS_CMIN=cmin is not None,
+    ))
+    return (out, y, stats) if quant is not None else out
+
+
+def _n_j_tiles(D: int, band: int, block: int, BI: int, BJ: int) -> int:
+    n = 1
+    for i0 in range(0, D, BI):
+        i_last = min(i0 + BI, D) - 1
+        jlo = max(i0 - band + 1, (i0 // block) * block, 0)
+        jhi = min(i_last + band, (i_last // block + 1) * block, D)
+        n = max(n, triton.cdiv(jhi - (jlo // BJ) * BJ, BJ))
+    return n
+
+
+def band_grad(P: torch.Tensor, Q: torch.Tensor, band: int, block: int, alpha: float, scale: float = 1.0,
+              apply_mask: bool = True, dot_mode: int | None = None) -> torch.Tensor:
+    """scale * (P^T Q) * M (float32 [d, d]), computed on the band/block tiles only. P, Q: [rows, d]."""
+    R, D = P.shape
+    assert Q.shape == (R, D)
+    full = band >= D and block >= D
+    out = (torch.empty if full else torch.zeros)((D, D), dtype=torch.float32, device=P.device)
+    dm = dot_mode_for(Q.dtype, Q.device) if dot_mode is None else dot_mode
+
+    def grid(meta):
+        return (triton.cdiv(D, meta["BLOCK_I"]), _n_j_tiles(D, band, block, meta["BLOCK_I"], meta["BLOCK_J"]))
+
+    _launch(_band_grad_kernel, grid, _prune_grad, (
+        P, Q, out, R, D, P.stride(0), P.stride(1), Q.stride(0), Q.stride(1), band, block, float(alpha), float(scale),
+        _span_key(D, band, block)), dict(APPLY_MASK=apply_mask, DOT_MODE=dm))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# dispatch between the band kernels and dense cuBLAS products
+# ---------------------------------------------------------------------------------------------------------------------
+# On a GPU the band kernels skip the zero part of A*M; once the band covers most of A a dense cuBLAS product is
+# faster. The band path is taken while (2 * band - 1) / d (the share of A*M's columns each row keeps, block-capped)
+# stays under DENSE_SHARE; AQ_AFFINE_GEMM=band|dense forces one path.
+DENSE_SHARE = float(os.environ.get("AQ_DENSE_SHARE", "0.5"))
+
+
+def _gemm_path(d: int, band: int, block: int, device: torch.device, gemm: str | None) -> str:
+    gemm = gemm or os.environ.get("AQ_AFFINE_GEMM") or None
+    if gemm in ("band", "dense"):
+        return gemm
+    if gemm is not None:
+        raise ValueError(f"gemm must be 'band', 'dense' or None, got {gemm!r}")
+    if device.type != "cuda":
+        return "band"  # the interpreter: tests run the kernels
+    share = min(2 * band - 1, block, d) / d
+    return "band" if share < DENSE_SHARE else "dense"
+
+
+@functools.lru_cache(maxsize=8)
+def _mask_cached(d: int, band: int, block: int, alpha: float, device: str) -> torch.Tensor:
+    return affine_mask(d, band, block, alpha, device=device)
+
+
+def _mask(d, band, block, alpha, device):
+    return _mask_cached(d, band, block, float(alpha), str(device))
+
+
+def _torch_dtype(dm: int, fallback: torch.dtype) -> torch.dtype:
+    return {DOT_BF16: torch.bfloat16, DOT_FP16: torch.float16}.get(dm, fallback)
+
+
+def _dense_mm(a: torch.Tensor, b: torch.Tensor, dm: int) -> torch.Tensor:
+    """a @ b with both operands in the dot dtype (fp32 for tf32/ieee: cuBLAS follows torch's precision setting)."""
+    t = _torch_dtype(dm, torch.float32)
+    return torch.matmul(a.to(t), b.to(t))
+
+
+_FUSE_GROUPS = (16, 32, 64, 128, 256)
+
+
+class _MaskedWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, A, band, block, alpha, path):
+        d = w.shape[-1]
+        dm = dot_mode_for(w.dtype, w.device)
+        if path == "band":
+            out = band_mm(w, A, band, block, alpha, out_dtype=w.dtype, dot_mode=dm)
+        else:
+            out = _dense_mm(w, (A * _mask(d, band, block, alpha, A.device)).T, dm).to(w.dtype)
+        ctx.save_for_backward(w, A)
+        ctx.cfg = (band, block, alpha, path, dm)
+        return out
+
+    @staticmethod
+    def backward(ctx, gy):
+        w, A = ctx.saved_tensors
+        band, block, alpha, path, dm = ctx.cfg
+        d = w.shape[-1]
+        gy = gy.contiguous()
+        gw = gA = None
+        if path == "band":
+            if ctx.needs_input_grad[0]:
+                gw = band_mm(gy, A, band, block, alpha, transpose_b=True, out_dtype=w.dtype, dot_mode=dm)
+            if ctx.needs_input_grad[1]:
+                gA = band_grad(gy, w, band, block, alpha, dot_mode=dm)
+        else:
+            M = _mask(d, band, block, alpha, A.device)
+            if ctx.needs_input_grad[0]:
+                gw = _dense_mm(gy, A * M, dm).to(w.dtype)
+            if ctx.needs_input_grad[1]:
+                gA = _dense_mm(gy.T, w, dm).float() * M
+        return gw, (gA.to(A.dtype) if gA is not None else None), None, None, None, None
+
+
+class _TransformFakeQuant(torch.autograd.Function):
+    """y = fake_quant(w @ (A*M)^T) with LWC factors cmax = sigmoid(u), cmin = sigmoid(l)."""
+
+    @staticmethod
+    def forward(ctx, w, A, cmax, cmin, band, block, alpha, bits, g, symmetric, path):
+        N, d = w.shape
+        NG = d // g
+        dm = dot_mode_for(w.dtype, w.device)
+        cmax2 = FQ._as_rows(cmax, N, NG)
+        cmin2 = FQ._as_rows(cmin, N, NG)
+        if path == "band" and g in _FUSE_GROUPS:
+            wt, y, stats = band_mm(w, A, band, block, alpha, out_dtype=w.dtype, dot_mode=dm,
+                                   quant=dict(bits=bits, g=g, symmetric=symmetric, cmax=cmax2, cmin=cmin2))
+        else:
+            if path == "band":
+                wt = band_mm(w, A, band, block, alpha, out_dtype=torch.float32, dot_mode=dm)
+            else:
+                wt = _dense_mm(w, (A * _mask(d, band, block, alpha, A.device)).T, dm).float()
+            y, stats = FQ.fake_quant_fwd(wt, bits, g, symmetric, cmax2, cmin2, save_stats=True, out_dtype=w.dtype)
+        ctx.save_for_backward(w, A, wt, stats, cmax2, cmin2)
+        ctx.cfg = (band, block, alpha, bits, g, symmetric, path, dm,
+                   None if cmax is None else cmax.shape, None if cmin is None else cmin.shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        w, A, wt, stats, cmax2, cmin2 = ctx.saved_tensors
+        band, block, alpha, bits, g, symmetric, path, dm, cmax_shape, cmin_shape = ctx.cfg
+        d = w.shape[-1]
+        gwt, gcmax, gcmin = FQ.fake_quant_bwd(wt, gy, stats, bits, g, symmetric, cmax2, cmin2,
+                                              gx_dtype=torch.float32)
+        gw = gA = None
+        if path == "band":
+            if ctx.needs_input_grad[0]:
+                gw = band_mm(gwt, A, band, block, alpha, transpose_b=True, out_dtype=w.dtype, dot_mode=dm)
+            if ctx.needs_input_grad[1]:
+                gA = band_grad(gwt, w, band, block, alpha, dot_mode=dm)
+        else:
+            M = _mask(d, band, block, alpha, A.device)
+            if ctx.needs_input_grad[0]:
+                gw = _dense_mm(gwt, A * M, dm).to(w.dtype)
+            if ctx.needs_input_grad[1]:
+                gA = _dense_mm(gwt.T, w, dm).float() * M
+        gcmax = gcmax.reshape(cmax_shape) if gcmax is not None and ctx.needs_input_grad[2] else None
+        gcmin = gcmin.reshape(cmin_shape) if gcmin is not None and ctx.needs_input_grad[3] else None
+        return (gw, (gA.to(A.dtype) if gA is not None else None), gcmax, gcmin) + (None,) * 7
+
+
+class _MaskedInverseAct(torch.autograd.Function):
+    """y = x @ inv with inv = (A*M)^-1 (checked_inverse, float64, computed by the caller).
+    Backward: gx = gy inv^T, gA = -(inv^T x^T gy inv^T) * M = -(y^T gx) * M (only the band/block tiles)."""
+
+    @staticmethod
+    def forward(ctx, x, A, inv, band, block, alpha, path):
+        d = x.shape[-1]
+        dm = dot_mode_for(x.dtype, x.device)
+        inv_band = 1 if band == 1 else d  # the inverse of a banded matrix is dense (inside its blocks)
+        structured = path == "band" and (inv_band < d or block < d)
+        if structured:
+            y = band_mm(x, inv, inv_band, block, 1.0, transpose_b=True, apply_mask=False, out_dtype=x.dtype,
+                        dot_mode=dm)
+        else:
+            y = _dense_mm(x, inv, dm).to(x.dtype)
+        ctx.save_for_backward(y, inv)
+        ctx.cfg = (band, block, alpha, path, dm, inv_band, structured)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        y, inv = ctx.saved_tensors
+        band, block, alpha, path, dm, inv_band, structured = ctx.cfg
+        d = y.shape[-1]
+        gy = gy.contiguous()
+        if structured:
+            gx = band_mm(gy, inv, inv_band, block, 1.0, apply_mask=False, out_dtype=torch.float32, dot_mode=dm)
+        else:
+            gx = _dense_mm(gy, inv.T, dm).float()
+        gA = None
+        if ctx.needs_input_grad[1]:
+            if path == "band":
+                gA = band_grad(y, gx, band, block, alpha, scale=-1.0, dot_mode=dm)
+            else:
+                gA = -(_dense_mm(y.T, gx, dm).float() * _mask(d, band, block, alpha, y.device))
+        gx = gx.to(y.dtype) if ctx.needs_input_grad[0] else None
+        return gx, gA, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------------------------------
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 and t2.stride(0) == t2.shape[-1] else t2.contiguous()
+
+
 def masked_weight(w: torch.Tensor, A: torch.Tensor, band: int | None = None, block: int | None = None,
-                  alpha: float = 1.0) -> torch.Tensor:
-    """w @ (A*M)^T for a weight w [N, d]; differentiable w.r.t. w and A. Output in w's dtype."""
-    return masked_weight_reference(w, A, band, block, alpha)
+                  alpha: float = 1.0, gemm: str | None = None) -> torch.Tensor:
+    """w @ (A*M)^T for a weight w [N, d]; differentiable w.r.t. w and A. Output in w's dtype.
+
+    gemm: None (choose), "band" (Triton band kernels) or "dense" (cuBLAS products) on the Triton backend."""
+    d = w.shape[-1]
+    _check_square(A, d, "masked_weight")
+    bnd, blk = _norm_structure(d, band, block)
+    if backend.choose(w, A) != backend.TRITON:
+        return masked_weight_reference(w, A, band, block, alpha)
+    path = _gemm_path(d, bnd, blk, w.device, gemm)
+    return _MaskedWeight.apply(_rows(w), A, bnd, blk, float(alpha), path).reshape(w.shape)
 
 
 def masked_inverse_act(x: torch.Tensor, A: torch.Tensor, band: int | None = None, block: int | None = None,
-                       alpha: float = 1.0, name: str = "") -> torch.Tensor:
+                       alpha: float = 1.0, name: str = "", gemm: str | None = None, return_margin: bool = False):
     """x @ (A*M)^-1 for an activation x [..., d]; the inverse in float64 after the dominance check (ValueError naming
-    `name` otherwise). Differentiable w.r.t. x and A. Output in x's dtype."""
-    return masked_inverse_act_reference(x, A, band, block, alpha, name)
+    `name` otherwise). Differentiable w.r.t. x and A. Output in x's dtype. return_margin: also return the relative
+    dominance margin (see dominance_margin)."""
+    d = x.shape[-1]
+    _check_square(A, d, "masked_inverse_act")
+    bnd, blk = _norm_structure(d, band, block)
+    if backend.choose(x, A) != backend.TRITON:
+        y = masked_inverse_act_reference(x, A, band, block, alpha, name)
+        if return_margin:
+            return y, dominance_margin(A.detach() * affine_mask(d, band, block, alpha, device=A.device))
+        return y
+    path = _gemm_path(d, bnd, blk, x.device, gemm)
+    Am = A.detach() * _mask(d, bnd, blk, alpha, A.device)
+    inv, margin = checked_inverse(Am, name, blk if blk < d else None)
+    y = _MaskedInverseAct.apply(_rows(x), A, inv, bnd, blk, float(alpha), path).reshape(x.shape)
+    return (y, margin) if return_margin else y
 
 
 def transform_fake_quant(w: torch.Tensor, A: torch.Tensor, bits: int, group_size: int | None, band: int | None = None,
                          block: int | None = None, alpha: float = 1.0, u: torch.Tensor | None = None,
-                         l: torch.Tensor | None = None, symmetric: bool = False) -> torch.Tensor:
-    """fake_quant(w @ (A*M)^T) with LWC logits u, l ([N, d // g] or None); differentiable w.r.t. w, A, u, l."""
+                         l: torch.Tensor | None = None, symmetric: bool = False, gemm: str | None = None) -> torch.Tensor:
+    """fake_quant(w @ (A*M)^T) with LWC logits u, l ([N, d // g] or None); differentiable w.r.t. w, A, u, l.
+
+    One fused kernel on the band path when g is a power of 2 in 16..256 (transform, group range, quantize in the
+    epilogue); per-channel quantization takes a second (row-wise) pass."""
     primitives.check_bits(bits)
-    primitives.check_group_size(w.shape[-1], group_size)
-    return transform_fake_quant_reference(w, A, bits, group_size, band, block, alpha, u, l, symmetric)
+    d = w.shape[-1]
+    g = primitives.check_group_size(d, group_size)
+    _check_square(A, d, "transform_fake_quant")
+    if w.dim() != 2:
+        raise ValueError(f"transform_fake_quant: w must be a weight [N, d], got shape {tuple(w.shape)}")
+    FQ._check_lwc(w, group_size, u, "u")
+    FQ._check_lwc(w, group_size, l, "l")
+    bnd, blk = _norm_structure(d, band, block)
+    tensors = [t for t in (w, A, u, l) if t is not None]
+    if backend.choose(*tensors) != backend.TRITON:
+        return transform_fake_quant_reference(w, A, bits, group_size, band, block, alpha, u, l, symmetric)
+    path = _gemm_path(d, bnd, blk, w.device, gemm)
+    cmax, cmin = FQ.lwc_factors(u, l)
+    return _TransformFakeQuant.apply(_rows(w), A, cmax, cmin, bnd, blk, float(alpha), bits, g, symmetric, path)

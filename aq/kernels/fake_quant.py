@@ -23,18 +23,45 @@ def round_half_even(v):
 
 
 @triton.jit
+def qparams(xmax, xmin, cmax, cmin, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, EPS: tl.constexpr):
+    """Scale and zero point from a group's raw max/min and clipping factors (1.0 = no clipping), as
+    aq.primitives.choose_qparams computes them."""
+    a = xmax * cmax
+    b = xmin * cmin
+    if SYMMETRIC:
+        amax = tl.maximum(tl.abs(a), tl.abs(b))
+        scale = tl.maximum(amax / (2 ** (BITS - 1) - 1), EPS)
+        zero = tl.full(scale.shape, 2 ** (BITS - 1), tl.float32)
+    else:
+        b = tl.minimum(b, 0.0)
+        a = tl.maximum(a, 0.0)
+        scale = tl.maximum((a - b) / (2**BITS - 1), EPS)
+        zero = round_half_even(-b / scale)
+    return scale, zero
+
+
+@triton.jit
+def fake_quant_values(x, scale, zero, BITS: tl.constexpr):
+    """(q - z) * s with q = clamp(round(x / s) + z, 0, 2^b - 1); scale, zero broadcast against x."""
+    q = round_half_even(x / scale) + zero
+    q = tl.minimum(tl.maximum(q, 0.0), 2**BITS - 1)
+    return (q - zero) * scale
+
+
+@triton.jit
 def _fake_quant_fwd_kernel(
-    x_ptr, out_ptr, R, K, G,
+    x_ptr, out_ptr, cmax_ptr, cmin_ptr, stats_ptr, R, K, G, NG,
     BITS: tl.constexpr, SYMMETRIC: tl.constexpr, EPS: tl.constexpr,
+    HAS_CMAX: tl.constexpr, HAS_CMIN: tl.constexpr, SAVE_STATS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
+    """One program: BLOCK_R rows x one group. stats (if saved): [4, R, NG] = raw max, raw min, scale, zero."""
     pid_r = tl.program_id(0)
     gid = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_G)
     row_ok = rows < R
     base = rows[:, None].to(tl.int64) * K + gid * G
-    QMAX: tl.constexpr = 2**BITS - 1
 
     # pass 1: the group's min and max
     xmax = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -44,25 +71,129 @@ def _fake_quant_fwd_kernel(
         x = tl.load(x_ptr + base + c0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
         xmax = tl.maximum(xmax, tl.max(tl.where(m, x, float("-inf")), axis=1))
         xmin = tl.minimum(xmin, tl.min(tl.where(m, x, float("inf")), axis=1))
+    xmax = tl.where(row_ok, xmax, 0.0)  # rows past R: keep their (unstored) arithmetic finite
+    xmin = tl.where(row_ok, xmin, 0.0)
 
-    if SYMMETRIC:
-        amax = tl.maximum(tl.abs(xmax), tl.abs(xmin))
-        scale = tl.maximum(amax / (2 ** (BITS - 1) - 1), EPS)
-        zero = tl.full([BLOCK_R], 2 ** (BITS - 1), tl.float32)
-    else:
-        xmin = tl.minimum(xmin, 0.0)
-        xmax = tl.maximum(xmax, 0.0)
-        scale = tl.maximum((xmax - xmin) / QMAX, EPS)
-        zero = round_half_even(-xmin / scale)
+    pidx = rows.to(tl.int64) * NG + gid
+    cmax = tl.full([BLOCK_R], 1.0, tl.float32)
+    cmin = tl.full([BLOCK_R], 1.0, tl.float32)
+    if HAS_CMAX:
+        cmax = tl.load(cmax_ptr + pidx, mask=row_ok, other=1.0).to(tl.float32)
+    if HAS_CMIN:
+        cmin = tl.load(cmin_ptr + pidx, mask=row_ok, other=1.0).to(tl.float32)
+    scale, zero = qparams(xmax, xmin, cmax, cmin, BITS, SYMMETRIC, EPS)
+    if SAVE_STATS:
+        RG = R * NG
+        tl.store(stats_ptr + pidx, xmax, mask=row_ok)
+        tl.store(stats_ptr + RG + pidx, xmin, mask=row_ok)
+        tl.store(stats_ptr + 2 * RG + pidx, scale, mask=row_ok)
+        tl.store(stats_ptr + 3 * RG + pidx, zero, mask=row_ok)
 
-    # pass 2: quantize-dequantize (a group that fits one block is still in registers)
+    # pass 2: quantize-dequantize
     for c0 in range(0, G, BLOCK_G):
         m = row_ok[:, None] & ((c0 + cols)[None, :] < G)
         x = tl.load(x_ptr + base + c0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        q = round_half_even(x / scale[:, None]) + zero[:, None]
-        q = tl.minimum(tl.maximum(q, 0.0), QMAX)
-        y = (q - zero[:, None]) * scale[:, None]
+        y = fake_quant_values(x, scale[:, None], zero[:, None], BITS)
         tl.store(out_ptr + base + c0 + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _fake_quant_bwd_kernel(
+    x_ptr, gy_ptr, gx_ptr, stats_ptr, cmax_ptr, cmin_ptr, gcmax_ptr, gcmin_ptr, R, K, G, NG,
+    BITS: tl.constexpr, SYMMETRIC: tl.constexpr, EPS: tl.constexpr,
+    HAS_CMAX: tl.constexpr, HAS_CMIN: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """Gradients of y = fake_quant(x) (STE, LWC) w.r.t. x and the clipping factors, per BLOCK_R rows x one group.
+
+    y_i = (q_i - z) s, q_i = clamp(round(x_i / s) + z, 0, Q); with inside_i = 0 <= round(x_i / s) + z <= Q:
+      dL/dx_i (direct) = g_i inside_i
+      dL/ds (direct)   = sum_i g_i ((q_i - z) - inside_i x_i / s)
+      dL/dz            = -s sum_i g_i (1 - inside_i)
+    then back through z = round(-b'/s), s = max((a' - b') / Q, eps), a' = max(a, 0), b' = min(b, 0) (asymmetric)
+    or s = max(max(|a|, |b|) / (2^(b-1) - 1), eps) (symmetric), a = max_i x_i * cmax, b = min_i x_i * cmin, and the
+    max/min reductions (gradient split evenly among the tied extreme elements).
+    """
+    pid_r = tl.program_id(0)
+    gid = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_G)
+    row_ok = rows < R
+    base = rows[:, None].to(tl.int64) * K + gid * G
+    QMAX: tl.constexpr = 2**BITS - 1
+
+    pidx = rows.to(tl.int64) * NG + gid
+    RG = R * NG
+    xmax = tl.load(stats_ptr + pidx, mask=row_ok, other=1.0)
+    xmin = tl.load(stats_ptr + RG + pidx, mask=row_ok, other=-1.0)
+    scale = tl.load(stats_ptr + 2 * RG + pidx, mask=row_ok, other=1.0)
+    zero = tl.load(stats_ptr + 3 * RG + pidx, mask=row_ok, other=0.0)
+    cmax = tl.full([BLOCK_R], 1.0, tl.float32)
+    cmin = tl.full([BLOCK_R], 1.0, tl.float32)
+    if HAS_CMAX:
+        cmax = tl.load(cmax_ptr + pidx, mask=row_ok, other=1.0).to(tl.float32)
+    if HAS_CMIN:
+        cmin = tl.load(cmin_ptr + pidx, mask=row_ok, other=1.0).to(tl.float32)
+
+    # pass 1: group sums
+    gs = tl.zeros([BLOCK_R], tl.float32)
+    gout = tl.zeros([BLOCK_R], tl.float32)  # sum of g over clipped elements
+    nmax = tl.zeros([BLOCK_R], tl.float32)
+    nmin = tl.zeros([BLOCK_R], tl.float32)
+    for c0 in range(0, G, BLOCK_G):
+        m = row_ok[:, None] & ((c0 + cols)[None, :] < G)
+        offs = base + c0 + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(gy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        v = x / scale[:, None]
+        rq = round_half_even(v) + zero[:, None]
+        inside = (rq >= 0.0) & (rq <= QMAX)
+        q = tl.minimum(tl.maximum(rq, 0.0), QMAX)
+        gs += tl.sum(g * ((q - zero[:, None]) - tl.where(inside, v, 0.0)), axis=1)
+        gout += tl.sum(tl.where(inside, 0.0, g), axis=1)
+        nmax += tl.sum(tl.where(m & (x == xmax[:, None]), 1.0, 0.0), axis=1)
+        nmin += tl.sum(tl.where(m & (x == xmin[:, None]), 1.0, 0.0), axis=1)
+
+    a = xmax * cmax
+    b = xmin * cmin
+    if SYMMETRIC:
+        QS: tl.constexpr = 2 ** (BITS - 1) - 1
+        aa = tl.abs(a)
+        ab = tl.abs(b)
+        r = tl.maximum(aa, ab) / QS
+        gm = tl.where(r >= EPS, gs, 0.0) / QS
+        ga_abs = tl.where(aa > ab, gm, tl.where(aa == ab, gm * 0.5, 0.0))
+        gb_abs = tl.where(ab > aa, gm, tl.where(aa == ab, gm * 0.5, 0.0))
+        ga = tl.where(a > 0, ga_abs, tl.where(a < 0, -ga_abs, 0.0))
+        gb = tl.where(b > 0, gb_abs, tl.where(b < 0, -gb_abs, 0.0))
+    else:
+        a2 = tl.maximum(a, 0.0)
+        b2 = tl.minimum(b, 0.0)
+        r = (a2 - b2) / QMAX
+        gz = -scale * gout
+        gs_tot = gs + gz * b2 / (scale * scale)
+        gr = tl.where(r >= EPS, gs_tot, 0.0)
+        ga = tl.where(a >= 0, gr / QMAX, 0.0)
+        gb = tl.where(b <= 0, -gz / scale - gr / QMAX, 0.0)
+    gxmax = ga * cmax / tl.maximum(nmax, 1.0)
+    gxmin = gb * cmin / tl.maximum(nmin, 1.0)
+    if HAS_CMAX:
+        tl.store(gcmax_ptr + pidx, ga * xmax, mask=row_ok)
+    if HAS_CMIN:
+        tl.store(gcmin_ptr + pidx, gb * xmin, mask=row_ok)
+
+    # pass 2: gradient w.r.t. x
+    for c0 in range(0, G, BLOCK_G):
+        m = row_ok[:, None] & ((c0 + cols)[None, :] < G)
+        offs = base + c0 + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(gy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        rq = round_half_even(x / scale[:, None]) + zero[:, None]
+        inside = (rq >= 0.0) & (rq <= QMAX)
+        gx = tl.where(inside, g, 0.0)
+        gx += tl.where(x == xmax[:, None], gxmax[:, None], 0.0)
+        gx += tl.where(x == xmin[:, None], gxmin[:, None], 0.0)
+        tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=m)
 
 
 def _block_shape(R: int, g: int) -> tuple[int, int]:
@@ -71,22 +202,62 @@ def _block_shape(R: int, g: int) -> tuple[int, int]:
     return block_r, block_g
 
 
+def _as_rows(t: torch.Tensor | None, R: int, NG: int) -> torch.Tensor | None:
+    return None if t is None else t.reshape(R, NG).contiguous()
+
+
+def fake_quant_fwd(x2: torch.Tensor, bits: int, g: int, symmetric: bool, cmax: torch.Tensor | None = None,
+                   cmin: torch.Tensor | None = None, save_stats: bool = False, out_dtype: torch.dtype | None = None):
+    """Launch the forward kernel on rows x2 [R, K] (contiguous). Returns (out, stats or None)."""
+    R, K = x2.shape
+    NG = K // g
+    out = torch.empty((R, K), dtype=out_dtype or x2.dtype, device=x2.device)
+    stats = torch.empty((4, R, NG), dtype=torch.float32, device=x2.device) if save_stats else None
+    if R == 0 or K == 0:
+        return out, stats
+    block_r, block_g = _block_shape(R, g)
+    grid = (triton.cdiv(R, block_r), NG)
+    dummy = x2
+    _fake_quant_fwd_kernel[grid](
+        x2, out, cmax if cmax is not None else dummy, cmin if cmin is not None else dummy,
+        stats if stats is not None else out, R, K, g, NG,
+        BITS=bits, SYMMETRIC=symmetric, EPS=primitives.SCALE_EPS,
+        HAS_CMAX=cmax is not None, HAS_CMIN=cmin is not None, SAVE_STATS=save_stats,
+        BLOCK_R=block_r, BLOCK_G=block_g, num_warps=4,
+    )
+    return out, stats
+
+
+def fake_quant_bwd(x2: torch.Tensor, gy: torch.Tensor, stats: torch.Tensor, bits: int, g: int, symmetric: bool,
+                   cmax: torch.Tensor | None = None, cmin: torch.Tensor | None = None,
+                   gx_dtype: torch.dtype | None = None):
+    """Launch the backward kernel. Returns (grad x [R, K], grad cmax [R, NG] or None, grad cmin or None)."""
+    R, K = x2.shape
+    NG = K // g
+    gy = gy.reshape(R, K).contiguous()
+    gx = torch.empty((R, K), dtype=gx_dtype or x2.dtype, device=x2.device)
+    gcmax = torch.empty((R, NG), dtype=torch.float32, device=x2.device) if cmax is not None else None
+    gcmin = torch.empty((R, NG), dtype=torch.float32, device=x2.device) if cmin is not None else None
+    if R == 0 or K == 0:
+        return gx, gcmax, gcmin
+    block_r, block_g = _block_shape(R, g)
+    grid = (triton.cdiv(R, block_r), NG)
+    _fake_quant_bwd_kernel[grid](
+        x2, gy, gx, stats, cmax if cmax is not None else stats, cmin if cmin is not None else stats,
+        gcmax if gcmax is not None else stats, gcmin if gcmin is not None else stats, R, K, g, NG,
+        BITS=bits, SYMMETRIC=symmetric, EPS=primitives.SCALE_EPS,
+        HAS_CMAX=cmax is not None, HAS_CMIN=cmin is not None,
+        BLOCK_R=block_r, BLOCK_G=block_g, num_warps=4,
+    )
+    return gx, gcmax, gcmin
+
+
 def fake_quant_triton(x: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False) -> torch.Tensor:
     """Triton fake quantization of x (..., K) per row or per group of group_size columns."""
     primitives.check_bits(bits)
     K = x.shape[-1]
     g = primitives.check_group_size(K, group_size)
-    x2 = x.reshape(-1, K).contiguous()
-    R = x2.shape[0]
-    out = torch.empty_like(x2)
-    if R == 0:
-        return out.reshape(x.shape)
-    block_r, block_g = _block_shape(R, g)
-    grid = (triton.cdiv(R, block_r), K // g)
-    _fake_quant_fwd_kernel[grid](
-        x2, out, R, K, g, BITS=bits, SYMMETRIC=symmetric, EPS=primitives.SCALE_EPS,
-        BLOCK_R=block_r, BLOCK_G=block_g, num_warps=4,
-    )
+    out, _ = fake_quant_fwd(x.reshape(-1, K).contiguous(), bits, g, symmetric)
     return out.reshape(x.shape)
 
 
@@ -155,13 +326,53 @@ def _check_lwc(x: torch.Tensor, group_size: int | None, t: torch.Tensor | None, 
         raise ValueError(f"LWC logits {what} have shape {tuple(t.shape)}, expected {want} (x.shape[:-1] + (K // g,))")
 
 
+class _FakeQuantSTE(torch.autograd.Function):
+    """Triton fake quantization with straight-through gradients; clipping enters as factors cmax = sigmoid(u),
+    cmin = sigmoid(l) (torch differentiates the sigmoid)."""
+
+    @staticmethod
+    def forward(ctx, x, cmax, cmin, bits, g, symmetric):
+        K = x.shape[-1]
+        x2 = x.reshape(-1, K).contiguous()
+        R, NG = x2.shape[0], K // g
+        cmax2 = _as_rows(cmax, R, NG)
+        cmin2 = _as_rows(cmin, R, NG)
+        out, stats = fake_quant_fwd(x2, bits, g, symmetric, cmax2, cmin2, save_stats=True)
+        ctx.save_for_backward(x2, stats, cmax2, cmin2)
+        ctx.cfg = (bits, g, symmetric, x.shape, None if cmax is None else cmax.shape,
+                   None if cmin is None else cmin.shape)
+        return out.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, stats, cmax2, cmin2 = ctx.saved_tensors
+        bits, g, symmetric, xshape, cmax_shape, cmin_shape = ctx.cfg
+        gx, gcmax, gcmin = fake_quant_bwd(x2, gy, stats, bits, g, symmetric,
+                                          cmax2 if ctx.needs_input_grad[1] or cmax2 is not None else None,
+                                          cmin2 if ctx.needs_input_grad[2] or cmin2 is not None else None)
+        gx = gx.reshape(xshape) if ctx.needs_input_grad[0] else None
+        gcmax = gcmax.reshape(cmax_shape) if gcmax is not None and ctx.needs_input_grad[1] else None
+        gcmin = gcmin.reshape(cmin_shape) if gcmin is not None and ctx.needs_input_grad[2] else None
+        return gx, gcmax, gcmin, None, None, None
+
+
+def lwc_factors(u: torch.Tensor | None, l: torch.Tensor | None):
+    """Clipping factors (sigmoid(u), sigmoid(l)) in float32, None where no logits are given."""
+    return (None if u is None else torch.sigmoid(u.float()), None if l is None else torch.sigmoid(l.float()))
+
+
 def fake_quant_ste(x: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False,
                    u: torch.Tensor | None = None, l: torch.Tensor | None = None) -> torch.Tensor:
     """Differentiable fake quantization of x (..., K), per row (group_size None: per output channel of a weight,
     per token of an activation) or per group of group_size columns; u, l: LWC logits of shape x.shape[:-1] + (K // g,)
-    (or None). Gradients flow to x, u and l (straight-through rounding). Runs on the path aq.backend picks."""
+    (or None). Gradients flow to x, u and l (straight-through rounding); output in x's dtype, gradient of x too.
+    Runs the Triton autograd.Function where aq.backend picks Triton, fake_quant_ste_reference otherwise."""
     primitives.check_bits(bits)
-    primitives.check_group_size(x.shape[-1], group_size)
+    g = primitives.check_group_size(x.shape[-1], group_size)
     _check_lwc(x, group_size, u, "u")
     _check_lwc(x, group_size, l, "l")
+    tensors = [t for t in (x, u, l) if t is not None]
+    if backend.choose(*tensors) == backend.TRITON:
+        cmax, cmin = lwc_factors(u, l)
+        return _FakeQuantSTE.apply(x, cmax, cmin, bits, g, symmetric)
     return fake_quant_ste_reference(x, bits, group_size, symmetric, u, l)
