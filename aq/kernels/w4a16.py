@@ -1,0 +1,664 @@
+"""W4A16: packed low-bit weights and the fused dequantize-matmul y = x · dequant(Wq)ᵀ (+ bias), in Triton.
+
+Quantization (done once, at pack time) is aq.primitives' asymmetric scheme per group of g consecutive input columns
+(g = 32, 64, 128, ... or the whole row: per output channel), codes q in [0, 2^bits - 1], w_hat = (q - z) * s.
+
+Packed layout (PackedWeight)
+----------------------------
+- ``qweight``: int32 [N, K / E] with E = 32 / c codes per word, c the container width: 2 bits for bits = 2, 4 bits for
+  bits = 3 and 4, 8 bits for bits = 5..8. Row n holds output channel n; code (n, k) sits in word k // E of row n
+  (E consecutive k per word, consecutive words along K), at bit offset 16 * (i % 2) + c * (i // 2) for i = k % E:
+  even codes fill the low half-word, odd codes the high half-word. For 4-bit, word bits 0-3 hold k = 8w, bits 16-19
+  k = 8w + 1, bits 4-7 k = 8w + 2, ... This is what makes unpacking cheap: one shift and one AND-OR (LOP3) turn codes
+  (2j, 2j + 1) into a packed pair of 16-bit floats base + q (the magic-number trick, base 128 in bf16, 1024 in fp16)
+  ready for packed HADD2/HMUL2, and the CUDA-core kernel reads codes in place under an fp32 magic number. A word never
+  straddles a group (g % E == 0).
+- ``scales``, ``zeros``: [K / g, N] in fp16 or bf16 (row = group, contiguous along N), zeros integer-valued in
+  [0, 2^bits - 1] (exact in both dtypes). The scale is rounded to its dtype *before* the codes are chosen, so the codes
+  are those of the stored scale.
+The weight is reconstructed as (q - z) * s, rounded once to the activation dtype: the kernels compute exactly this
+(q - z is exact through the 2^23 magic-number trick, the product is one rounding), so the dequantized weight is
+bit-identical to ``dequantize_weight``.
+
+Kernels, and the one place that picks them (``select_config``, by M)
+--------------------------------------------------------------------
+- ``gemv``: CUDA-core split-K kernel for tiny M (one program row per token): per word, shift+mask+magic-subtract+FMA
+  per code, the group scale applied once per word column; fp32 partial sums.
+- ``mma``: tensor-core tile kernel (tl.dot, bf16/fp16 operands, fp32 accumulator), optionally split-K, optionally
+  "swapped" (computes yᵀ = W xᵀ so the dequantized weight is the left operand, which Hopper's wgmma can take from
+  registers), with the dequantized K-tile either fed as E dots over the E code positions of a word (x gathered with a
+  stride of E) or joined back to natural K order by a tree of tl.join (one dot, contiguous x).
+- ``dequant``: for large M, a memory-bound kernel writes the dequantized weight once and cuBLAS does the GEMM.
+Split-K partials go to an fp32 buffer reduced (+ bias, cast) by a second small kernel, so results are deterministic.
+Configs are tuned per GPU by bench/autotune.py into aq/kernels/configs/<gpu-name>.json and read here; an untuned GPU or
+shape falls back to ``heuristic_config``.
+
+The torch reference is ``w4a16_linear_reference`` (built on aq.primitives.dequantize); ``w4a16_linear`` dispatches
+through aq.backend (compiled Triton on CUDA, interpreted Triton on CPU under TRITON_INTERPRET=1, the reference otherwise).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from aq import backend, primitives
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+CONFIG_DIR = Path(__file__).with_name("configs")
+FAMILY = "w4a16"  # key of this kernel family in the per-GPU config files
+
+
+def container_bits(bits: int) -> int:
+    """Width of the slot a code of `bits` bits is stored in (3-bit codes live in 4-bit slots, 5..7 in bytes)."""
+    primitives.check_bits(bits)
+    return 2 if bits == 2 else 4 if bits <= 4 else 8
+
+
+# ----------------------------------------------------------------------------------------------------------- packing
+@dataclasses.dataclass
+class PackedWeight:
+    """A weight [N, K] quantized per group and packed (layout in the module docstring)."""
+
+    qweight: torch.Tensor  # int32 [N, K // elems_per_word]
+    scales: torch.Tensor  # fp16/bf16 [K // group_size, N]
+    zeros: torch.Tensor  # same dtype and shape as scales, integer-valued
+    bits: int
+    group_size: int  # effective group size: K when quantized per output channel
+    N: int
+    K: int
+
+    @property
+    def container_bits(self) -> int:
+        return container_bits(self.bits)
+
+    @property
+    def elems_per_word(self) -> int:
+        return 32 // self.container_bits
+
+    @property
+    def per_channel(self) -> bool:
+        return self.group_size == self.K
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def to(self, device) -> "PackedWeight":
+        return dataclasses.replace(self, qweight=self.qweight.to(device), scales=self.scales.to(device),
+                                   zeros=self.zeros.to(device))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
+
+
+def _check_group(K: int, group_size: int | None, bits: int) -> int:
+    g = primitives.check_group_size(K, group_size)
+    e = 32 // container_bits(bits)
+    if g % e != 0:
+        raise ValueError(f"group size {g} must be a multiple of {e} ({bits}-bit codes are packed {e} per int32 along K)"
+                         + (f"; per-channel quantization needs K % {e} == 0, got K={K}" if g == K else ""))
+    return g
+
+
+def _code_shifts(cb: int, device) -> torch.Tensor:
+    """Bit offset of code i in its word: even codes fill the low 16 bits, odd codes the high 16 bits."""
+    i = torch.arange(32 // cb, device=device, dtype=torch.int64)
+    return (i % 2) * 16 + (i // 2) * cb
+
+
+def pack_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int | None,
+               dtype: torch.dtype = torch.bfloat16) -> PackedWeight:
+    """Pack integer codes [N, K] with their scale and zero point [N, K // g] (as aq.primitives returns them)."""
+    if dtype not in HALF_DTYPES:
+        raise ValueError(f"scales and zeros are stored in fp16 or bf16, got {dtype}")
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be [N, K], got shape {tuple(codes.shape)}")
+    N, K = codes.shape
+    g = _check_group(K, group_size, bits)
+    cb, qmax = container_bits(bits), 2**bits - 1
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+    c = codes.to(torch.int64)
+    if c.numel() and (c.min() < 0 or c.max() > qmax):
+        raise ValueError(f"codes out of range for {bits} bits: [{int(c.min())}, {int(c.max())}] not in [0, {qmax}]")
+    if scale.shape != (N, K // g) or zero.shape != (N, K // g):
+        raise ValueError(f"scale and zero must be [N, K // g] = {(N, K // g)}, got {tuple(scale.shape)} and "
+                         f"{tuple(zero.shape)}")
+    z = zero.float()
+    if z.numel() and (not torch.equal(z, z.round()) or z.min() < 0 or z.max() > qmax):
+        raise ValueError(f"zero points must be integers in [0, {qmax}]")
+    e = 32 // cb
+    words = (c.view(N, K // e, e) << _code_shifts(cb, c.device)).sum(-1)  # < 2^32: codes occupy disjoint bits
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return PackedWeight(qweight=words.contiguous(), scales=scale.t().to(dtype).contiguous(),
+                        zeros=z.t().to(dtype).contiguous(), bits=bits, group_size=g, N=N, K=K)
+
+
+def pack_weight(w: torch.Tensor, bits: int = 4, group_size: int | None = 128, dtype: torch.dtype | None = None,
+                scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> PackedWeight:
+    """Quantize w [N, K] asymmetrically per group (aq.primitives) and pack it.
+
+    group_size None, 0 or -1 means one group per output channel. dtype (fp16/bf16) is the storage dtype of scales and
+    zeros; by default w's dtype if it is fp16/bf16, else bf16. scale / zero [N, K // g] (e.g. from a calibration with
+    learned clipping) replace primitives.choose_qparams; the scale is rounded to dtype before the codes are chosen.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"weight must be [N, K], got shape {tuple(w.shape)}")
+    if not w.dtype.is_floating_point:
+        raise ValueError(f"weight must be floating point, got {w.dtype}")
+    dtype = dtype or (w.dtype if w.dtype in HALF_DTYPES else torch.bfloat16)
+    if dtype not in HALF_DTYPES:
+        raise ValueError(f"scales and zeros are stored in fp16 or bf16, got {dtype}")
+    K = w.shape[1]
+    g = _check_group(K, group_size, bits)
+    if scale is None:
+        scale, zero = primitives.choose_qparams(w, bits, g)
+    elif zero is None:
+        raise ValueError("pass zero together with scale")
+    scale = scale.float().to(dtype).float().clamp(min=primitives.SCALE_EPS)  # the stored scale chooses the codes
+    codes = primitives.quantize(w, scale, zero.float(), bits, g)
+    return pack_codes(codes, scale, zero, bits, g, dtype)
+
+
+def unpack_weight(p: PackedWeight) -> torch.Tensor:
+    """The codes [N, K] as uint8 (exact inverse of pack_codes)."""
+    cb = p.container_bits
+    words = p.qweight.to(torch.int64) & 0xFFFFFFFF
+    return ((words.unsqueeze(-1) >> _code_shifts(cb, p.device)) & (2**cb - 1)).reshape(p.N, p.K).to(torch.uint8)
+
+
+def dequantize_weight(p: PackedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight [N, K] as the kernels see it: (q - z) * s in fp32, rounded once to dtype (default the scales')."""
+    return primitives.dequantize(unpack_weight(p), p.scales.t().float(), p.zeros.t().float(), p.group_size,
+                                 dtype or p.dtype)
+
+
+def w4a16_linear_reference(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch reference: x · dequantize_weight(p, x.dtype)ᵀ (+ bias), accumulated in fp32, returned in x's dtype."""
+    _check_input(x, p, bias)
+    w = dequantize_weight(p, x.dtype).float()
+    y = x.reshape(-1, p.K).float() @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], p.N)
+
+
+def _check_input(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> None:
+    if x.dtype not in HALF_DTYPES:
+        raise ValueError(f"w4a16_linear takes fp16 or bf16 activations, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != p.K:
+        raise ValueError(f"x has {x.shape[-1] if x.dim() else 'no'} input features, the packed weight expects K={p.K}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != p.N):
+        raise ValueError(f"bias must be [N] = [{p.N}], got shape {tuple(bias.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------------------- kernels
+_MAGIC_F = tl.constexpr(8388608.0)  # 2^23
+
+
+@triton.jit
+def _codes(qw, I: tl.constexpr, BITS: tl.constexpr):
+    """Code I of every int32 word of qw (layout: even codes in the low half, odd codes in the high half)."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    P: tl.constexpr = (I % 2) * 16 + (I // 2) * BITS
+    if P == 0:
+        c = qw & MASK
+    else:
+        c = (qw >> P) & MASK
+    return c
+
+
+@triton.jit
+def _dq_leaf(qw, s, zm, magic, I: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, HALF_DQ: tl.constexpr):
+    """Code I of each word dequantized to DT: (q - z) * s with q - z exact and one rounding.
+
+    fp32 path: the code OR-ed into the mantissa of 2^23 (magic = its bits) reads as 2^23 + q, and zm = 2^23 + z is
+    subtracted (no I2F). HALF_DQ path (GPU only): magic | q read as a 16-bit float is base + q (base 128 in bf16, 1024
+    in fp16), zm = base + z and s are in DT. The magic numbers are run-time arguments so that ptxas keeps them in a
+    register and fuses the mask and the OR into one LOP3 (as immediates they take two).
+    """
+    if HALF_DQ:
+        v = (_codes(qw, I, BITS) | magic).to(tl.int16).to(DT, bitcast=True)
+        out = (v - zm) * s
+    else:
+        out = (((_codes(qw, I, BITS) | magic).to(tl.float32, bitcast=True) - zm) * s).to(DT)
+    return out
+
+
+@triton.jit
+def _dq_tree(qw, s, zm, magic, START: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr, BITS: tl.constexpr,
+             DT: tl.constexpr):
+    """Codes START, START + STRIDE, ... (COUNT of them) of each word, dequantized and joined along new minor axes.
+
+    The top join splits the code index by its lowest bit, the next by the following bit, ..., so that reshaping the
+    result [..., 2, 2, 2] to [..., 8] puts code i at position i: natural K order, contiguous per word.
+    """
+    if COUNT == 1:
+        return _dq_leaf(qw, s, zm, magic, START, BITS, DT, False)
+    else:
+        lo = _dq_tree(qw, s, zm, magic, START, STRIDE * 2, COUNT // 2, BITS, DT)
+        hi = _dq_tree(qw, s, zm, magic, START + STRIDE, STRIDE * 2, COUNT // 2, BITS, DT)
+        return tl.join(lo, hi)
+
+
+@triton.jit
+def _half_tree(qw, magic2, START: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr, HIGH: tl.constexpr,
+               BITS: tl.constexpr, DT: tl.constexpr):
+    """base + code, as DT, of the code pairs START, START + STRIDE, ... of each word; low (even codes) or high half.
+
+    Pair j of a word is (code 2j, code 2j + 1) at bits (BITS * j, 16 + BITS * j): one shift and one LOP3 give both as
+    a 16-bit-float pair (magic2 = the base's bits in both halves), which packed HADD2/HMUL2 then dequantize.
+    """
+    if COUNT == 1:
+        PMASK: tl.constexpr = ((1 << BITS) - 1) * 65537
+        if START == 0:
+            t = (qw & PMASK) | magic2
+        else:
+            t = ((qw >> (START * BITS)) & PMASK) | magic2
+        if HIGH:
+            h = (t >> 16).to(tl.int16)
+        else:
+            h = t.to(tl.int16)
+        return h.to(DT, bitcast=True)
+    else:
+        lo = _half_tree(qw, magic2, START, STRIDE * 2, COUNT // 2, HIGH, BITS, DT)
+        hi = _half_tree(qw, magic2, START + STRIDE, STRIDE * 2, COUNT // 2, HIGH, BITS, DT)
+        return tl.join(lo, hi)
+
+
+@triton.jit
+def _dq_tile(qw, s, zm, magic, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr,
+             HALF_DQ: tl.constexpr):
+    """The dequantized [BLOCK_N, BLOCK_KW * E] tile of the words qw [BLOCK_N, BLOCK_KW], in natural K order.
+
+    magic: the fp32 magic bits, or with HALF_DQ the 16-bit float base's bits repeated in both half-words."""
+    EPW: tl.constexpr = 32 // BITS
+    if HALF_DQ:
+        lo = _half_tree(qw, magic, 0, 1, EPW // 2, False, BITS, DT)
+        hi = _half_tree(qw, magic, 0, 1, EPW // 2, True, BITS, DT)
+        v = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_KW, EPW])
+        wt = (v - zm[:, :, None]) * s[:, :, None]
+    else:
+        wt = _dq_tree(qw, s, zm, magic, 0, 1, EPW, BITS, DT)
+    return tl.reshape(wt, [BLOCK_N, BLOCK_KW * EPW])
+
+
+@triton.jit
+def _load_group_params(s_ptr, z_ptr, offs_n, n_ok, kw, w0, KW, N, G, EPW: tl.constexpr, ONE_GROUP: tl.constexpr):
+    """Scale and zero of the words kw (all in one group when ONE_GROUP) as fp32, shaped to broadcast on [BN, BKW]."""
+    if ONE_GROUP:
+        grp = (w0 * EPW) // G
+        m = n_ok & (w0 < KW)
+        s = tl.load(s_ptr + grp * N + offs_n, mask=m, other=0.0).to(tl.float32)[:, None]
+        z = tl.load(z_ptr + grp * N + offs_n, mask=m, other=0.0).to(tl.float32)[:, None]
+    else:
+        grp = (kw * EPW) // G
+        m = n_ok[:, None] & (kw < KW)[None, :]
+        off = grp[None, :] * N + offs_n[:, None]
+        s = tl.load(s_ptr + off, mask=m, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.jit(do_not_specialize=["M", "K_SPLIT"])
+def _gemv_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr,
+    M, N, K, KW, G, K_SPLIT, stride_xm, magic,
+    BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, USE_PART: tl.constexpr,
+    ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """One token row (program_id 0), BLOCK_N output channels, one split of K; CUDA cores, fp32.
+
+    Codes are not shifted down: code i sits at bit p of its half-word, so OR-ing the magic 2^23 over it in place reads
+    2^23 + 2^p q (exact: p + BITS <= 16 < 23); the 2^p goes into x (x_i * 2^-p, once per x value, shared by all
+    rows), and the zero point is taken out per word: sum_i x_i (q_i - z) = sum_i x_i q_i - z * sum_i x_i.
+    Per code: one LOP3, one FADD, one FFMA. PREFETCH loads the next step's words before computing on this step's.
+    """
+    EPW: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    acc = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
+    q_rows = q_ptr + offs_n[:, None].to(tl.int64) * KW
+    if PREFETCH:
+        kw = pid_k * K_SPLIT + tl.arange(0, BLOCK_KW)
+        qn = tl.load(q_rows + kw[None, :], mask=n_ok[:, None] & (kw < KW)[None, :], other=0)
+    for step in range(0, K_SPLIT, BLOCK_KW):
+        w0 = tl.multiple_of(pid_k * K_SPLIT + step, BLOCK_KW)  # K_SPLIT is a multiple of BLOCK_KW
+        kw = w0 + tl.arange(0, BLOCK_KW)
+        w_ok = kw < KW
+        if PREFETCH:
+            qw = qn
+            kn = kw + BLOCK_KW
+            qn = tl.load(q_rows + kn[None, :], mask=n_ok[:, None] & ((kn < KW) & (step + BLOCK_KW < K_SPLIT))[None, :],
+                         other=0)
+        else:
+            qw = tl.load(q_rows + kw[None, :], mask=n_ok[:, None] & w_ok[None, :], other=0)
+        s, z = _load_group_params(s_ptr, z_ptr, offs_n, n_ok, kw, w0, KW, N, G, EPW, ONE_GROUP)
+        qh = qw >> 16
+        t = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
+        xsum = tl.zeros([BLOCK_KW], tl.float32)
+        for i in tl.static_range(EPW):
+            xi = tl.load(x_row + kw * EPW + i, mask=w_ok, other=0.0).to(tl.float32)
+            xsum += xi
+            if i % 2 == 0:
+                f = ((qw & (MASK << ((i // 2) * BITS))) | magic).to(tl.float32, bitcast=True) - _MAGIC_F
+            else:
+                f = ((qh & (MASK << ((i // 2) * BITS))) | magic).to(tl.float32, bitcast=True) - _MAGIC_F
+            t += f * (xi * (1.0 / (1 << ((i // 2) * BITS))))[None, :]
+        acc += s * (t - z * xsum[None, :])
+    out = tl.sum(acc, axis=1)
+    if not USE_PART:
+        if HAS_BIAS:
+            out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + pid_m.to(tl.int64) * N + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.store(part_ptr + (pid_k * M + pid_m).to(tl.int64) * N + offs_n, out, mask=n_ok)
+
+
+@triton.jit(do_not_specialize=["M", "K_SPLIT"])
+def _mma_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr,
+    M, N, K, KW, G, K_SPLIT, stride_xm, magic,
+    BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+    USE_PART: tl.constexpr, GROUP_M: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SWAP: tl.constexpr, JOIN: tl.constexpr, HALF_DQ: tl.constexpr, HALF_BASE: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """A [BLOCK_M, BLOCK_N] tile of y over one split of K on tensor cores (tl.dot, fp32 accumulator)."""
+    EPW: tl.constexpr = 32 // BITS
+    BLOCK_K: tl.constexpr = BLOCK_KW * EPW
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    # grouped order: GROUP_M row-tiles share each weight column-tile while it is in L2
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gm = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gm
+    pid_n = (pid % width) // gm
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for step in range(0, K_SPLIT, BLOCK_KW):
+        w0 = tl.multiple_of(pid_k * K_SPLIT + step, BLOCK_KW)  # K_SPLIT is a multiple of BLOCK_KW
+        kw = w0 + tl.arange(0, BLOCK_KW)
+        w_ok = kw < KW
+        qw = tl.load(q_ptr + offs_n[:, None].to(tl.int64) * KW + kw[None, :], mask=n_ok[:, None] & w_ok[None, :],
+                     other=0)
+        s, z = _load_group_params(s_ptr, z_ptr, offs_n, n_ok, kw, w0, KW, N, G, EPW, ONE_GROUP)
+        if HALF_DQ:
+            s = s.to(DT)
+            zm = (z + HALF_BASE).to(DT)
+        else:
+            zm = z + _MAGIC_F
+        if JOIN:
+            wt = _dq_tile(qw, s, zm, magic, BLOCK_N, BLOCK_KW, BITS, DT, HALF_DQ)
+            ks = w0 * EPW + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            if DOT_F32:
+                wt = wt.to(tl.float32)
+            if SWAP:
+                xt = tl.load(x_rows[None, :] + ks[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+                if DOT_F32:
+                    xt = xt.to(tl.float32)
+                acc = tl.dot(wt, xt, acc)
+            else:
+                xt = tl.load(x_rows[:, None] + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                if DOT_F32:
+                    xt = xt.to(tl.float32)
+                acc = tl.dot(xt, tl.trans(wt), acc)
+        else:
+            for i in tl.static_range(EPW):
+                wi = _dq_leaf(qw, s, zm, magic, i, BITS, DT, HALF_DQ)
+                ks = kw * EPW + i
+                if DOT_F32:
+                    wi = wi.to(tl.float32)
+                if SWAP:
+                    xi = tl.load(x_rows[None, :] + ks[:, None], mask=w_ok[:, None] & m_ok[None, :], other=0.0)
+                    if DOT_F32:
+                        xi = xi.to(tl.float32)
+                    acc = tl.dot(wi, xi, acc)
+                else:
+                    xi = tl.load(x_rows[:, None] + ks[None, :], mask=m_ok[:, None] & w_ok[None, :], other=0.0)
+                    if DOT_F32:
+                        xi = xi.to(tl.float32)
+                    acc = tl.dot(xi, tl.trans(wi), acc)
+    if SWAP:
+        out = tl.trans(acc)
+    else:
+        out = acc
+    mask = m_ok[:, None] & n_ok[None, :]
+    if not USE_PART:
+        if HAS_BIAS:
+            out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(part_ptr + (pid_k * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :], out, mask=mask)
+
+
+@triton.jit
+def _dequant_kernel(
+    q_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, G, magic,
+    BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, ONE_GROUP: tl.constexpr,
+    HALF_DQ: tl.constexpr, HALF_BASE: tl.constexpr,
+):
+    """Writes the dequantized weight [N, K] in w's dtype (for the large-M path: dequantize once, then cuBLAS)."""
+    EPW: tl.constexpr = 32 // BITS
+    BLOCK_K: tl.constexpr = BLOCK_KW * EPW
+    DT: tl.constexpr = w_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    w0 = pid_k * BLOCK_KW
+    kw = w0 + tl.arange(0, BLOCK_KW)
+    w_ok = kw < KW
+    qw = tl.load(q_ptr + offs_n[:, None].to(tl.int64) * KW + kw[None, :], mask=n_ok[:, None] & w_ok[None, :], other=0)
+    s, z = _load_group_params(s_ptr, z_ptr, offs_n, n_ok, kw, w0, KW, N, G, EPW, ONE_GROUP)
+    if HALF_DQ:
+        s = s.to(DT)
+        zm = (z + HALF_BASE).to(DT)
+    else:
+        zm = z + _MAGIC_F
+    wt = _dq_tile(qw, s, zm, magic, BLOCK_N, BLOCK_KW, BITS, DT, HALF_DQ)
+    ks = w0 * EPW + tl.arange(0, BLOCK_K)
+    tl.store(w_ptr + offs_n[:, None].to(tl.int64) * K + ks[None, :], wt, mask=n_ok[:, None] & (ks < K)[None, :])
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, b_ptr, y_ptr, MN, N, SPLIT_K, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y = sum of the split-K partials [SPLIT_K, M, N] (+ bias), cast to y's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(part_ptr + s * MN + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------------------------------------- configs
+def m_bucket(M: int) -> int:
+    """The M bucket configs are tuned for: the next power of two, capped at 16384."""
+    return min(1 << max(M - 1, 0).bit_length(), 16384)
+
+
+def shape_key(bits: int, group_size: int, K: int, N: int) -> str:
+    return f"{container_bits(bits)}:{group_size}:{K}:{N}"
+
+
+def config_file(device_name: str) -> Path:
+    return CONFIG_DIR / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_table(device_index: int) -> dict:
+    path = config_file(torch.cuda.get_device_name(device_index))
+    try:
+        return json.loads(path.read_text()).get(FAMILY, {})
+    except (OSError, ValueError):
+        return {}
+
+
+def heuristic_config(M: int, N: int, K: int, bits: int, group_size: int, num_sms: int = 132,
+                     interpreting: bool = False) -> dict:
+    """A sound config without tuning (also what the interpreter runs, with few large programs there)."""
+    e = 32 // container_bits(bits)
+    kw = K // e
+    if interpreting:
+        if M <= 4:
+            return dict(kernel="gemv", block_n=64, block_kw=min(64, triton.next_power_of_2(kw)), split_k=1)
+        return dict(kernel="mma", block_m=min(64, max(16, triton.next_power_of_2(M))), block_n=64,
+                    block_kw=max(16, min(64, triton.next_power_of_2(kw))), split_k=1, swap=False, join=True)
+    if M == 1:
+        bn, bkw = 64, 16
+        tiles = triton.cdiv(N, bn)
+        split = max(1, min(triton.cdiv(4 * num_sms, tiles), triton.cdiv(kw, 4 * bkw)))
+        return dict(kernel="gemv", block_n=bn, block_kw=bkw, split_k=split, num_warps=4, num_stages=3)
+    if M <= 64:
+        bm = max(16, triton.next_power_of_2(M))
+        bn, bkw = 128, max(2, 128 // e)
+        tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+        split = max(1, min(triton.cdiv(2 * num_sms, tiles), triton.cdiv(kw, 4 * bkw)))
+        return dict(kernel="mma", block_m=bm, block_n=bn, block_kw=bkw, split_k=split, swap=True, join=True,
+                    half_dq=True, num_warps=4, num_stages=3)
+    if M <= 512:
+        return dict(kernel="mma", block_m=128, block_n=128, block_kw=max(2, 64 // e), split_k=1, swap=True,
+                    join=True, half_dq=True, group_m=8, num_warps=8, num_stages=3)
+    return dict(kernel="dequant", block_n=32, block_kw=max(2, 128 // e), num_warps=4)
+
+
+def select_config(M: int, p: PackedWeight, x: torch.Tensor) -> dict:
+    """The one place that picks the kernel and its config for a call: tuned table for this GPU, else the heuristic."""
+    if x.device.type == "cuda":
+        idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        entry = _tuned_table(idx).get(shape_key(p.bits, p.group_size, p.K, p.N))
+        if entry:
+            cfg = entry.get(str(m_bucket(M)))
+            if cfg:
+                return dict(cfg)
+        sms = torch.cuda.get_device_properties(idx).multi_processor_count
+        return heuristic_config(M, p.N, p.K, p.bits, p.group_size, sms)
+    return heuristic_config(M, p.N, p.K, p.bits, p.group_size, interpreting=backend.interpreting())
+
+
+# ----------------------------------------------------------------------------------------------------------- launch
+_FP32_MAGIC = 0x4B000000  # the bits of the fp32 2^23: OR-ing an integer c < 2^23 into them reads 2^23 + c
+
+
+def _half_dq(cfg: dict, x: torch.Tensor, p: PackedWeight) -> tuple[bool, int, float]:
+    """Whether the 16-bit dequantization is usable (GPU, scales in x's dtype, base + code exact in it), with the magic
+    bits to pass (the 16-bit base in both half-words, or the fp32 2^23) and the base."""
+    h, base = (0x4300, 128.0) if x.dtype == torch.bfloat16 else (0x6400, 1024.0)
+    ok = (cfg.get("half_dq", False) and not backend.interpreting() and p.dtype == x.dtype
+          and (x.dtype == torch.float16 or p.container_bits <= 4))
+    return ok, (h * 65537 if ok else _FP32_MAGIC), base
+
+
+def _splits(KW: int, block_kw: int, split_k: int) -> tuple[int, int]:
+    """Words per split (a multiple of block_kw) and the number of non-empty splits."""
+    k_split = triton.cdiv(triton.cdiv(KW, max(1, split_k)), block_kw) * block_kw
+    return k_split, triton.cdiv(KW, k_split)
+
+
+def _one_group(p: PackedWeight, block_kw: int, k_split: int) -> bool:
+    bk = block_kw * p.elems_per_word
+    return p.group_size % bk == 0 and (k_split * p.elems_per_word) % bk == 0
+
+
+def _finish(part, bias, y, split, M, N):
+    MN = M * N
+    block = 1024
+    _splitk_reduce_kernel[(triton.cdiv(MN, block),)](part, bias if bias is not None else y, y, MN, N, SPLIT_K=split,
+                                                     HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+
+
+def w4a16_linear_triton(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None,
+                        config: dict | None = None) -> torch.Tensor:
+    """The Triton path (compiled on CUDA, interpreted on CPU); config overrides select_config."""
+    _check_input(x, p, bias)
+    x2 = x.reshape(-1, p.K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M, N, K = x2.shape[0], p.N, p.K
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    if M == 0:
+        return y.reshape(*x.shape[:-1], N)
+    cfg = dict(config) if config is not None else select_config(M, p, x2)
+    bits, KW, G = p.container_bits, p.qweight.shape[1], p.group_size
+    b = bias if bias is not None else y  # a valid pointer when HAS_BIAS is off
+    kind = cfg["kernel"]
+    if kind == "dequant":
+        w = torch.empty(N, K, device=x.device, dtype=x.dtype)
+        half, magic, base = _half_dq(cfg, x2, p)
+        bkw = cfg["block_kw"]
+        grid = (triton.cdiv(N, cfg["block_n"]), triton.cdiv(KW, bkw))
+        _dequant_kernel[grid](p.qweight, p.scales, p.zeros, w, N, K, KW, G, magic, BITS=bits, BLOCK_N=cfg["block_n"],
+                              BLOCK_KW=bkw, ONE_GROUP=_one_group(p, bkw, bkw), HALF_DQ=half, HALF_BASE=base,
+                              num_warps=cfg.get("num_warps", 4))
+        if x2.is_cuda:
+            y = torch.nn.functional.linear(x2, w, bias)
+        else:  # CPU (interpreter): half matmuls there are slow or missing
+            y = torch.nn.functional.linear(x2.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
+        return y.reshape(*x.shape[:-1], N)
+    bkw = cfg["block_kw"]
+    k_split, split = _splits(KW, bkw, cfg.get("split_k", 1))
+    part = torch.empty(split, M, N, device=x.device, dtype=torch.float32) if split > 1 else y
+    launch = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+    if kind == "gemv":
+        grid = (M, triton.cdiv(N, cfg["block_n"]), split)
+        _gemv_kernel[grid](x2, p.qweight, p.scales, p.zeros, b, y, part, M, N, K, KW, G, k_split, x2.stride(0),
+                           _FP32_MAGIC, BITS=bits, BLOCK_N=cfg["block_n"], BLOCK_KW=bkw, USE_PART=split > 1,
+                           ONE_GROUP=_one_group(p, bkw, k_split), HAS_BIAS=bias is not None,
+                           PREFETCH=cfg.get("prefetch", False), **launch)
+    elif kind == "mma":
+        half, magic, base = _half_dq(cfg, x2, p)
+        bm, bn = cfg["block_m"], cfg["block_n"]
+        join = cfg.get("join", True)
+        if not join and bkw < 16:
+            raise ValueError("the split (join=False) mma kernel needs block_kw >= 16 (tl.dot's minimum K)")
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
+        _mma_kernel[grid](x2, p.qweight, p.scales, p.zeros, b, y, part, M, N, K, KW, G, k_split, x2.stride(0),
+                          magic, BITS=bits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, USE_PART=split > 1,
+                          GROUP_M=cfg.get("group_m", 8), ONE_GROUP=_one_group(p, bkw, k_split),
+                          HAS_BIAS=bias is not None, SWAP=cfg.get("swap", False), JOIN=join, HALF_DQ=half,
+                          HALF_BASE=base, DOT_F32=backend.interpreting(), **launch)
+    else:
+        raise ValueError(f"unknown w4a16 kernel {kind!r}")
+    if split > 1:
+        _finish(part, bias, y, split, M, N)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def w4a16_linear(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None,
+                 config: dict | None = None) -> torch.Tensor:
+    """y = x · dequant(p)ᵀ (+ bias) for x [..., K] in fp16/bf16, on whichever path aq.backend picks."""
+    tensors = [x, p.qweight, p.scales, p.zeros] + ([bias] if bias is not None else [])
+    if backend.choose(*tensors) == backend.TRITON:
+        return w4a16_linear_triton(x, p, bias, config)
+    return w4a16_linear_reference(x, p, bias)

@@ -1,0 +1,351 @@
+"""Tune aq's kernel configs on the GPU this runs on and write aq/kernels/configs/<gpu-name>.json (shipped, read at run
+time, so a user's first call does not stall on tuning).
+
+    python bench/autotune.py                       # every family, its default shapes and M buckets
+    python bench/autotune.py --family w4a16 --models llama3-8b --buckets 1,16,4096 --log /tmp/tune.json
+
+Structure: a *family* (one kernel family, e.g. w4a16) says which problems to tune (shapes of real models), which M
+buckets, which candidate configs per (problem, bucket), and how to build a call for a candidate. This driver compiles
+every candidate once in parallel worker processes (Triton's disk cache then serves the timing process), times each
+candidate under a CUDA graph over enough rotating weight copies that the weights come from DRAM (not L2), keeps the
+fastest, and merges the winners into the per-GPU file under the family's key (other families' entries are kept).
+To add a family: subclass Family and register it in FAMILIES.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+L2_ROTATE_BYTES = 160 << 20  # rotate weight copies until this many bytes: ~3x the H100's 50 MB L2
+
+
+# ------------------------------------------------------------------------------------------------------------ timing
+def graph_time(calls: list, reps: int = 10, warmup: int = 2) -> float:
+    """Median time in microseconds of one call, calls being closures over distinct buffers, all captured into one CUDA
+    graph (one replay runs each once, so weights rotate through more bytes than L2 holds)."""
+    for c in calls:  # compile / warm outside the capture
+        c()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    for _ in range(warmup):
+        g.replay()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / len(calls))
+    del g
+    return statistics.median(times)
+
+
+def copies_for(nbytes: int, cap: int = 64) -> int:
+    return max(2, min(cap, -(-L2_ROTATE_BYTES // max(nbytes, 1))))
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name()
+
+
+# ------------------------------------------------------------------------------------------------------------ families
+class Family:
+    """One kernel family. Problems are JSON-able dicts; key(problem) is the entry in the config file."""
+
+    name = ""
+
+    def problems(self, args) -> list[dict]:
+        raise NotImplementedError
+
+    def buckets(self, args) -> list[int]:
+        raise NotImplementedError
+
+    def key(self, problem: dict) -> str:
+        raise NotImplementedError
+
+    def candidates(self, problem: dict, M: int) -> list[dict]:
+        raise NotImplementedError
+
+    def make_calls(self, problem: dict, M: int, cfg: dict, state: dict) -> list:
+        """Closures, one per rotating weight copy, each running the kernel once with cfg."""
+        raise NotImplementedError
+
+    def check(self, problem: dict, M: int, cfg: dict, state: dict) -> float:
+        """Relative error of cfg's output against the reference (catches configs that compile but are wrong)."""
+        raise NotImplementedError
+
+
+MODELS = {  # linear shapes (K, N) of each model, as in the issue
+    "llama2-7b": [(4096, 4096), (4096, 11008), (11008, 4096)],
+    "llama3-8b": [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)],
+    "smollm2": [(576, 576), (576, 192), (576, 1536), (1536, 576)],
+}
+DEFAULT_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+
+
+class W4A16(Family):
+    name = "w4a16"
+
+    def problems(self, args) -> list[dict]:
+        out, seen = [], set()
+        for model in args.models.split(","):
+            for K, N in MODELS[model]:
+                for g in args.groups.split(","):
+                    g = K if g == "ch" else int(g)
+                    if K % g or (K, N, g) in seen:
+                        continue
+                    seen.add((K, N, g))
+                    out.append(dict(K=K, N=N, group=g, bits=args.bits))
+            if model == "smollm2" and "64" not in args.groups.split(","):  # K = 576 takes no g = 128: tune g = 64 too
+                for K, N in MODELS[model]:
+                    if (K, N, 64) not in seen:
+                        seen.add((K, N, 64))
+                        out.append(dict(K=K, N=N, group=64, bits=args.bits))
+        return out
+
+    def buckets(self, args) -> list[int]:
+        return [int(b) for b in args.buckets.split(",")] if args.buckets else DEFAULT_BUCKETS
+
+    def key(self, problem: dict) -> str:
+        from aq.kernels import w4a16 as W
+
+        return W.shape_key(problem["bits"], problem["group"], problem["K"], problem["N"])
+
+    def candidates(self, problem: dict, M: int) -> list[dict]:
+        from aq.kernels import w4a16 as W
+
+        K, N, bits = problem["K"], problem["N"], problem["bits"]
+        e = 32 // W.container_bits(bits)
+        kw = K // e
+        sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
+        out = []
+
+        def splits(tiles, bkw):
+            """split-K counts that give ~1, 2, 4 waves of programs (runtime only: no recompiles)."""
+            res = set()
+            for waves in (1, 2, 4):
+                s = max(1, min(-(-waves * sms // max(tiles, 1)), kw // bkw))
+                res.add(s)
+            return sorted(res)
+
+        if M <= 4:
+            for bn in (64, 128, 256):
+                for bkw in (8, 16, 32):
+                    if bn * bkw > 8192 or bkw > kw:
+                        continue
+                    for pf in (False, True):
+                        for s in splits(-(-N // bn), bkw):
+                            out.append(dict(kernel="gemv", block_n=bn, block_kw=bkw, split_k=s, prefetch=pf,
+                                            num_warps=4, num_stages=1))
+        if M <= 64:
+            bm = max(16, 1 << (M - 1).bit_length())
+            for bn in (64, 128):
+                for bkw in (max(2, 64 // e), max(2, 128 // e), max(2, 256 // e)):
+                    if bkw > kw:
+                        continue
+                    for join in (True, False):
+                        if not join and bkw < 16:
+                            continue
+                        for swap in (True, False):
+                            for ns in (3, 4):
+                                for s in splits(-(-N // bn) * -(-M // bm), bkw):
+                                    out.append(dict(kernel="mma", block_m=bm, block_n=bn, block_kw=bkw, split_k=s,
+                                                    swap=swap, join=join, half_dq=True, num_warps=4, num_stages=ns))
+        if M >= 64:
+            for bm, bn, nw in ((64, 128, 4), (128, 128, 8), (128, 256, 8), (256, 128, 8)):
+                if bm > 2 * max(M, 64):
+                    continue
+                for bkw in (max(2, 64 // e), max(2, 128 // e)):
+                    if bkw > kw:
+                        continue
+                    for ns in (3, 4):
+                        tiles = -(-N // bn) * -(-M // bm)
+                        for s in sorted({1, *([2, 4] if tiles < sms else [])}):
+                            out.append(dict(kernel="mma", block_m=bm, block_n=bn, block_kw=bkw, split_k=s, swap=True,
+                                            join=True, half_dq=True, group_m=8, num_warps=nw, num_stages=ns))
+        if M >= 128:
+            for bn, bkw in ((32, max(2, 128 // e)), (16, max(2, 256 // e))):
+                out.append(dict(kernel="dequant", block_n=bn, block_kw=min(bkw, kw), half_dq=True, num_warps=4))
+        return out
+
+    def setup(self, problem: dict, M: int, state: dict) -> None:
+        from aq.kernels import w4a16 as W
+
+        K, N = problem["K"], problem["N"]
+        tag = (K, N, problem["group"], problem["bits"])
+        if state.get("tag") != tag:
+            state.clear()
+            state["tag"] = tag
+            torch.manual_seed(0)
+            p = W.pack_weight(torch.randn(N, K, device="cuda") * 0.02, problem["bits"], problem["group"],
+                              torch.bfloat16)
+            n = copies_for(p.nbytes())
+            state["packed"] = [p] + [W.PackedWeight(p.qweight.clone(), p.scales.clone(), p.zeros.clone(), p.bits,
+                                                    p.group_size, p.N, p.K) for _ in range(n - 1)]
+        if state.get("M") != M:
+            state["M"] = M
+            state["x"] = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            p = state["packed"][0]
+            state["ref"] = W.w4a16_linear_reference(state["x"], p).float()
+
+    def make_calls(self, problem, M, cfg, state):
+        from aq.kernels import w4a16 as W
+
+        self.setup(problem, M, state)
+        x = state["x"]
+        return [lambda p=p: W.w4a16_linear_triton(x, p, None, cfg) for p in state["packed"]]
+
+    def check(self, problem, M, cfg, state):
+        from aq.kernels import w4a16 as W
+
+        self.setup(problem, M, state)
+        y = W.w4a16_linear_triton(state["x"], state["packed"][0], None, cfg).float()
+        ref = state["ref"]
+        return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+FAMILIES = {f.name: f for f in (W4A16(),)}
+
+
+# ------------------------------------------------------------------------------------------------------------ driver
+def _compile_worker(family_name: str, jobs: list) -> list:
+    """Runs each (problem, M, cfg) once so Triton compiles it into the shared disk cache. Returns failures."""
+    fam = FAMILIES[family_name]
+    state, failed = {}, []
+    for problem, M, cfg in jobs:
+        try:
+            for c in fam.make_calls(problem, M, cfg, state)[:1]:
+                c()
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - a config that does not compile or launch is dropped
+            failed.append((problem, M, cfg, f"{type(e).__name__}: {str(e)[:200]}"))
+    return failed
+
+
+def _compile_key(problem: dict, M: int, cfg: dict) -> str:
+    """Configs that differ only in run-time values (split count, M within one bucket) share a compile."""
+    c = {k: v for k, v in cfg.items() if k != "split_k"}
+    c["use_part"] = cfg.get("split_k", 1) > 1
+    K, N, g = problem["K"], problem["N"], problem["group"]
+    e = 32 // (2 if problem["bits"] == 2 else 4 if problem["bits"] <= 4 else 8)
+    spec = [K % 16 == 0, (K // e) % 16 == 0, N % 16 == 0, g % 16 == 0, g % (cfg["block_kw"] * e) == 0]
+    return json.dumps([spec, c], sort_keys=True)
+
+
+def precompile(fam: Family, work: list, jobs: int) -> dict:
+    uniq = {}
+    for problem, M, cfg in work:
+        uniq.setdefault(_compile_key(problem, M, cfg), (problem, M, cfg))
+    todo = list(uniq.values())
+    todo.sort(key=lambda t: (t[0]["K"], t[0]["N"], t[1]))
+    chunks = [todo[i::jobs] for i in range(jobs)]
+    t0 = time.time()
+    failed = []
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as ex:
+        for f in [ex.submit(_compile_worker, fam.name, ch) for ch in chunks if ch]:
+            failed += f.result()
+    print(f"[{fam.name}] compiled {len(todo)} kernels on {jobs} processes in {time.time() - t0:.0f}s, "
+          f"{len(failed)} failed", flush=True)
+    for f in failed[:10]:
+        print("   failed:", json.dumps(f[2]), f[3], flush=True)
+    return {_compile_key(*f[:3]) for f in failed}
+
+
+def tune_family(fam: Family, args) -> tuple[dict, list]:
+    problems, buckets = fam.problems(args), fam.buckets(args)
+    work = [(p, M, c) for p in problems for M in buckets for c in fam.candidates(p, M)]
+    print(f"[{fam.name}] {len(problems)} shapes x {len(buckets)} buckets: {len(work)} candidates", flush=True)
+    bad = precompile(fam, work, args.jobs) if args.jobs > 1 else set()
+    table, log, state = {}, [], {}
+    t0 = time.time()
+    for problem in problems:
+        key = fam.key(problem)
+        for M in buckets:
+            best = None
+            for cfg in fam.candidates(problem, M):
+                if _compile_key(problem, M, cfg) in bad:
+                    continue
+                try:
+                    err = fam.check(problem, M, cfg, state)
+                    if not err < args.max_err:
+                        log.append(dict(key=key, M=M, cfg=cfg, us=None, err=err))
+                        print(f"   WRONG {key} M={M} {cfg} err={err:.2e}", flush=True)
+                        continue
+                    us = graph_time(fam.make_calls(problem, M, cfg, state), reps=args.reps)
+                except Exception as e:  # noqa: BLE001
+                    log.append(dict(key=key, M=M, cfg=cfg, us=None, error=f"{type(e).__name__}: {str(e)[:200]}"))
+                    continue
+                log.append(dict(key=key, M=M, cfg=cfg, us=us, err=err))
+                if best is None or us < best[0]:
+                    best = (us, cfg)
+            if best:
+                table.setdefault(key, {})[str(M)] = dict(best[1], us=round(best[0], 2))
+                print(f"  {key:>18} M={M:<5} {best[0]:9.1f} us  {json.dumps(best[1])}", flush=True)
+        torch.cuda.empty_cache()
+    print(f"[{fam.name}] timed in {time.time() - t0:.0f}s", flush=True)
+    return table, log
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default=",".join(FAMILIES))
+    ap.add_argument("--models", default="llama2-7b,llama3-8b,smollm2")
+    ap.add_argument("--groups", default="128", help="comma list of group sizes, 'ch' = per channel")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--buckets", default="", help="comma list of M buckets (default: 1, 2, 4, ..., 16384)")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1))
+    ap.add_argument("--max-err", type=float, default=2e-2)
+    ap.add_argument("--out", default="", help="config file to merge into (default: the package's file for this GPU)")
+    ap.add_argument("--log", default="", help="write every candidate's time here (JSON)")
+    args = ap.parse_args(argv)
+
+    from aq.kernels import w4a16 as W
+
+    out = Path(args.out) if args.out else W.config_file(gpu_name())
+    data = json.loads(out.read_text()) if out.exists() else {}
+    meta = dict(gpu=gpu_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
+                triton=__import__("triton").__version__)
+    logs = {}
+    for name in args.family.split(","):
+        fam = FAMILIES[name]
+        table, log = tune_family(fam, args)
+        entry = data.get(name, {})
+        entry.update(table)
+        data[name] = entry
+        data.setdefault("meta", {})[name] = meta
+        logs[name] = log
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {out}")
+    if args.log:
+        Path(args.log).write_text(json.dumps(dict(meta=meta, logs=logs)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
