@@ -112,6 +112,12 @@ class W4A16(Family):
 
     def problems(self, args) -> list[dict]:
         out, seen = [], set()
+        if getattr(args, "shapes", ""):
+            for kn in args.shapes.split(","):
+                K, N = (int(v) for v in kn.split("x"))
+                for g in args.groups.split(","):
+                    out.append(dict(K=K, N=N, group=K if g == "ch" else int(g), bits=args.bits))
+            return out
         for model in args.models.split(","):
             for K, N in MODELS[model]:
                 for g in args.groups.split(","):
@@ -315,6 +321,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", default=",".join(FAMILIES))
     ap.add_argument("--models", default="llama2-7b,llama3-8b,smollm2")
+    ap.add_argument("--shapes", default="", help="K x N list (e.g. 4096x14336,14336x4096) instead of --models")
     ap.add_argument("--groups", default="128", help="comma list of group sizes, 'ch' = per channel")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--buckets", default="", help="comma list of M buckets (default: 1, 2, 4, ..., 16384)")
