@@ -31,6 +31,7 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 11008), (11008, 409
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 4096]
 ROTATE_BYTES = 200e6
 FAILS = []
+DEADLINE_ACT, DEADLINE_GEMM = 60, 80  # seconds: a check that runs out of time fails, it never eats the whole lease
 # ragged shapes for the compiled-kernel checks: (M, K) and (M, N, K)
 ACT_SHAPES = [(1, 64), (3, 203), (37, 4096), (300, 4096), (5, 14336), (2, 20000), (64, 11008)]
 GEMM_SHAPES = [(1, 200, 203), (7, 4096, 4096), (16, 300, 4100), (33, 1000, 999), (64, 4096, 14336), (100, 520, 4096),
@@ -129,8 +130,20 @@ def check_act(dev):
             cases.append((M, K, torch.bfloat16, False, "rms", "block64"))
         if K % 128 == 0:
             cases.append((M, K, torch.float16, False, "layer", "block128"))
+    cases += [(M, 4096, torch.float32, sym, None, "ties") for M in (64, 300) for sym in (False, True)]
+    t0 = time.time()
     for M, K, dtype, sym, norm, tr in cases:
+        if time.time() - t0 > DEADLINE_ACT:
+            fail(f"act check out of time after {n} of {len(cases)} cases")
+            break
         x = rand_act(M, K, dtype, g, dev)
+        if tr == "ties":
+            # values on a grid of quarter steps with the range forced to [-7.5, 7.5]: scale 1, many exact ties
+            x = torch.randint(-30, 31, (M, K), generator=g, device=dev).float() / 4
+            x[:, 0], x[:, 1] = -7.5, 7.5
+            if M > 64:  # and rows whose scale is not a power of two: near ties after the division
+                x[64:] *= 1.7
+            tr = None
         kw = dict(bits=4, symmetric=sym, norm=norm)
         if norm:
             kw["norm_weight"] = (1 + 0.2 * torch.randn(K, generator=g, device=dev)).to(dtype)
@@ -143,7 +156,10 @@ def check_act(dev):
             h = int(tr[5:])
             kw["transform"] = (torch.eye(h, device=dev) + torch.randn(K // h, h, h, generator=g, device=dev) / h)
         got = W.quantize_activation(x, **kw)
-        ref = W.quantize_activation_reference(x, **kw)
+        # the ground truth is the reference on the CPU (torch on CUDA divides by a scalar through its reciprocal)
+        ref = W.quantize_activation_reference(x.cpu(), **{k: (v.cpu() if torch.is_tensor(v) else v)
+                                                          for k, v in kw.items()})
+        got = W.QuantizedActivation(*(t.cpu() for t in got))
         tag = f"act M={M} K={K} {dtype} sym={sym} norm={norm} tr={tr}"
         if norm is None and tr in (None, "diag"):
             for name, u, v in zip(got._fields, got, ref):
@@ -158,14 +174,17 @@ def check_act(dev):
             if not torch.equal(got.code_sum, got.q.int().sum(-1, dtype=torch.int32)):
                 fail(f"{tag}: code_sum is not the sum of the codes")
         n += 1
-    print(f"check act: {n} cases", flush=True)
+    print(f"check act: {n} cases in {time.time() - t0:.0f} s", flush=True)
 
 
 def gemm_configs():
     """The default and shipped configs, plus the first default without the inline-asm unpacking."""
     seen, out = set(), []
     first = {k: v for k, v in W.DEFAULT_CONFIGS[0].items() if k != "max_m"}
-    for c in list(W.DEFAULT_CONFIGS) + list(W._configs_for(W._gpu_tag(0))) + [dict(first, USE_ASM=False)]:
+    last = {k: v for k, v in W.DEFAULT_CONFIGS[-1].items() if k != "max_m"}
+    variants = [dict(first, USE_ASM=False), dict(first, SPLIT=528), dict(first, SPLIT=528, TMA=True),
+                dict(last, TMA=True), dict(last, TMA=True, W8=True), dict(last, W8=True), dict(last, SPLIT=264)]
+    for c in list(W._configs_for(W._gpu_tag(0))) + list(W.DEFAULT_CONFIGS) + variants:
         c2 = {k: v for k, v in c.items() if k != "max_m"}
         key = json.dumps(c2, sort_keys=True)
         if key not in seen:
@@ -177,6 +196,7 @@ def gemm_configs():
 def check_gemm(dev):
     g = torch.Generator(device=dev).manual_seed(2)
     data = []
+    t0 = time.time()
     for M, N, K in GEMM_SHAPES:
         w = torch.randn(N, K, generator=g, device=dev) * 0.02
         for sym_w, sym_a in ((False, False), (True, True), (False, True)):
@@ -184,12 +204,17 @@ def check_gemm(dev):
             a = W.quantize_activation(rand_act(M, K, torch.bfloat16, g, dev), 4, sym_a)
             bias = torch.randn(N, generator=g, device=dev).to(torch.bfloat16)
             data.append(((M, N, K, sym_w, sym_a), wt, a, bias, int_reference(a, wt)))
+    print(f"  gemm data ready [{time.time() - t0:.0f} s]", flush=True)
     # the float64 reference on small shapes confirms int_reference itself
     for (M, N, K, *_), wt, a, bias, sref in data[:6]:
         if not torch.equal(W.w4a4_matmul_reference(a, wt, None, torch.int32), sref):
             fail(f"int_reference disagrees with the float64 reference at {(M, N, K)}")
     n = 0
+    t0 = time.time()
     for ci, cfg in enumerate(gemm_configs()):
+        if time.time() - t0 > DEADLINE_GEMM:
+            fail(f"gemm check out of time at config {ci}")
+            break
         for (shape, wt, a, bias, sref) in data:
             M, N, K = shape[:3]
             cfg_run = dict(cfg)
@@ -203,6 +228,7 @@ def check_gemm(dev):
                 if not torch.isfinite(y).all() or err > 1e-2:
                     fail(f"gemm {cfg} {shape} {odt}: max rel err {err:.2e}")
             n += 1
+        print(f"  gemm config {ci} checked [{time.time() - t0:.0f} s]: {cfg}", flush=True)
     # the public entry with its own dispatch, 3-D input
     x = torch.randn(2, 9, 4096, device=dev, dtype=torch.bfloat16)
     wt = W.pack_w4a4_weight(torch.randn(512, 4096, device=dev) * 0.02)
@@ -243,37 +269,34 @@ def cmd_check(args):
 # sweep
 # ----------------------------------------------------------------------------------------------------------------------
 def candidates():
+    """(bucket max_m, config) pairs; every config is checked against the reference before it is timed."""
     C = []
     sw = dict(kernel="swap", GROUP_M=1, num_warps=4)
-    for bn in (16, 32, 64):
-        for bkh in (128, 256):
-            for st in (3, 5):
-                C.append((16, dict(sw, BLOCK_M=16, BLOCK_N=bn, BLOCK_KH=bkh, num_stages=st)))
-    C.append((16, dict(sw, BLOCK_M=16, BLOCK_N=32, BLOCK_KH=256, num_stages=4, USE_ASM=False)))
     for bn in (32, 64):
-        for bkh in (128, 256):
-            C.append((32, dict(sw, BLOCK_M=32, BLOCK_N=bn, BLOCK_KH=bkh, num_stages=4)))
-    for bn in (64, 128):
-        C.append((64, dict(sw, BLOCK_M=64, BLOCK_N=bn, BLOCK_KH=128, num_stages=4)))
+        for split in (0, 264, 528):
+            for tma in (False, True):
+                C.append((16, dict(sw, BLOCK_M=16, BLOCK_N=bn, BLOCK_KH=256, num_stages=5, SPLIT=split, TMA=tma)))
+    C.append((16, dict(sw, BLOCK_M=16, BLOCK_N=128, BLOCK_KH=256, num_stages=4, SPLIT=528, TMA=True)))
+    for split in (0, 264):
+        for tma in (False, True):
+            C.append((32, dict(sw, BLOCK_M=32, BLOCK_N=64, BLOCK_KH=256, num_stages=4, SPLIT=split, TMA=tma)))
+            C.append((64, dict(sw, BLOCK_M=64, BLOCK_N=64, BLOCK_KH=128, num_stages=4, SPLIT=split, TMA=tma)))
     ti = dict(kernel="tile", GROUP_M=8)
-    for bn in (64, 128):
-        for bkh in (64, 128):
-            C.append((64, dict(ti, BLOCK_M=64, BLOCK_N=bn, BLOCK_KH=bkh, num_warps=4, num_stages=4)))
-    C += [(128, dict(ti, BLOCK_M=64, BLOCK_N=128, BLOCK_KH=64, num_warps=4, num_stages=4)),
-          (128, dict(ti, BLOCK_M=64, BLOCK_N=128, BLOCK_KH=128, num_warps=4, num_stages=3)),
-          (128, dict(ti, BLOCK_M=128, BLOCK_N=128, BLOCK_KH=64, num_warps=8, num_stages=4)),
-          (128, dict(ti, BLOCK_M=128, BLOCK_N=64, BLOCK_KH=128, num_warps=4, num_stages=4))]
-    C += [(512, dict(ti, BLOCK_M=128, BLOCK_N=128, BLOCK_KH=64, num_warps=8, num_stages=4)),
-          (512, dict(ti, BLOCK_M=128, BLOCK_N=128, BLOCK_KH=128, num_warps=8, num_stages=3)),
-          (512, dict(ti, BLOCK_M=128, BLOCK_N=256, BLOCK_KH=64, num_warps=8, num_stages=3)),
-          (512, dict(ti, BLOCK_M=128, BLOCK_N=128, BLOCK_KH=64, num_warps=4, num_stages=4))]
-    C += [(None, dict(ti, BLOCK_M=128, BLOCK_N=256, BLOCK_KH=64, num_warps=8, num_stages=3)),
-          (None, dict(ti, BLOCK_M=128, BLOCK_N=256, BLOCK_KH=64, num_warps=8, num_stages=4)),
-          (None, dict(ti, BLOCK_M=128, BLOCK_N=256, BLOCK_KH=32, num_warps=8, num_stages=4)),
-          (None, dict(ti, BLOCK_M=128, BLOCK_N=128, BLOCK_KH=64, num_warps=8, num_stages=4)),
-          (None, dict(ti, BLOCK_M=128, BLOCK_N=128, BLOCK_KH=128, num_warps=8, num_stages=3)),
-          (None, dict(ti, BLOCK_M=256, BLOCK_N=128, BLOCK_KH=64, num_warps=8, num_stages=3)),
-          (None, dict(ti, BLOCK_M=128, BLOCK_N=256, BLOCK_KH=64, num_warps=8, num_stages=3, USE_ASM=False))]
+    for split in (0, 264):
+        for tma in (False, True):
+            C.append((128, dict(ti, BLOCK_M=128, BLOCK_N=64, BLOCK_KH=128, num_warps=4, num_stages=4, SPLIT=split,
+                                TMA=tma)))
+            C.append((512, dict(ti, BLOCK_M=128, BLOCK_N=128, BLOCK_KH=128, num_warps=8, num_stages=3, SPLIT=split,
+                                TMA=tma)))
+    C.append((128, dict(ti, BLOCK_M=64, BLOCK_N=128, BLOCK_KH=128, num_warps=4, num_stages=3, SPLIT=264, TMA=True)))
+    C.append((512, dict(ti, BLOCK_M=128, BLOCK_N=128, BLOCK_KH=128, num_warps=8, num_stages=3, TMA=True, W8=True)))
+    big = dict(ti, BLOCK_M=128, BLOCK_N=128, BLOCK_KH=128, num_warps=8, num_stages=3)
+    C += [(None, dict(big)), (None, dict(big, TMA=True)), (None, dict(big, W8=True)), (None, dict(big, TMA=True, W8=True)),
+          (None, dict(big, num_stages=4, TMA=True, W8=True)),
+          (None, dict(ti, BLOCK_M=128, BLOCK_N=256, BLOCK_KH=128, num_warps=8, num_stages=2, TMA=True)),
+          (None, dict(ti, BLOCK_M=128, BLOCK_N=256, BLOCK_KH=64, num_warps=8, num_stages=3, TMA=True, W8=True)),
+          (None, dict(ti, BLOCK_M=128, BLOCK_N=256, BLOCK_KH=128, num_warps=8, num_stages=3, TMA=True, W8=True)),
+          (None, dict(ti, BLOCK_M=256, BLOCK_N=128, BLOCK_KH=64, num_warps=8, num_stages=3, TMA=True, W8=True))]
     return C
 
 

@@ -256,7 +256,7 @@ def _rne(v):
 
 @triton.jit
 def _qparams(xmin, xmax, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, SCALE_EPS: tl.constexpr):
-    """aq.primitives.choose_qparams on row minima/maxima, with IEEE divisions (as torch)."""
+    """aq.primitives.choose_qparams on row minima/maxima, with IEEE divisions (as torch on the CPU)."""
     if SYMMETRIC:
         amax = tl.maximum(tl.abs(xmax), tl.abs(xmin))
         scale = tl.maximum(tl.div_rn(amax, tl.full(amax.shape, 2 ** (BITS - 1) - 1, tl.float32)), SCALE_EPS)
@@ -270,19 +270,38 @@ def _qparams(xmin, xmax, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, SCALE_EPS:
 
 
 @triton.jit
-def _codes(y, scale, zero, BITS: tl.constexpr):
-    q = _rne(tl.div_rn(y, tl.broadcast_to(scale[:, None], y.shape))) + zero[:, None]
+def _codes(y, scale, zero, BITS: tl.constexpr, FAST_DIV: tl.constexpr):
+    """clamp(round(y / scale) + zero) with y / scale correctly rounded, as torch computes it.
+
+    FAST_DIV (compiled code): one IEEE reciprocal per row, then per element q = y * r refined by one FMA step
+    (Markstein: with r = RN(1/s) and q within an ulp of y/s, RN(q + r * (y - s q)) is the correctly rounded y/s);
+    3 flops instead of a full IEEE division. The interpreter has no true FMA, so it divides.
+    """
+    s2 = tl.broadcast_to(scale[:, None], y.shape)
+    if FAST_DIV:
+        r = tl.broadcast_to(tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)[:, None], y.shape)
+        q0 = y * r
+        t = tl.fma(r, tl.fma(-q0, s2, y), q0)
+    else:
+        t = tl.div_rn(y, s2)
+    q = _rne(t) + zero[:, None]
     return tl.minimum(tl.maximum(q, 0.0), 2**BITS - 1)
 
 
 @triton.jit
 def _act_quant_rows_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, cs_ptr, nw_ptr, nb_ptr, d_ptr,
-    M, K, stride_xm, stride_qm, eps,
+    x_ptr, q_ptr, s_ptr, z_ptr, cs_ptr, nw_ptr, nb_ptr, d_ptr, st_ptr, u_ptr, v_ptr,
+    M, K, NB, stride_xm, stride_qm, eps,
     BITS: tl.constexpr, SYMMETRIC: tl.constexpr, NORM: tl.constexpr, HAS_NB: tl.constexpr, DIAG: tl.constexpr,
-    SCALE_EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    POST: tl.constexpr, H: tl.constexpr, FAST_DIV: tl.constexpr, SCALE_EPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NB: tl.constexpr,
 ):
-    """Whole rows in registers: one load, norm, diagonal, range, codes, stores."""
+    """Whole rows in registers: one load, norm, diagonal, range, codes, stores.
+
+    POST: x is z = (x * w) @ T from _blockdiag_kernel and the norm is applied after the transform, from the
+    per-block statistics st ([M, NB] sums of squares, or [2, M, NB] block sums and centred sums of squares):
+    rms: y = rstd z; layer: y = rstd (z - mean u) + v with u = w @ T, v = b @ T (per column).
+    """
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
@@ -291,28 +310,74 @@ def _act_quant_rows_kernel(
     m = rok[:, None] & cok[None, :]
     rows64 = rows.to(tl.int64)
     x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    if NORM == 1:
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / K + eps)
-        w = tl.load(nw_ptr + cols, mask=cok, other=0.0).to(tl.float32)
-        x = (x * rstd[:, None]) * w[None, :]
-    elif NORM == 2:
-        mean = tl.sum(x, axis=1) / K
-        xc = tl.where(m, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / K + eps)
-        w = tl.load(nw_ptr + cols, mask=cok, other=0.0).to(tl.float32)
-        x = (xc * rstd[:, None]) * w[None, :]
-        if HAS_NB:
-            x = x + tl.load(nb_ptr + cols, mask=cok, other=0.0).to(tl.float32)[None, :]
-    if DIAG:
-        x = x * tl.load(d_ptr + cols, mask=cok, other=0.0).to(tl.float32)[None, :]
+    if POST:
+        if NORM != 0:
+            bb = tl.arange(0, BLOCK_NB)
+            sm = rok[:, None] & (bb < NB)[None, :]
+            sp = st_ptr + rows64[:, None] * NB + bb[None, :]
+            if NORM == 1:
+                rstd = 1.0 / tl.sqrt(tl.sum(tl.load(sp, mask=sm, other=0.0), axis=1) / K + eps)
+                x = x * rstd[:, None]
+            else:
+                bs = tl.load(sp, mask=sm, other=0.0)
+                bm2 = tl.load(sp + M * NB, mask=sm, other=0.0)
+                mean = tl.sum(bs, axis=1) / K
+                dev = tl.where(sm, bs / H - mean[:, None], 0.0)
+                var = (tl.sum(bm2, axis=1) + H * tl.sum(dev * dev, axis=1)) / K
+                rstd = 1.0 / tl.sqrt(var + eps)
+                u = tl.load(u_ptr + cols, mask=cok, other=0.0)
+                x = (x - mean[:, None] * u[None, :]) * rstd[:, None]
+                if HAS_NB:
+                    x = x + tl.load(v_ptr + cols, mask=cok, other=0.0)[None, :]
+    else:
+        if NORM == 1:
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / K + eps)
+            w = tl.load(nw_ptr + cols, mask=cok, other=0.0).to(tl.float32)
+            x = (x * rstd[:, None]) * w[None, :]
+        elif NORM == 2:
+            mean = tl.sum(x, axis=1) / K
+            xc = tl.where(m, x - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / K + eps)
+            w = tl.load(nw_ptr + cols, mask=cok, other=0.0).to(tl.float32)
+            x = (xc * rstd[:, None]) * w[None, :]
+            if HAS_NB:
+                x = x + tl.load(nb_ptr + cols, mask=cok, other=0.0).to(tl.float32)[None, :]
+        if DIAG:
+            x = x * tl.load(d_ptr + cols, mask=cok, other=0.0).to(tl.float32)[None, :]
     xmax = tl.max(tl.where(m, x, float("-inf")), axis=1)
     xmin = tl.min(tl.where(m, x, float("inf")), axis=1)
     scale, zero = _qparams(xmin, xmax, BITS, SYMMETRIC, SCALE_EPS)
-    q = tl.where(m, _codes(x, scale, zero, BITS), 0.0).to(tl.int32)
+    q = tl.where(m, _codes(x, scale, zero, BITS, FAST_DIV), 0.0).to(tl.int32)
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(tl.int8), mask=m)
     tl.store(s_ptr + rows, scale, mask=rok)
     tl.store(z_ptr + rows, zero.to(tl.int32), mask=rok)
     tl.store(cs_ptr + rows, tl.sum(q, axis=1), mask=rok)
+
+
+@triton.jit
+def _blockdiag_kernel(x_ptr, nw_ptr, t_ptr, z_ptr, st_ptr, M, K, NB, stride_xm,
+                      NORM: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+    """One (row block, diagonal block) per program: z = (x * w) @ T_b in float32, plus the block's norm statistics."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rok = rows < M
+    rows64 = rows.to(tl.int64)
+    hh = tl.arange(0, H)
+    cols = b * H + hh
+    x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=rok[:, None], other=0.0).to(tl.float32)
+    if NORM == 1:
+        tl.store(st_ptr + rows64 * NB + b, tl.sum(x * x, axis=1), mask=rok)
+    elif NORM == 2:
+        bs = tl.sum(x, axis=1)
+        xc = x - (bs / H)[:, None]
+        tl.store(st_ptr + rows64 * NB + b, bs, mask=rok)
+        tl.store(st_ptr + M * NB + rows64 * NB + b, tl.sum(xc * xc, axis=1), mask=rok)
+    if NORM != 0:
+        x = x * tl.load(nw_ptr + cols).to(tl.float32)[None, :]
+    t = tl.load(t_ptr + b.to(tl.int64) * H * H + hh[:, None] * H + hh[None, :]).to(tl.float32)
+    z = tl.dot(x, t, input_precision=PREC)
+    tl.store(z_ptr + rows64[:, None] * K + cols[None, :], z, mask=rok[:, None])
 
 
 @triton.jit
@@ -344,9 +409,10 @@ def _act_quant_chunked_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, cs_ptr, nw_ptr, nb_ptr, t_ptr,
     M, K, stride_xm, stride_qm, eps,
     BITS: tl.constexpr, SYMMETRIC: tl.constexpr, NORM: tl.constexpr, HAS_NB: tl.constexpr, TRANSFORM: tl.constexpr,
-    SCALE_EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr,
+    FAST_DIV: tl.constexpr, SCALE_EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    PREC: tl.constexpr,
 ):
-    """Rows in chunks of BLOCK_C columns: norm statistics, then the range, then the codes (recomputing each chunk)."""
+    """Rows longer than _MAX_ROW_BLOCK, in chunks: norm statistics, then the range, then the codes (recomputing)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rok = rows < M
@@ -381,7 +447,7 @@ def _act_quant_chunked_kernel(
     for c0 in range(0, K, BLOCK_C):
         y, m = _chunk(x_ptr, nw_ptr, nb_ptr, t_ptr, rows64, rok, c0, K, stride_xm, mean, rstd,
                       NORM, HAS_NB, TRANSFORM, BLOCK_C, PREC)
-        q = tl.where(m, _codes(y, scale, zero, BITS), 0.0).to(tl.int32)
+        q = tl.where(m, _codes(y, scale, zero, BITS, FAST_DIV), 0.0).to(tl.int32)
         tl.store(q_ptr + rows64[:, None] * stride_qm + (c0 + cc)[None, :], q.to(tl.int8), mask=m)
         csum += tl.sum(q, axis=1)
     tl.store(s_ptr + rows, scale, mask=rok)
@@ -393,6 +459,17 @@ def _as_param(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     if t is None:
         return like  # never read (its constexpr flag is off)
     return t if t.is_contiguous() else t.contiguous()
+
+
+def _fast_div() -> bool:
+    return not backend.interpreting() and os.environ.get("AQ_W4A4_IEEE_DIV", "0") != "1"
+
+
+def _row_launch(M, K):
+    block_k = triton.next_power_of_2(K)
+    block_m = max(1, min(triton.next_power_of_2(M), 2048 // block_k))
+    warps = max(4, min(16, block_m * block_k // 1024))
+    return block_m, block_k, warps
 
 
 def quantize_activation_triton(x, bits=4, symmetric=False, norm=None, norm_weight=None, norm_bias=None,
@@ -409,31 +486,51 @@ def quantize_activation_triton(x, bits=4, symmetric=False, norm=None, norm_weigh
     scale = torch.empty(M, dtype=torch.float32, device=dev)
     zero = torch.empty(M, dtype=torch.int32, device=dev)
     csum = torch.empty(M, dtype=torch.int32, device=dev)
-    if M > 0:
-        nw, nb = _as_param(norm_weight, x2), _as_param(norm_bias, x2)
-        tr = _as_param(transform, x2)
-        blockdiag = transform is not None and transform.dim() == 3
-        common = dict(BITS=bits, SYMMETRIC=bool(symmetric), NORM=_NORMS[norm], HAS_NB=norm_bias is not None,
-                      SCALE_EPS=primitives.SCALE_EPS)
-        eps = float(norm_eps) if norm is not None else 0.0
-        if not blockdiag and K <= _MAX_ROW_BLOCK:
-            block_k = triton.next_power_of_2(K)
-            block_m = max(1, min(triton.next_power_of_2(M), 2048 // block_k))
-            warps = max(4, min(16, block_m * block_k // 1024))
-            _act_quant_rows_kernel[(triton.cdiv(M, block_m),)](
-                x2, q, scale, zero, csum, nw, nb, tr, M, K, x2.stride(0), q.stride(0), eps,
-                DIAG=transform is not None, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, **common)
+    out = QuantizedActivation(q.reshape(*lead, K), scale.reshape(lead), zero.reshape(lead), csum.reshape(lead))
+    if M == 0:
+        return out
+    nw, nb = _as_param(norm_weight, x2), _as_param(norm_bias, x2)
+    tr = _as_param(transform, x2)
+    blockdiag = transform is not None and transform.dim() == 3
+    common = dict(BITS=bits, SYMMETRIC=bool(symmetric), NORM=_NORMS[norm], HAS_NB=norm_bias is not None,
+                  FAST_DIV=_fast_div(), SCALE_EPS=primitives.SCALE_EPS)
+    eps = float(norm_eps) if norm is not None else 0.0
+    if K > _MAX_ROW_BLOCK:
+        if blockdiag:
+            block_c, block_m, code, warps = transform.shape[1], 16, 2, 4
+            tr = tr.float()
         else:
-            if blockdiag:
-                block_c, block_m, code, warps = transform.shape[1], 16, 2, 4
-                if transform.dtype != torch.float32:
-                    tr = tr.float()
-            else:
-                block_c, block_m, code, warps = 4096, 1, int(transform is not None), 8
-            _act_quant_chunked_kernel[(triton.cdiv(M, block_m),)](
-                x2, q, scale, zero, csum, nw, nb, tr, M, K, x2.stride(0), q.stride(0), eps,
-                TRANSFORM=code, BLOCK_M=block_m, BLOCK_C=block_c, PREC="tf32x3", num_warps=warps, **common)
-    return QuantizedActivation(q.reshape(*lead, K), scale.reshape(lead), zero.reshape(lead), csum.reshape(lead))
+            block_c, block_m, code, warps = 4096, 1, int(transform is not None), 8
+        _act_quant_chunked_kernel[(triton.cdiv(M, block_m),)](
+            x2, q, scale, zero, csum, nw, nb, tr, M, K, x2.stride(0), q.stride(0), eps,
+            TRANSFORM=code, BLOCK_M=block_m, BLOCK_C=block_c, PREC="tf32x3", num_warps=warps, **common)
+        return out
+    block_m, block_k, warps = _row_launch(M, K)
+    if not blockdiag:
+        _act_quant_rows_kernel[(triton.cdiv(M, block_m),)](
+            x2, q, scale, zero, csum, nw, nb, tr, x2, x2, x2, M, K, 1, x2.stride(0), q.stride(0), eps,
+            DIAG=transform is not None, POST=False, H=1, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_NB=1,
+            num_warps=warps, **common)
+        return out
+    # block-diagonal: z = (x * w) @ T in parallel over (rows, blocks), then the row kernel finishes the norm
+    h = transform.shape[1]
+    nbk = K // h
+    tf = tr.float()
+    z = torch.empty(M, K, dtype=torch.float32, device=dev)
+    st = torch.empty((2 if norm == "layer" else 1) * M * nbk if norm else 1, dtype=torch.float32, device=dev)
+    bm = 16 if M <= 16 else 64
+    _blockdiag_kernel[(triton.cdiv(M, bm), nbk)](x2, nw, tf, z, st, M, K, nbk, x2.stride(0), NORM=_NORMS[norm],
+                                                 H=h, BLOCK_M=bm, PREC="tf32x3", num_warps=4)
+    u = v = z
+    if norm == "layer":
+        u = torch.bmm(nw.float().reshape(nbk, 1, h), tf).reshape(K)
+        if norm_bias is not None:
+            v = torch.bmm(nb.float().reshape(nbk, 1, h), tf).reshape(K)
+    _act_quant_rows_kernel[(triton.cdiv(M, block_m),)](
+        z, q, scale, zero, csum, nw, nb, tr, st, u, v, M, K, nbk, z.stride(0), q.stride(0), eps,
+        DIAG=False, POST=True, H=h, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_NB=triton.next_power_of_2(nbk),
+        num_warps=warps, **common)
+    return out
 
 
 def quantize_activation(x, bits=4, symmetric=False, norm=None, norm_weight=None, norm_bias=None, norm_eps=1e-6,
@@ -528,96 +625,151 @@ def _epilogue(acc, rm, rn, M, N, K, y_ptr, stride_ym, as_ptr, az_ptr, acs_ptr, w
 
 @triton.jit
 def _w4a4_mm_kernel(
-    a_ptr, w_ptr, y_ptr, as_ptr, az_ptr, acs_ptr, ws_ptr, wz_ptr, wcs_ptr, b_ptr,
+    a_ptr, w_ptr, y_ptr, as_ptr, az_ptr, acs_ptr, ws_ptr, wz_ptr, wcs_ptr, b_ptr, part_ptr, cnt_ptr,
     M, N, K, Kh, stride_am, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
+    SWAP: tl.constexpr, TMA: tl.constexpr, W8: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Tiled GEMM for larger M: acc[BM, BN] += A_lo W_lo^T + A_hi W_hi^T per step of BLOCK_KH packed columns."""
+    """acc = sum_k qa qw over this program's K range, then the epilogue.
+
+    Per step of BLOCK_KH packed columns j: acc += A[:, j] W_lo[:, j]^T + A[:, Kh + j] W_hi[:, j]^T.
+    SWAP (small M): the product is computed transposed, W on the wide (M) side of the dot and the few tokens on the
+    narrow side. TMA: operands come through tensor descriptors (a_ptr / w_ptr are descriptors; needs EVEN_K).
+    W8: w is the weight already unpacked to int8 [N, 2 Kh] (low nibbles, then high nibbles), for large M.
+    SPLIT_K > 1: program axis 1 splits K; partial int32 tiles go to part_ptr and the last program of a tile (per an
+    atomic counter in cnt_ptr, reset after use) sums them and runs the epilogue.
+    """
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    gsize = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % gsize
-    pid_n = (pid % in_group) // gsize
+    if SWAP:
+        pid_n = pid % num_n
+        pid_m = pid // num_n
+    else:
+        in_group = GROUP_M * num_n
+        first_m = (pid // in_group) * GROUP_M
+        gsize = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % in_group) % gsize
+        pid_n = (pid % in_group) // gsize
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rj = tl.arange(0, BLOCK_KH)
-    # rows past M / N read a valid row (results masked at the store), so only K needs masks
-    a_lo_ptrs = a_ptr + (rm % M).to(tl.int64)[:, None] * stride_am + rj[None, :]
-    w_ptrs = w_ptr + (rn % N).to(tl.int64)[:, None] * stride_wn + rj[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    for j0 in range(0, Kh, BLOCK_KH):
-        if EVEN_K:
-            a_lo = tl.load(a_lo_ptrs)
-            a_hi = tl.load(a_lo_ptrs + Kh)
-            p = tl.load(w_ptrs)
+    chunk = tl.cdiv(tl.cdiv(Kh, SPLIT_K), BLOCK_KH) * BLOCK_KH
+    j_start = pid_k * chunk
+    j_end = min(Kh, j_start + chunk)
+    if not TMA:
+        # rows past M / N read a valid row (results are masked at the store), so only K needs masks
+        a_lo_ptrs = a_ptr + (rm % M).to(tl.int64)[:, None] * stride_am + (j_start + rj)[None, :]
+        w_ptrs = w_ptr + (rn % N).to(tl.int64)[:, None] * stride_wn + (j_start + rj)[None, :]
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for j0 in range(j_start, j_end, BLOCK_KH):
+        if TMA:
+            a_lo = a_ptr.load([pid_m * BLOCK_M, j0])
+            a_hi = a_ptr.load([pid_m * BLOCK_M, Kh + j0])
+            if W8:
+                w_lo = w_ptr.load([pid_n * BLOCK_N, j0])
+                w_hi = w_ptr.load([pid_n * BLOCK_N, Kh + j0])
+            else:
+                w_lo, w_hi = _unpack(w_ptr.load([pid_n * BLOCK_N, j0]), USE_ASM)
         else:
-            jok = (j0 + rj) < Kh
-            a_lo = tl.load(a_lo_ptrs, mask=jok[None, :], other=0)
-            a_hi = tl.load(a_lo_ptrs + Kh, mask=((Kh + j0 + rj) < K)[None, :], other=0)
-            p = tl.load(w_ptrs, mask=jok[None, :], other=0)
-        w_lo, w_hi = _unpack(p, USE_ASM)
-        acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
-        acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
-        a_lo_ptrs += BLOCK_KH
-        w_ptrs += BLOCK_KH
-    _epilogue(acc, rm, rn, M, N, K, y_ptr, stride_ym, as_ptr, az_ptr, acs_ptr, ws_ptr, wz_ptr, wcs_ptr, b_ptr,
-              HAS_BIAS, INT_OUT)
+            if EVEN_K:
+                a_lo = tl.load(a_lo_ptrs)
+                a_hi = tl.load(a_lo_ptrs + Kh)
+                if W8:
+                    w_lo = tl.load(w_ptrs)
+                    w_hi = tl.load(w_ptrs + Kh)
+                else:
+                    w_lo, w_hi = _unpack(tl.load(w_ptrs), USE_ASM)
+            else:
+                jok = (j0 + rj) < j_end
+                a_lo = tl.load(a_lo_ptrs, mask=jok[None, :], other=0)
+                a_hi = tl.load(a_lo_ptrs + Kh, mask=(jok & ((Kh + j0 + rj) < K))[None, :], other=0)
+                if W8:
+                    w_lo = tl.load(w_ptrs, mask=jok[None, :], other=0)
+                    w_hi = tl.load(w_ptrs + Kh, mask=jok[None, :], other=0)
+                else:
+                    w_lo, w_hi = _unpack(tl.load(w_ptrs, mask=jok[None, :], other=0), USE_ASM)
+            a_lo_ptrs += BLOCK_KH
+            w_ptrs += BLOCK_KH
+        if SWAP:
+            acc = tl.dot(w_lo, tl.trans(a_lo), acc, out_dtype=tl.int32)
+            acc = tl.dot(w_hi, tl.trans(a_hi), acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
+            acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
+    if SPLIT_K > 1:
+        if SWAP:
+            offs = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+        else:
+            offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tile_base = pid.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
+        tl.store(part_ptr + tile_base + pid_k * (BLOCK_M * BLOCK_N) + offs, acc)
+        tl.debug_barrier()  # every thread's partial is written before the counter says so (release below)
+        done = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        if done == SPLIT_K - 1:
+            acc = tl.zeros_like(acc)
+            for s in range(SPLIT_K):
+                acc += tl.load(part_ptr + tile_base + s * (BLOCK_M * BLOCK_N) + offs, cache_modifier=".cg")
+            tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next call
+            if SWAP:
+                acc = tl.trans(acc)
+            _epilogue(acc, rm, rn, M, N, K, y_ptr, stride_ym, as_ptr, az_ptr, acs_ptr, ws_ptr, wz_ptr, wcs_ptr,
+                      b_ptr, HAS_BIAS, INT_OUT)
+    else:
+        if SWAP:
+            acc = tl.trans(acc)
+        _epilogue(acc, rm, rn, M, N, K, y_ptr, stride_ym, as_ptr, az_ptr, acs_ptr, ws_ptr, wz_ptr, wcs_ptr, b_ptr,
+                  HAS_BIAS, INT_OUT)
 
 
 @triton.jit
-def _w4a4_mm_swap_kernel(
-    a_ptr, w_ptr, y_ptr, as_ptr, az_ptr, acs_ptr, ws_ptr, wz_ptr, wcs_ptr, b_ptr,
-    M, N, K, Kh, stride_am, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """Small M: acc^T[BN, BM] += W_lo A_lo^T + W_hi A_hi^T, the weight tile on the wide side of the dot."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rj = tl.arange(0, BLOCK_KH)
-    a_lo_ptrs = a_ptr + (rm % M).to(tl.int64)[:, None] * stride_am + rj[None, :]
-    w_ptrs = w_ptr + (rn % N).to(tl.int64)[:, None] * stride_wn + rj[None, :]
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
-    for j0 in range(0, Kh, BLOCK_KH):
-        if EVEN_K:
-            a_lo = tl.load(a_lo_ptrs)
-            a_hi = tl.load(a_lo_ptrs + Kh)
-            p = tl.load(w_ptrs)
-        else:
-            jok = (j0 + rj) < Kh
-            a_lo = tl.load(a_lo_ptrs, mask=jok[None, :], other=0)
-            a_hi = tl.load(a_lo_ptrs + Kh, mask=((Kh + j0 + rj) < K)[None, :], other=0)
-            p = tl.load(w_ptrs, mask=jok[None, :], other=0)
-        w_lo, w_hi = _unpack(p, USE_ASM)
-        acc = tl.dot(w_lo, tl.trans(a_lo), acc, out_dtype=tl.int32)
-        acc = tl.dot(w_hi, tl.trans(a_hi), acc, out_dtype=tl.int32)
-        a_lo_ptrs += BLOCK_KH
-        w_ptrs += BLOCK_KH
-    _epilogue(tl.trans(acc), rm, rn, M, N, K, y_ptr, stride_ym, as_ptr, az_ptr, acs_ptr, ws_ptr, wz_ptr, wcs_ptr,
-              b_ptr, HAS_BIAS, INT_OUT)
+def _unpack_weight_kernel(p_ptr, w_ptr, N, Kh, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+                          USE_ASM: tl.constexpr):
+    """Packed codes [N, Kh] -> int8 [N, 2 Kh]: low nibbles in columns [0, Kh), high nibbles in [Kh, 2 Kh)."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rj = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    m = (rn < N)[:, None] & (rj < Kh)[None, :]
+    p = tl.load(p_ptr + rn.to(tl.int64)[:, None] * Kh + rj[None, :], mask=m, other=0)
+    lo, hi = _unpack(p, USE_ASM)
+    base = w_ptr + rn.to(tl.int64)[:, None] * (2 * Kh) + rj[None, :]
+    tl.store(base, lo, mask=m)
+    tl.store(base + Kh, hi, mask=m)
 
 
-# Per M bucket (first whose max_m >= M): kernel ("swap" or "tile"), blocks, warps, stages. BLOCK_KH counts packed
-# bytes, i.e. 2 * BLOCK_KH codes of K per step. Overridden by configs/w4a4-<gpu>.json when it exists.
+def unpack_weight_int8(weight: W4A4Weight) -> torch.Tensor:
+    """The weight codes as int8 [N, 2 * ceil(K/2)] in the GEMM's order (Triton; one pass)."""
+    N, Kh = weight.N, weight.packed.shape[1]
+    out = torch.empty(N, 2 * Kh, dtype=torch.int8, device=weight.device)
+    grid = (triton.cdiv(N, 32), triton.cdiv(Kh, 512))
+    _unpack_weight_kernel[grid](weight.packed, out, N, Kh, BLOCK_N=32, BLOCK_J=512,
+                                USE_ASM=not backend.interpreting(), num_warps=4)
+    return out
+
+
+# Per M bucket (first whose max_m >= M): kernel ("swap" or "tile"), blocks, warps, stages, and
+#   SPLIT: target number of programs for split-K (0: none; K is split in powers of two until the grid reaches it),
+#   TMA: tensor-descriptor loads (used when the shapes allow: K % 32 == 0, Kh % BLOCK_KH == 0),
+#   W8: unpack the weight to int8 in a separate pass first (large M).
+# BLOCK_KH counts packed bytes, i.e. 2 * BLOCK_KH codes of K per step. Overridden by configs/w4a4-<gpu>.json.
 DEFAULT_CONFIGS = [
-    dict(max_m=16, kernel="swap", BLOCK_M=16, BLOCK_N=32, BLOCK_KH=256, GROUP_M=1, num_warps=4, num_stages=4),
-    dict(max_m=32, kernel="swap", BLOCK_M=32, BLOCK_N=64, BLOCK_KH=128, GROUP_M=1, num_warps=4, num_stages=4),
+    dict(max_m=16, kernel="swap", BLOCK_M=16, BLOCK_N=64, BLOCK_KH=256, GROUP_M=1, num_warps=4, num_stages=5),
+    dict(max_m=32, kernel="swap", BLOCK_M=32, BLOCK_N=64, BLOCK_KH=256, GROUP_M=1, num_warps=4, num_stages=4),
     dict(max_m=64, kernel="swap", BLOCK_M=64, BLOCK_N=64, BLOCK_KH=128, GROUP_M=1, num_warps=4, num_stages=4),
-    dict(max_m=128, kernel="tile", BLOCK_M=64, BLOCK_N=128, BLOCK_KH=64, GROUP_M=8, num_warps=4, num_stages=4),
-    dict(max_m=512, kernel="tile", BLOCK_M=128, BLOCK_N=128, BLOCK_KH=64, GROUP_M=8, num_warps=8, num_stages=4),
-    dict(max_m=None, kernel="tile", BLOCK_M=128, BLOCK_N=256, BLOCK_KH=64, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(max_m=128, kernel="tile", BLOCK_M=128, BLOCK_N=64, BLOCK_KH=128, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(max_m=512, kernel="tile", BLOCK_M=128, BLOCK_N=128, BLOCK_KH=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(max_m=None, kernel="tile", BLOCK_M=128, BLOCK_N=128, BLOCK_KH=128, GROUP_M=8, num_warps=8, num_stages=3),
 ]
 # The interpreter's cost is programs x steps: few, large blocks there.
 _INTERPRET_CONFIGS = [
     dict(max_m=16, kernel="swap", BLOCK_M=16, BLOCK_N=128, BLOCK_KH=128, GROUP_M=1, num_warps=4, num_stages=1),
     dict(max_m=None, kernel="tile", BLOCK_M=64, BLOCK_N=128, BLOCK_KH=128, GROUP_M=4, num_warps=4, num_stages=1),
 ]
+_COUNTERS: dict = {}
 
 
 def _gpu_tag(device) -> str:
@@ -646,6 +798,23 @@ def pick_config(M: int, N: int, K: int, device: torch.device | str = "cpu") -> d
     return dict(table[-1])
 
 
+def _counters(device, n: int) -> torch.Tensor:
+    """Self-resetting split-K tile counters (zero between calls). Shared per device: one GEMM at a time per device."""
+    key = str(device)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def _split_k(target: int, tiles: int, Kh: int, block_kh: int) -> int:
+    split = 1
+    while target and tiles * split < target and Kh >= 4 * split * block_kh:
+        split *= 2
+    return split
+
+
 def w4a4_matmul_triton(a: QuantizedActivation, weight: W4A4Weight, bias=None, out_dtype=torch.float16,
                        config: dict | None = None):
     _check_mm_args(a, weight, bias, out_dtype)
@@ -660,22 +829,38 @@ def w4a4_matmul_triton(a: QuantizedActivation, weight: W4A4Weight, bias=None, ou
         return y.reshape(*lead, N)
     cfg = dict(config) if config is not None else pick_config(M, N, K, q.device)
     kind = cfg.pop("kernel")
-    cfg.pop("max_m", None)
-    use_asm = cfg.pop("USE_ASM", True) and not backend.interpreting()
-    Kh = (K + 1) // 2
-    even_k = K % 2 == 0 and Kh % cfg["BLOCK_KH"] == 0
-    args = (q, weight.packed, y, a.scale.reshape(-1), a.zero.reshape(-1), a.code_sum.reshape(-1), weight.scale,
-            weight.zero, weight.code_sum, bias if bias is not None else weight.scale,
-            M, N, K, Kh, q.stride(0), weight.packed.stride(0), y.stride(0))
-    flags = dict(HAS_BIAS=bias is not None, INT_OUT=out_dtype == torch.int32, EVEN_K=even_k, USE_ASM=use_asm)
-    if kind == "swap":
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
-        _w4a4_mm_swap_kernel[grid](*args, **flags, **cfg)
-    elif kind == "tile":
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _w4a4_mm_kernel[grid](*args, **flags, **cfg)
-    else:
+    if kind not in ("swap", "tile"):
         raise ValueError(f"unknown W4A4 kernel {kind!r}")
+    cfg.pop("max_m", None)
+    interp = backend.interpreting()
+    use_asm = bool(cfg.pop("USE_ASM", True)) and not interp
+    w8 = bool(cfg.pop("W8", False))
+    split_target = int(cfg.pop("SPLIT", 0))
+    Kh = (K + 1) // 2
+    bkh = cfg["BLOCK_KH"]
+    even_k = K % 2 == 0 and Kh % bkh == 0
+    tma = bool(cfg.pop("TMA", False)) and even_k and K % 32 == 0 and q.stride(0) % 16 == 0 \
+        and q.data_ptr() % 16 == 0 and weight.packed.data_ptr() % 16 == 0
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    split = _split_k(split_target, tiles, Kh, bkh)
+    w = unpack_weight_int8(weight) if w8 else weight.packed
+    a_arg, w_arg = q, w
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        a_arg = TensorDescriptor.from_tensor(q, [bm, bkh])
+        w_arg = TensorDescriptor.from_tensor(w, [bn, bkh])
+    if split > 1:
+        part = torch.empty(tiles * split * bm * bn, dtype=torch.int32, device=q.device)
+        cnt = _counters(q.device, tiles)
+    else:
+        part = cnt = y
+    _w4a4_mm_kernel[(tiles, split)](
+        a_arg, w_arg, y, a.scale.reshape(-1), a.zero.reshape(-1), a.code_sum.reshape(-1), weight.scale,
+        weight.zero, weight.code_sum, bias if bias is not None else weight.scale, part, cnt,
+        M, N, K, Kh, q.stride(0), w.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, INT_OUT=out_dtype == torch.int32, EVEN_K=even_k, USE_ASM=use_asm,
+        SWAP=kind == "swap", TMA=tma, W8=w8, SPLIT_K=split, **cfg)
     return y.reshape(*lead, N)
 
 
