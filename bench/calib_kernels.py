@@ -35,10 +35,10 @@ DEV = "cuda"
 # name: (N, d, group, dtype, block, bands, compile?)
 CASES = {
     "llama_up_g128": (11008, 4096, 128, torch.float32, None, [1, 16, 128, 512, 1024, 2048, 4096], True),
-    "llama_up_chan": (11008, 4096, None, torch.float32, None, [1, 128, 1024, 4096], False),
-    "llama_up_g128_bf16": (11008, 4096, 128, torch.bfloat16, None, [1, 128, 1024, 4096], False),
+    "llama_up_chan": (11008, 4096, None, torch.float32, None, [1, 128, 1024, 4096], True),
+    "llama_up_g128_bf16": (11008, 4096, 128, torch.bfloat16, None, [1, 128, 1024, 4096], True),
     "smol_up_g64": (1536, 576, 64, torch.float32, None, [1, 8, 32, 128, 288, 576], True),
-    "smol_k_g64": (192, 576, 64, torch.float32, None, [1, 32, 576], False),
+    "smol_k_g64": (192, 576, 64, torch.float32, None, [1, 32, 576], True),
     "smol_o_heads64": (576, 576, 64, torch.float32, 64, [1, 8, 32, 64], True),
 }
 BITS, ALPHA = 4, 0.1
@@ -50,8 +50,14 @@ def log(*a):
 
 
 def rel(a, b):
-    a, b = a.float(), b.float()
+    a, b = a.detach().float(), b.detach().float()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def maxrel(a, b):
+    """Largest error relative to the reference's largest entry (gradient sums with cancellation)."""
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def grid_weight(N, d, dtype, gen):
@@ -96,10 +102,10 @@ def check_all(results, small=False):
                         y.backward(gy)
                         outs.append((y, xx.grad, uu.grad if lwc else None, ll.grad if lwc else None))
                     (y, gx, gu, gl), (yr, gxr, gur, glr) = outs
-                    errs = dict(y=float((y.float() != yr.float()).float().mean()), gx=rel(gx, gxr))
+                    errs = dict(y=float((y.float() != yr.float()).float().mean()), gx=maxrel(gx, gxr))
                     if lwc:
-                        errs.update(gu=rel(gu, gur), gl=rel(gl, glr))
-                    tol_g = 1e-5 if dtype == torch.float32 else 1e-2
+                        errs.update(gu=maxrel(gu, gur), gl=maxrel(gl, glr))
+                    tol_g = 1e-4 if dtype == torch.float32 else 1e-2
                     ok = errs["y"] == 0 and all(v <= tol_g for k, v in errs.items() if k != "y")
                     n += 1
                     if not ok:
@@ -114,6 +120,7 @@ def check_all(results, small=False):
               (300, 384, 128, 17, None, torch.bfloat16, False),
               (130, 576, 64, 9, 64, torch.bfloat16, True),
               (130, 576, 96, 200, None, torch.float16, False)]
+    AF.CHUNK, chunk = 128, AF.CHUNK  # several chunks (windows clipped and interior) at these sizes
     for N, d, g, band, block, dtype, sym in (tcases[:1] + tcases[3:4] if small else tcases):
         w = grid_weight(N, d, dtype, gen)
         A = grid_transform(d, gen)
@@ -121,7 +128,7 @@ def check_all(results, small=False):
         u = torch.randn(N, NG, generator=gen, device=DEV) + 2
         l = torch.randn(N, NG, generator=gen, device=DEV) + 2
         gy = torch.randn(N, d, generator=gen, device=DEV).to(dtype)
-        for path in ("band", "dense"):
+        for path in ("band", "blocked", "dense"):
             outs = []
             for fn in ("kernel", "ref"):
                 ww, AA, uu, ll = (t.clone().requires_grad_() for t in (w, A, u, l))
@@ -133,14 +140,15 @@ def check_all(results, small=False):
                 outs.append((y, ww.grad, AA.grad, uu.grad, ll.grad))
             (y, gw, gA, gu, gl), (yr, gwr, gAr, gur, glr) = outs
             errs = dict(y=float((y.float() != yr.float()).float().mean()), gw=rel(gw, gwr), gA=rel(gA, gAr),
-                        gu=rel(gu, gur), gl=rel(gl, glr))
-            tol = 1e-5 if dtype == torch.float32 else 1e-2  # grid inputs: tf32 products are exact; 16-bit gy/gw round
+                        gu=maxrel(gu, gur), gl=maxrel(gl, glr))
+            tol = 1e-4 if dtype == torch.float32 else 1e-2  # grid inputs: tf32 products are exact; 16-bit gy/gw round
             tol_A = 5e-3 if dtype == torch.float32 else 2e-2  # gA = (gW'^T W) * M: tf32 / bf16 rounding of gW'
             ok = errs["y"] == 0 and errs["gw"] <= tol_A and errs["gA"] <= tol_A and errs["gu"] <= tol \
                 and errs["gl"] <= tol
             m += 1
             if not ok:
                 fails.append(("transform_fake_quant", N, d, g, band, block, str(dtype), path, errs))
+    AF.CHUNK = chunk
     log(f"transform_fake_quant: {m} cases, {len(fails)} failures so far")
     # masked_weight / masked_inverse_act on random inputs: relative error (tf32)
     k = 0
@@ -213,7 +221,7 @@ def time_case(name, spec, results, use_compile, budget):
         t_auto = bench(lambda: AF.transform_fake_quant(w, A, BITS, g, band, block, ALPHA, u, l), args)
         row["aq_ms"] = t_auto
         row["aq_path"] = AF._gemm_path(d, *AF._norm_structure(d, band, block), w.device, None)
-        for path in ("band", "dense"):
+        for path in ("band", "blocked", "dense"):
             row[f"aq_{path}_ms"] = bench(
                 lambda: AF.transform_fake_quant(w, A, BITS, g, band, block, ALPHA, u, l, gemm=path), args)
         row["eager_ms"] = bench(lambda: eager_tfq(w, A, M, u, l, BITS, g, False), args)
@@ -232,7 +240,7 @@ def time_case(name, spec, results, use_compile, budget):
             y.backward(gy)
             outs.append((y.detach().float(), w.grad.clone(), A.grad.clone(), u.grad.clone()))
         (y1, gw1, gA1, gu1), (y2, gw2, gA2, gu2) = outs
-        row["y_mismatch"] = float((y1 != y2).float().mean())
+        row["rel_y"] = rel(y1, y2)
         row["rel_gw"], row["rel_gA"], row["rel_gu"] = rel(gw1, gw2), rel(gA1, gA2), rel(gu1, gu2)
         rows.append(row)
         log(json.dumps(row))
@@ -273,9 +281,9 @@ def table(results) -> str:
              f"GPU: {env['gpu']}; torch {env['torch']}, triton {env['triton']}; {env['date']}. "
              f"W{BITS} asymmetric, LWC (u, l learned), alpha {ALPHA}; fp32 products in tf32 everywhere; "
              "do_bench median (ms), fwd + bwd (grads of W, A, u, l).", "",
-             "| case | N x d | group | dtype | block | band | aq (path) | aq band | aq dense | eager | compile | "
-             "vs eager | vs compile |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| case | N x d | group | dtype | block | band | aq (path) | aq band | aq blocked | aq dense | eager | "
+             "compile | vs eager | vs compile |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["timings"]:
         c = r.get("compile_ms")
         aq = r["aq_ms"]
@@ -283,7 +291,7 @@ def table(results) -> str:
         cx = "-" if c is None else "%.2fx" % (c / aq)
         lines.append(
             f"| {r['case']} | {r['N']}x{r['d']} | {r['group']} | {r['dtype']} | {r['block'] or '-'} | {r['band']} | "
-            f"{aq:.3f} ({r['aq_path']}) | {r['aq_band_ms']:.3f} | {r['aq_dense_ms']:.3f} | "
+            f"{aq:.3f} ({r['aq_path']}) | {r['aq_band_ms']:.3f} | {r['aq_blocked_ms']:.3f} | {r['aq_dense_ms']:.3f} | "
             f"{r['eager_ms']:.3f} | {cs} | {r['eager_ms'] / aq:.2f}x | {cx} |")
     lines += ["", "| other | setting | aq ms | eager ms | checked_inverse ms |", "|---|---|---|---|---|"]
     for r in results["timings_other"]:

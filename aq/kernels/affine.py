@@ -72,11 +72,13 @@ def dominance_margin(A_masked: torch.Tensor) -> float:
     return float(rel.min()) if rel.numel() else 1.0
 
 
-def checked_inverse(A_masked: torch.Tensor, name: str = "", block: int | None = None) -> tuple[torch.Tensor, float]:
+def checked_inverse(A_masked: torch.Tensor, name: str = "", block: int | None = None,
+                    band: int | None = None) -> tuple[torch.Tensor, float]:
     """(inverse of A_masked in A_masked's dtype, dominance margin). The inverse is computed in float64.
 
     Raises ValueError naming `name` when the matrix is not strictly diagonally dominant or not invertible.
-    block: A_masked is block-diagonal with blocks of this size (inverted block by block)."""
+    Structure hints (optional, they only save time): block: A_masked is block-diagonal with blocks of this size
+    (inverted block by block); band == 1: A_masked is diagonal."""
     label = name or "affine transform"
     if A_masked.dim() != 2 or A_masked.shape[0] != A_masked.shape[1]:
         raise ValueError(f"{label}: transform must be a square matrix, got shape {tuple(A_masked.shape)}")
@@ -86,7 +88,10 @@ def checked_inverse(A_masked: torch.Tensor, name: str = "", block: int | None = 
                          "it may be singular: lower the learning rate or grow the mask band more slowly")
     d = A_masked.shape[0]
     a64 = A_masked.detach().double()
-    if block is not None and block < d:
+    if band == 1:
+        inv = torch.diag(1.0 / a64.diagonal())
+        ok = True
+    elif block is not None and block < d:
         if d % block:
             raise ValueError(f"{label}: block {block} does not divide d={d}")
         nb = d // block
@@ -189,13 +194,21 @@ def _no_tuning() -> bool:
     return backend.interpreting() or os.environ.get("AQ_FAST_TUNE") == "1"
 
 
-def _launch(kernel, grid, prune, args, kwargs):
-    """Launch an autotuned kernel, or its first fitting config without timing when _no_tuning()."""
-    if not _no_tuning():
-        kernel[grid](*args, **kwargs)
-        return
-    named = dict(zip(kernel.arg_names, args))
-    cfg = prune(kernel.configs, named, **kwargs)[0]
+_TUNED: dict = {}  # launch key -> chosen triton.Config (the autotuner's pick, or the first fitting config)
+
+
+def _launch(kernel, grid, prune, args, kwargs, key):
+    """Launch an autotuned kernel. The first call for a key autotunes (or, when _no_tuning(), takes the first fitting
+    config without timing); later calls go straight to the JIT function with the chosen config (the autotuner's own
+    per-call bookkeeping costs tens of microseconds of host time, which small layers notice)."""
+    key = (key, _no_tuning())
+    cfg = _TUNED.get(key)
+    if cfg is None:
+        if not _no_tuning():
+            kernel[grid](*args, **kwargs)
+            _TUNED[key] = kernel.best_config
+            return
+        cfg = _TUNED[key] = prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs)[0]
     meta = {**kwargs, **cfg.kwargs}
     g = grid(meta) if callable(grid) else grid
     kernel.fn[g](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -290,19 +303,22 @@ def _prune_grad(configs, named_args, **kwargs):
     return configs
 
 
-@triton.autotune(configs=_grad_configs(), key=["R", "D", "SPAN_KEY", "APPLY_MASK", "DOT_MODE"],
-                 prune_configs_by={"early_config_prune": _prune_grad}, do_bench=_quick_bench)
+@triton.autotune(configs=_grad_configs(), key=["R", "D", "SPAN_KEY", "APPLY_MASK", "DOT_MODE", "SPLIT"],
+                 prune_configs_by={"early_config_prune": _prune_grad}, do_bench=_quick_bench,
+                 reset_to_zero=["out_ptr"])
 @triton.jit
 def _band_grad_kernel(
-    p_ptr, q_ptr, out_ptr, R, D, spr, spd, sqr, sqd, band, block, alpha, scale_f, SPAN_KEY,
-    APPLY_MASK: tl.constexpr, DOT_MODE: tl.constexpr,
+    p_ptr, q_ptr, out_ptr, R, D, spr, spd, sqr, sqd, band, block, alpha, scale_f, SPAN_KEY, ROWS_PER_SPLIT,
+    APPLY_MASK: tl.constexpr, DOT_MODE: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[i, j] = scale_f * M[i, j] * sum_r P[r, i] Q[r, j], computed only on the (i, j) tiles that meet the
     band/block structure (program (pid_i, pid_j) takes the pid_j-th such j-tile of row tile pid_i); out is
-    pre-zeroed elsewhere."""
+    pre-zeroed elsewhere. SPLIT > 1: program_id(2) takes ROWS_PER_SPLIT rows and adds its part atomically (more
+    programs when the band has few tiles)."""
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
+    pid_s = tl.program_id(2)
     i0 = pid_i * BLOCK_I
     i_last = tl.minimum(i0 + BLOCK_I, D) - 1
     jlo = tl.maximum(tl.maximum(i0 - band + 1, (i0 // block) * block), 0)
@@ -314,10 +330,12 @@ def _band_grad_kernel(
         rr0 = tl.arange(0, BLOCK_R)
         i_ok = ri < D
         j_ok = rj < D
+        r_begin = pid_s * ROWS_PER_SPLIT
+        r_end = tl.minimum(r_begin + ROWS_PER_SPLIT, R)
         acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
+        for r0 in range(r_begin, r_end, BLOCK_R):
             rr = r0 + rr0
-            r_ok = rr < R
+            r_ok = rr < r_end
             pt = tl.load(p_ptr + rr[:, None].to(tl.int64) * spr + ri[None, :] * spd, mask=r_ok[:, None] & i_ok[None, :],
                          other=0.0)
             qt = tl.load(q_ptr + rr[:, None].to(tl.int64) * sqr + rj[None, :] * sqd, mask=r_ok[:, None] & j_ok[None, :],
@@ -326,7 +344,11 @@ def _band_grad_kernel(
         if APPLY_MASK:
             acc = acc * _mask_values(ri, rj, band, block, alpha)
         acc = acc * scale_f
-        tl.store(out_ptr + ri[:, None].to(tl.int64) * D + rj[None, :], acc, mask=i_ok[:, None] & j_ok[None, :])
+        offs = out_ptr + ri[:, None].to(tl.int64) * D + rj[None, :]
+        if SPLIT > 1:
+            tl.atomic_add(offs, acc, mask=i_ok[:, None] & j_ok[None, :])
+        else:
+            tl.store(offs, acc, mask=i_ok[:, None] & j_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -392,10 +414,12 @@ def band_mm(x: torch.Tensor, B: torch.Tensor, band: int, block: int, alpha: floa
         _span_key(d, band, block) if restrict else d, req_bn), dict(
         APPLY_MASK=apply_mask, RESTRICT=restrict, DOT_MODE=dm, QUANT=quant is not None, BITS=bits, SYMMETRIC=sym,
         EPS=primitives.SCALE_EPS, HAS_CMAX=cmax is not None, HAS_CMIN=cmin is not None,
-    ))
+    ), ("mm", Mr, d, _span_key(d, band, block) if restrict else d, req_bn, apply_mask, restrict, dm,
+        quant is not None, x.dtype, B.dtype, out.dtype))
     return (out, y, stats) if quant is not None else out
 
 
+@functools.lru_cache(maxsize=256)
 def _n_j_tiles(D: int, band: int, block: int, BI: int, BJ: int) -> int:
     n = 1
     for i0 in range(0, D, BI):
@@ -406,46 +430,166 @@ def _n_j_tiles(D: int, band: int, block: int, BI: int, BJ: int) -> int:
     return n
 
 
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
+    return 4  # the interpreter: small, so that tests exercise the split path
+
+
+def _grad_split(R: int, D: int, band: int, block: int, device) -> int:
+    """Row splits for band_grad: enough programs to fill the GPU twice over (with 64 x 64 tiles), >= 256 rows each."""
+    tiles = triton.cdiv(D, 64) * _n_j_tiles(D, band, block, 64, 64)
+    split = max(1, min(triton.cdiv(2 * _num_sms(str(device)), tiles), R // 256))
+    return 1 << (split.bit_length() - 1)  # a power of 2 (few distinct compiled variants)
+
+
 def band_grad(P: torch.Tensor, Q: torch.Tensor, band: int, block: int, alpha: float, scale: float = 1.0,
               apply_mask: bool = True, dot_mode: int | None = None) -> torch.Tensor:
     """scale * (P^T Q) * M (float32 [d, d]), computed on the band/block tiles only. P, Q: [rows, d]."""
     R, D = P.shape
     assert Q.shape == (R, D)
-    full = band >= D and block >= D
+    split = _grad_split(R, D, band, block, P.device)
+    full = band >= D and block >= D and split == 1
     out = (torch.empty if full else torch.zeros)((D, D), dtype=torch.float32, device=P.device)
     dm = dot_mode_for(Q.dtype, Q.device) if dot_mode is None else dot_mode
+    rows_per_split = triton.cdiv(triton.cdiv(R, split), 128) * 128
 
     def grid(meta):
-        return (triton.cdiv(D, meta["BLOCK_I"]), _n_j_tiles(D, band, block, meta["BLOCK_I"], meta["BLOCK_J"]))
+        return (triton.cdiv(D, meta["BLOCK_I"]), _n_j_tiles(D, band, block, meta["BLOCK_I"], meta["BLOCK_J"]),
+                triton.cdiv(R, rows_per_split))
 
     _launch(_band_grad_kernel, grid, _prune_grad, (
         P, Q, out, R, D, P.stride(0), P.stride(1), Q.stride(0), Q.stride(1), band, block, float(alpha), float(scale),
-        _span_key(D, band, block)), dict(APPLY_MASK=apply_mask, DOT_MODE=dm))
+        _span_key(D, band, block), rows_per_split), dict(APPLY_MASK=apply_mask, DOT_MODE=dm, SPLIT=split),
+        ("grad", R, D, _span_key(D, band, block), apply_mask, dm, split, P.dtype, Q.dtype))
     return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# dispatch between the band kernels and dense cuBLAS products
+# dispatch: band kernels (Triton), blocked band products (cuBLAS on diagonal windows), dense products (cuBLAS)
 # ---------------------------------------------------------------------------------------------------------------------
-# On a GPU the band kernels skip the zero part of A*M; once the band covers most of A a dense cuBLAS product is
-# faster. The band path is taken while (2 * band - 1) / d (the share of A*M's columns each row keeps, block-capped)
-# stays under DENSE_SHARE; AQ_AFFINE_GEMM=band|dense forces one path.
-DENSE_SHARE = float(os.environ.get("AQ_DENSE_SHARE", "0.5"))
+# "band":    Triton kernels that skip the zero part of A*M (and fuse the fake quantization into the product).
+# "blocked": columns in chunks of CHUNK; chunk c only meets the window [c - band + 1, c + CHUNK + band - 1) of A*M:
+#            batched cuBLAS products over those windows (work (CHUNK + 2 band) / d of a dense product).
+# "dense":   full cuBLAS products with A*M materialized.
+# Measured on an H100 (bench/results/calib_kernels.md) the band kernels win while the band is narrow or d small,
+# the blocked products in the middle, dense products once the windows cover most of A. AQ_AFFINE_GEMM forces a path.
+BAND_SHARE_MAX = float(os.environ.get("AQ_BAND_SHARE_MAX", "0.02"))   # (2 band - 1) / d up to which "band" runs
+BAND_SHARE_SMALL_D = 0.5    # for d < LARGE_D: "band" below this share, "dense" above
+BLOCKED_WORK_MAX = float(os.environ.get("AQ_BLOCKED_WORK_MAX", "0.7"))  # blocked while (CHUNK + 2 band) / d <= this
+LARGE_D = 2048
+CHUNK = 512
+_PATHS = ("band", "blocked", "dense")
 
 
 def _gemm_path(d: int, band: int, block: int, device: torch.device, gemm: str | None) -> str:
     gemm = gemm or os.environ.get("AQ_AFFINE_GEMM") or None
-    if gemm in ("band", "dense"):
+    if gemm in _PATHS:
         return gemm
     if gemm is not None:
-        raise ValueError(f"gemm must be 'band', 'dense' or None, got {gemm!r}")
+        raise ValueError(f"gemm must be one of {_PATHS} or None, got {gemm!r}")
     if device.type != "cuda":
         return "band"  # the interpreter: tests run the kernels
     share = min(2 * band - 1, block, d) / d
-    return "band" if share < DENSE_SHARE else "dense"
+    if d < LARGE_D or block < d:
+        return "band" if share < BAND_SHARE_SMALL_D else "dense"
+    if share <= BAND_SHARE_MAX:
+        return "band"
+    return "blocked" if (CHUNK + 2 * (band - 1)) / d <= BLOCKED_WORK_MAX else "dense"
 
 
-@functools.lru_cache(maxsize=8)
+def _chunk_runs(d: int, band: int, C: int):
+    """Column chunks [c0, c1) of width C with their windows [lo, hi) = [c0 - band + 1, c1 + band - 1) clipped to
+    [0, d). Interior chunks (full width, unclipped window) are grouped in runs: ("bmm", c_start, n_chunks);
+    the others come alone: ("mm", c0, c1, lo, hi)."""
+    P = band - 1
+    runs = []
+    for c0 in range(0, d, C):
+        c1 = min(c0 + C, d)
+        lo, hi = c0 - P, c1 + P
+        if c1 - c0 == C and lo >= 0 and hi <= d:
+            if runs and runs[-1][0] == "bmm" and runs[-1][1] + runs[-1][2] * C == c0:
+                runs[-1] = ("bmm", runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append(("bmm", c0, 1))
+        else:
+            runs.append(("mm", c0, c1, max(lo, 0), min(hi, d)))
+    return runs
+
+
+def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b (2-D or batched 3-D) with a float32 result (cuBLAS writes fp32 directly from 16-bit operands)."""
+    if a.dtype != torch.float32 and a.is_cuda:
+        try:
+            return (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    return torch.matmul(a, b).float()
+
+
+def _win(t: torch.Tensor, shape, strides, offset: int) -> torch.Tensor:
+    return t.as_strided(shape, strides, t.storage_offset() + offset)
+
+
+def _blocked_xat(x: torch.Tensor, Am: torch.Tensor, band: int, C: int | None = None) -> torch.Tensor:
+    """x @ Am^T (fp32 [N, d]) for Am banded (|i - j| < band); x, Am contiguous, in the dot dtype."""
+    N, d = x.shape
+    C = C or CHUNK
+    P = band - 1
+    L = C + 2 * P
+    out = torch.empty((N, d), dtype=torch.float32, device=x.device)
+    for run in _chunk_runs(d, band, C):
+        if run[0] == "bmm":
+            _, c, nk = run
+            xw = _win(x, (nk, N, L), (C, d, 1), c - P)                       # x[:, window]
+            aw = _win(Am, (nk, C, L), (C * d + C, d, 1), c * d + c - P)      # Am[chunk, window]
+            out[:, c:c + nk * C].view(N, nk, C).copy_(_mm32(xw, aw.transpose(1, 2)).permute(1, 0, 2))
+        else:
+            _, c0, c1, lo, hi = run
+            out[:, c0:c1] = _mm32(x[:, lo:hi], Am[c0:c1, lo:hi].T)
+    return out
+
+
+def _blocked_xa(g: torch.Tensor, Am: torch.Tensor, band: int, C: int | None = None) -> torch.Tensor:
+    """g @ Am (fp32 [N, d]) for Am banded; g, Am contiguous, in the dot dtype."""
+    N, d = g.shape
+    C = C or CHUNK
+    P = band - 1
+    L = C + 2 * P
+    out = torch.empty((N, d), dtype=torch.float32, device=g.device)
+    for run in _chunk_runs(d, band, C):
+        if run[0] == "bmm":
+            _, c, nk = run
+            gw = _win(g, (nk, N, L), (C, d, 1), c - P)                       # g[:, window]
+            aw = _win(Am, (nk, L, C), (C * d + C, d, 1), (c - P) * d + c)    # Am[window, chunk]
+            out[:, c:c + nk * C].view(N, nk, C).copy_(_mm32(gw, aw).permute(1, 0, 2))
+        else:
+            _, c0, c1, lo, hi = run
+            out[:, c0:c1] = _mm32(g[:, lo:hi], Am[lo:hi, c0:c1])
+    return out
+
+
+def _blocked_gtx(g: torch.Tensor, x: torch.Tensor, band: int, M: torch.Tensor, C: int | None = None) -> torch.Tensor:
+    """(g^T x) * M (fp32 [d, d]) on the band windows only; g, x contiguous [N, d] in the dot dtype."""
+    N, d = g.shape
+    C = C or CHUNK
+    P = band - 1
+    L = C + 2 * P
+    out = torch.zeros((d, d), dtype=torch.float32, device=g.device)
+    for run in _chunk_runs(d, band, C):
+        if run[0] == "bmm":
+            _, c, nk = run
+            gc = _win(g, (nk, N, C), (C, d, 1), c).transpose(1, 2)          # g[:, chunk]^T
+            xw = _win(x, (nk, N, L), (C, d, 1), c - P)                       # x[:, window]
+            _win(out, (nk, C, L), (C * d + C, d, 1), c * d + c - P).copy_(_mm32(gc, xw))
+        else:
+            _, c0, c1, lo, hi = run
+            out[c0:c1, lo:hi] = _mm32(g[:, c0:c1].T, x[:, lo:hi])
+    return out.mul_(M)
+
+
+@functools.lru_cache(maxsize=4)
 def _mask_cached(d: int, band: int, block: int, alpha: float, device: str) -> torch.Tensor:
     return affine_mask(d, band, block, alpha, device=device)
 
@@ -518,6 +662,7 @@ class _TransformFakeQuant(torch.autograd.Function):
         dm = dot_mode_for(w.dtype, w.device)
         cmax2 = FQ._as_rows(cmax, N, NG)
         cmin2 = FQ._as_rows(cmin, N, NG)
+        Am = None
         if path == "band" and g in _FUSE_GROUPS:
             wt, y, stats = band_mm(w, A, band, block, alpha, out_dtype=w.dtype, dot_mode=dm,
                                    quant=dict(bits=bits, g=g, symmetric=symmetric, cmax=cmax2, cmin=cmin2))
@@ -525,20 +670,26 @@ class _TransformFakeQuant(torch.autograd.Function):
             if path == "band":
                 wt = band_mm(w, A, band, block, alpha, out_dtype=torch.float32, dot_mode=dm)
             else:
-                wt = _dense_mm(w, (A * _mask(d, band, block, alpha, A.device)).T, dm).float()
+                t = _torch_dtype(dm, torch.float32)
+                Am = (A * _mask(d, band, block, alpha, A.device)).to(t)
+                if path == "blocked":
+                    wt = _blocked_xat(w.to(t), Am, band)
+                else:
+                    wt = _mm32(w.to(t), Am.T)
             y, stats = FQ.fake_quant_fwd(wt, bits, g, symmetric, cmax2, cmin2, save_stats=True, out_dtype=w.dtype)
-        ctx.save_for_backward(w, A, wt, stats, cmax2, cmin2)
+        ctx.save_for_backward(w, A, Am, wt, stats, cmax2, cmin2)
         ctx.cfg = (band, block, alpha, bits, g, symmetric, path, dm,
                    None if cmax is None else cmax.shape, None if cmin is None else cmin.shape)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        w, A, wt, stats, cmax2, cmin2 = ctx.saved_tensors
+        w, A, Am, wt, stats, cmax2, cmin2 = ctx.saved_tensors
         band, block, alpha, bits, g, symmetric, path, dm, cmax_shape, cmin_shape = ctx.cfg
         d = w.shape[-1]
+        t = _torch_dtype(dm, torch.float32)
         gwt, gcmax, gcmin = FQ.fake_quant_bwd(wt, gy, stats, bits, g, symmetric, cmax2, cmin2,
-                                              gx_dtype=torch.float32)
+                                              gx_dtype=t)
         gw = gA = None
         if path == "band":
             if ctx.needs_input_grad[0]:
@@ -547,10 +698,17 @@ class _TransformFakeQuant(torch.autograd.Function):
                 gA = band_grad(gwt, w, band, block, alpha, dot_mode=dm)
         else:
             M = _mask(d, band, block, alpha, A.device)
-            if ctx.needs_input_grad[0]:
-                gw = _dense_mm(gwt, A * M, dm).to(w.dtype)
-            if ctx.needs_input_grad[1]:
-                gA = _dense_mm(gwt.T, w, dm).float() * M
+            wd = w.to(t)
+            if path == "blocked":
+                if ctx.needs_input_grad[0]:
+                    gw = _blocked_xa(gwt, Am, band).to(w.dtype)
+                if ctx.needs_input_grad[1]:
+                    gA = _blocked_gtx(gwt, wd, band, M)
+            else:
+                if ctx.needs_input_grad[0]:
+                    gw = _mm32(gwt, Am).to(w.dtype)
+                if ctx.needs_input_grad[1]:
+                    gA = _mm32(gwt.T, wd).mul_(M)
         gcmax = gcmax.reshape(cmax_shape) if gcmax is not None and ctx.needs_input_grad[2] else None
         gcmin = gcmin.reshape(cmin_shape) if gcmin is not None and ctx.needs_input_grad[3] else None
         return (gw, (gA.to(A.dtype) if gA is not None else None), gcmax, gcmin) + (None,) * 7
@@ -608,13 +766,15 @@ def masked_weight(w: torch.Tensor, A: torch.Tensor, band: int | None = None, blo
                   alpha: float = 1.0, gemm: str | None = None) -> torch.Tensor:
     """w @ (A*M)^T for a weight w [N, d]; differentiable w.r.t. w and A. Output in w's dtype.
 
-    gemm: None (choose), "band" (Triton band kernels) or "dense" (cuBLAS products) on the Triton backend."""
+    gemm: None (choose), "band" (Triton band kernels) or "dense" (cuBLAS products) on the Triton backend
+    ("blocked" runs as "dense" here)."""
     d = w.shape[-1]
     _check_square(A, d, "masked_weight")
     bnd, blk = _norm_structure(d, band, block)
     if backend.choose(w, A) != backend.TRITON:
         return masked_weight_reference(w, A, band, block, alpha)
     path = _gemm_path(d, bnd, blk, w.device, gemm)
+    path = "dense" if path == "blocked" else path
     return _MaskedWeight.apply(_rows(w), A, bnd, blk, float(alpha), path).reshape(w.shape)
 
 
@@ -632,8 +792,9 @@ def masked_inverse_act(x: torch.Tensor, A: torch.Tensor, band: int | None = None
             return y, dominance_margin(A.detach() * affine_mask(d, band, block, alpha, device=A.device))
         return y
     path = _gemm_path(d, bnd, blk, x.device, gemm)
+    path = "dense" if path == "blocked" else path
     Am = A.detach() * _mask(d, bnd, blk, alpha, A.device)
-    inv, margin = checked_inverse(Am, name, blk if blk < d else None)
+    inv, margin = checked_inverse(Am, name, blk if blk < d else None, bnd)
     y = _MaskedInverseAct.apply(_rows(x), A, inv, bnd, blk, float(alpha), path).reshape(x.shape)
     return (y, margin) if return_margin else y
 

@@ -23,6 +23,12 @@ def round_half_even(v):
 
 
 @triton.jit
+def _div(a, b):
+    """IEEE-rounded fp32 division (Triton's `/` is approximate on the GPU; the reference divides exactly)."""
+    return tl.math.div_rn(a, b)
+
+
+@triton.jit
 def qparams(xmax, xmin, cmax, cmin, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, EPS: tl.constexpr):
     """Scale and zero point from a group's raw max/min and clipping factors (1.0 = no clipping), as
     aq.primitives.choose_qparams computes them."""
@@ -30,22 +36,34 @@ def qparams(xmax, xmin, cmax, cmin, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
     b = xmin * cmin
     if SYMMETRIC:
         amax = tl.maximum(tl.abs(a), tl.abs(b))
-        scale = tl.maximum(amax / (2 ** (BITS - 1) - 1), EPS)
+        scale = tl.maximum(_div(amax, tl.full(amax.shape, 2 ** (BITS - 1) - 1, tl.float32)), EPS)
         zero = tl.full(scale.shape, 2 ** (BITS - 1), tl.float32)
     else:
         b = tl.minimum(b, 0.0)
         a = tl.maximum(a, 0.0)
-        scale = tl.maximum((a - b) / (2**BITS - 1), EPS)
-        zero = round_half_even(-b / scale)
+        scale = tl.maximum(_div(a - b, tl.full(a.shape, 2**BITS - 1, tl.float32)), EPS)
+        zero = round_half_even(_div(-b, scale))
     return scale, zero
 
 
 @triton.jit
 def fake_quant_values(x, scale, zero, BITS: tl.constexpr):
     """(q - z) * s with q = clamp(round(x / s) + z, 0, 2^b - 1); scale, zero broadcast against x."""
-    q = round_half_even(x / scale) + zero
+    q = round_half_even(_div(x, scale)) + zero
     q = tl.minimum(tl.maximum(q, 0.0), 2**BITS - 1)
     return (q - zero) * scale
+
+
+@triton.jit
+def _fq_load_params(cmax_ptr, cmin_ptr, pidx, row_ok, BLOCK_R: tl.constexpr, HAS_CMAX: tl.constexpr,
+                    HAS_CMIN: tl.constexpr):
+    cmax = tl.full([BLOCK_R], 1.0, tl.float32)
+    cmin = tl.full([BLOCK_R], 1.0, tl.float32)
+    if HAS_CMAX:
+        cmax = tl.load(cmax_ptr + pidx, mask=row_ok, other=1.0).to(tl.float32)
+    if HAS_CMIN:
+        cmin = tl.load(cmin_ptr + pidx, mask=row_ok, other=1.0).to(tl.float32)
+    return cmax, cmin
 
 
 @triton.jit
@@ -53,34 +71,35 @@ def _fake_quant_fwd_kernel(
     x_ptr, out_ptr, cmax_ptr, cmin_ptr, stats_ptr, R, K, G, NG,
     BITS: tl.constexpr, SYMMETRIC: tl.constexpr, EPS: tl.constexpr,
     HAS_CMAX: tl.constexpr, HAS_CMIN: tl.constexpr, SAVE_STATS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, SINGLE: tl.constexpr,
 ):
-    """One program: BLOCK_R rows x one group. stats (if saved): [4, R, NG] = raw max, raw min, scale, zero."""
+    """One program: BLOCK_R rows x one group. stats (if saved): [4, R, NG] = raw max, raw min, scale, zero.
+    SINGLE: the group fits one block (one pass, values kept in registers); else two passes over the group."""
     pid_r = tl.program_id(0)
     gid = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_G)
     row_ok = rows < R
     base = rows[:, None].to(tl.int64) * K + gid * G
+    pidx = rows.to(tl.int64) * NG + gid
+    cmax, cmin = _fq_load_params(cmax_ptr, cmin_ptr, pidx, row_ok, BLOCK_R, HAS_CMAX, HAS_CMIN)
 
-    # pass 1: the group's min and max
-    xmax = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    xmin = tl.full([BLOCK_R], float("inf"), tl.float32)
-    for c0 in range(0, G, BLOCK_G):
-        m = row_ok[:, None] & ((c0 + cols)[None, :] < G)
-        x = tl.load(x_ptr + base + c0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        xmax = tl.maximum(xmax, tl.max(tl.where(m, x, float("-inf")), axis=1))
-        xmin = tl.minimum(xmin, tl.min(tl.where(m, x, float("inf")), axis=1))
+    if SINGLE:
+        m = row_ok[:, None] & (cols[None, :] < G)
+        x = tl.load(x_ptr + base + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        xmax = tl.max(tl.where(m, x, float("-inf")), axis=1)
+        xmin = tl.min(tl.where(m, x, float("inf")), axis=1)
+    else:
+        xmax = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        xmin = tl.full([BLOCK_R], float("inf"), tl.float32)
+        for c0 in range(0, G, BLOCK_G):
+            m = row_ok[:, None] & ((c0 + cols)[None, :] < G)
+            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            xmax = tl.maximum(xmax, tl.max(tl.where(m, x, float("-inf")), axis=1))
+            xmin = tl.minimum(xmin, tl.min(tl.where(m, x, float("inf")), axis=1))
     xmax = tl.where(row_ok, xmax, 0.0)  # rows past R: keep their (unstored) arithmetic finite
     xmin = tl.where(row_ok, xmin, 0.0)
 
-    pidx = rows.to(tl.int64) * NG + gid
-    cmax = tl.full([BLOCK_R], 1.0, tl.float32)
-    cmin = tl.full([BLOCK_R], 1.0, tl.float32)
-    if HAS_CMAX:
-        cmax = tl.load(cmax_ptr + pidx, mask=row_ok, other=1.0).to(tl.float32)
-    if HAS_CMIN:
-        cmin = tl.load(cmin_ptr + pidx, mask=row_ok, other=1.0).to(tl.float32)
     scale, zero = qparams(xmax, xmin, cmax, cmin, BITS, SYMMETRIC, EPS)
     if SAVE_STATS:
         RG = R * NG
@@ -89,12 +108,38 @@ def _fake_quant_fwd_kernel(
         tl.store(stats_ptr + 2 * RG + pidx, scale, mask=row_ok)
         tl.store(stats_ptr + 3 * RG + pidx, zero, mask=row_ok)
 
-    # pass 2: quantize-dequantize
-    for c0 in range(0, G, BLOCK_G):
-        m = row_ok[:, None] & ((c0 + cols)[None, :] < G)
-        x = tl.load(x_ptr + base + c0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    if SINGLE:
         y = fake_quant_values(x, scale[:, None], zero[:, None], BITS)
-        tl.store(out_ptr + base + c0 + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(out_ptr + base + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=m)
+    else:
+        for c0 in range(0, G, BLOCK_G):
+            m = row_ok[:, None] & ((c0 + cols)[None, :] < G)
+            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            y = fake_quant_values(x, scale[:, None], zero[:, None], BITS)
+            tl.store(out_ptr + base + c0 + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _fq_bwd_terms(x, g, m, xmax, xmin, scale, zero, QMAX: tl.constexpr):
+    """Per-element pieces of the backward pass for one chunk of a group: (inside, sum g((q-z) - inside x/s),
+    sum of g over clipped elements, count of x == max, count of x == min)."""
+    v = _div(x, scale[:, None])
+    rq = round_half_even(v) + zero[:, None]
+    inside = (rq >= 0.0) & (rq <= QMAX)
+    q = tl.minimum(tl.maximum(rq, 0.0), QMAX)
+    gs = tl.sum(g * ((q - zero[:, None]) - tl.where(inside, v, 0.0)), axis=1)
+    gout = tl.sum(tl.where(inside, 0.0, g), axis=1)
+    nmax = tl.sum(tl.where(m & (x == xmax[:, None]), 1.0, 0.0), axis=1)
+    nmin = tl.sum(tl.where(m & (x == xmin[:, None]), 1.0, 0.0), axis=1)
+    return inside, gs, gout, nmax, nmin
+
+
+@triton.jit
+def _fq_bwd_gx(x, g, inside, xmax, xmin, gxmax, gxmin):
+    gx = tl.where(inside, g, 0.0)
+    gx += tl.where(x == xmax[:, None], gxmax[:, None], 0.0)
+    gx += tl.where(x == xmin[:, None], gxmin[:, None], 0.0)
+    return gx
 
 
 @triton.jit
@@ -102,7 +147,7 @@ def _fake_quant_bwd_kernel(
     x_ptr, gy_ptr, gx_ptr, stats_ptr, cmax_ptr, cmin_ptr, gcmax_ptr, gcmin_ptr, R, K, G, NG,
     BITS: tl.constexpr, SYMMETRIC: tl.constexpr, EPS: tl.constexpr,
     HAS_CMAX: tl.constexpr, HAS_CMIN: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, SINGLE: tl.constexpr,
 ):
     """Gradients of y = fake_quant(x) (STE, LWC) w.r.t. x and the clipping factors, per BLOCK_R rows x one group.
 
@@ -128,31 +173,30 @@ def _fake_quant_bwd_kernel(
     xmin = tl.load(stats_ptr + RG + pidx, mask=row_ok, other=-1.0)
     scale = tl.load(stats_ptr + 2 * RG + pidx, mask=row_ok, other=1.0)
     zero = tl.load(stats_ptr + 3 * RG + pidx, mask=row_ok, other=0.0)
-    cmax = tl.full([BLOCK_R], 1.0, tl.float32)
-    cmin = tl.full([BLOCK_R], 1.0, tl.float32)
-    if HAS_CMAX:
-        cmax = tl.load(cmax_ptr + pidx, mask=row_ok, other=1.0).to(tl.float32)
-    if HAS_CMIN:
-        cmin = tl.load(cmin_ptr + pidx, mask=row_ok, other=1.0).to(tl.float32)
+    cmax, cmin = _fq_load_params(cmax_ptr, cmin_ptr, pidx, row_ok, BLOCK_R, HAS_CMAX, HAS_CMIN)
 
     # pass 1: group sums
-    gs = tl.zeros([BLOCK_R], tl.float32)
-    gout = tl.zeros([BLOCK_R], tl.float32)  # sum of g over clipped elements
-    nmax = tl.zeros([BLOCK_R], tl.float32)
-    nmin = tl.zeros([BLOCK_R], tl.float32)
-    for c0 in range(0, G, BLOCK_G):
-        m = row_ok[:, None] & ((c0 + cols)[None, :] < G)
-        offs = base + c0 + cols[None, :]
+    if SINGLE:
+        m = row_ok[:, None] & (cols[None, :] < G)
+        offs = base + cols[None, :]
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         g = tl.load(gy_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        v = x / scale[:, None]
-        rq = round_half_even(v) + zero[:, None]
-        inside = (rq >= 0.0) & (rq <= QMAX)
-        q = tl.minimum(tl.maximum(rq, 0.0), QMAX)
-        gs += tl.sum(g * ((q - zero[:, None]) - tl.where(inside, v, 0.0)), axis=1)
-        gout += tl.sum(tl.where(inside, 0.0, g), axis=1)
-        nmax += tl.sum(tl.where(m & (x == xmax[:, None]), 1.0, 0.0), axis=1)
-        nmin += tl.sum(tl.where(m & (x == xmin[:, None]), 1.0, 0.0), axis=1)
+        inside, gs, gout, nmax, nmin = _fq_bwd_terms(x, g, m, xmax, xmin, scale, zero, QMAX)
+    else:
+        gs = tl.zeros([BLOCK_R], tl.float32)
+        gout = tl.zeros([BLOCK_R], tl.float32)  # sum of g over clipped elements
+        nmax = tl.zeros([BLOCK_R], tl.float32)
+        nmin = tl.zeros([BLOCK_R], tl.float32)
+        for c0 in range(0, G, BLOCK_G):
+            m = row_ok[:, None] & ((c0 + cols)[None, :] < G)
+            offs = base + c0 + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            g = tl.load(gy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            inside, gs1, gout1, nmax1, nmin1 = _fq_bwd_terms(x, g, m, xmax, xmin, scale, zero, QMAX)
+            gs += gs1
+            gout += gout1
+            nmax += nmax1
+            nmin += nmin1
 
     a = xmax * cmax
     b = xmin * cmin
@@ -183,17 +227,19 @@ def _fake_quant_bwd_kernel(
         tl.store(gcmin_ptr + pidx, gb * xmin, mask=row_ok)
 
     # pass 2: gradient w.r.t. x
-    for c0 in range(0, G, BLOCK_G):
-        m = row_ok[:, None] & ((c0 + cols)[None, :] < G)
-        offs = base + c0 + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(gy_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        rq = round_half_even(x / scale[:, None]) + zero[:, None]
-        inside = (rq >= 0.0) & (rq <= QMAX)
-        gx = tl.where(inside, g, 0.0)
-        gx += tl.where(x == xmax[:, None], gxmax[:, None], 0.0)
-        gx += tl.where(x == xmin[:, None], gxmin[:, None], 0.0)
+    if SINGLE:
+        gx = _fq_bwd_gx(x, g, inside, xmax, xmin, gxmax, gxmin)
         tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=m)
+    else:
+        for c0 in range(0, G, BLOCK_G):
+            m = row_ok[:, None] & ((c0 + cols)[None, :] < G)
+            offs = base + c0 + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            g = tl.load(gy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            rq = round_half_even(_div(x, scale[:, None])) + zero[:, None]
+            inside = (rq >= 0.0) & (rq <= QMAX)
+            gx = _fq_bwd_gx(x, g, inside, xmax, xmin, gxmax, gxmin)
+            tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=m)
 
 
 def _block_shape(R: int, g: int) -> tuple[int, int]:
@@ -223,7 +269,7 @@ def fake_quant_fwd(x2: torch.Tensor, bits: int, g: int, symmetric: bool, cmax: t
         stats if stats is not None else out, R, K, g, NG,
         BITS=bits, SYMMETRIC=symmetric, EPS=primitives.SCALE_EPS,
         HAS_CMAX=cmax is not None, HAS_CMIN=cmin is not None, SAVE_STATS=save_stats,
-        BLOCK_R=block_r, BLOCK_G=block_g, num_warps=4,
+        BLOCK_R=block_r, BLOCK_G=block_g, SINGLE=g <= block_g, num_warps=4,
     )
     return out, stats
 
@@ -247,7 +293,7 @@ def fake_quant_bwd(x2: torch.Tensor, gy: torch.Tensor, stats: torch.Tensor, bits
         gcmax if gcmax is not None else stats, gcmin if gcmin is not None else stats, R, K, g, NG,
         BITS=bits, SYMMETRIC=symmetric, EPS=primitives.SCALE_EPS,
         HAS_CMAX=cmax is not None, HAS_CMIN=cmin is not None,
-        BLOCK_R=block_r, BLOCK_G=block_g, num_warps=4,
+        BLOCK_R=block_r, BLOCK_G=block_g, SINGLE=g <= block_g, num_warps=4,
     )
     return gx, gcmax, gcmin
 
