@@ -158,44 +158,44 @@ class W4A16(Family):
                 res.add(s)
             return sorted(res)
 
-        if M <= 4:
+        if M <= 4:  # CUDA-core GEMV (one program row per token)
             for bn in (64, 128, 256):
-                for bkw in (8, 16, 32):
+                for bkw in (16, 32):
                     if bn * bkw > 8192 or bkw > kw:
                         continue
-                    for pf in (False, True):
+                    for pf in ((False, True) if M == 1 else (False,)):
                         for s in splits(-(-N // bn), bkw):
                             out.append(dict(kernel="gemv", block_n=bn, block_kw=bkw, split_k=s, prefetch=pf,
                                             num_warps=4, num_stages=1))
-        if M <= 64:
+        if M <= 64:  # tensor cores, one M tile; at M <= 16 the swapped form (wgmma, weights from registers) won
             bm = max(16, 1 << (M - 1).bit_length())
             for bn in (64, 128):
                 for bkw in (max(2, 64 // e), max(2, 128 // e), max(2, 256 // e)):
                     if bkw > kw:
                         continue
-                    for join in (True, False):
-                        if not join and bkw < 16:
-                            continue
-                        for swap in (True, False):
-                            for ns in (3, 4):
-                                for s in splits(-(-N // bn) * -(-M // bm), bkw):
-                                    out.append(dict(kernel="mma", block_m=bm, block_n=bn, block_kw=bkw, split_k=s,
-                                                    swap=swap, join=join, half_dq=True, num_warps=4, num_stages=ns))
-        if M >= 64:
-            for bm, bn, nw in ((64, 128, 4), (128, 128, 8), (128, 256, 8), (256, 128, 8)):
+                    for swap in ((True,) if M <= 16 else (True, False)):
+                        for ns in (3, 4):
+                            for s in splits(-(-N // bn) * -(-M // bm), bkw):
+                                out.append(dict(kernel="mma", block_m=bm, block_n=bn, block_kw=bkw, split_k=s,
+                                                swap=swap, join=True, half_dq=True, num_warps=4, num_stages=ns))
+        if 64 <= M <= 1024:  # tensor-core tiles
+            for bm, bn, nw in ((64, 128, 4), (128, 128, 8), (256, 128, 8)):
                 if bm > 2 * max(M, 64):
                     continue
                 for bkw in (max(2, 64 // e), max(2, 128 // e)):
                     if bkw > kw:
                         continue
                     for ns in (3, 4):
+                        if bm == 256 and bkw * e > 64 and ns == 4:
+                            continue  # over the shared-memory limit
                         tiles = -(-N // bn) * -(-M // bm)
                         for s in sorted({1, *([2, 4] if tiles < sms else [])}):
                             out.append(dict(kernel="mma", block_m=bm, block_n=bn, block_kw=bkw, split_k=s, swap=True,
                                             join=True, half_dq=True, group_m=8, num_warps=nw, num_stages=ns))
-        if M >= 128:
-            for bn, bkw in ((32, max(2, 128 // e)), (16, max(2, 256 // e))):
-                out.append(dict(kernel="dequant", block_n=bn, block_kw=min(bkw, kw), half_dq=True, num_warps=4))
+        if M >= 128:  # dequantize once, then cuBLAS
+            for bn, bk in ((16, 512), (8, 1024), (32, 256), (16, 256)):
+                bkw = min(max(2, bk // e), kw)
+                out.append(dict(kernel="dequant", block_n=bn, block_kw=bkw, half_dq=True, num_warps=4))
         return out
 
     def setup(self, problem: dict, M: int, state: dict) -> None:

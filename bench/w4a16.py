@@ -84,15 +84,7 @@ def _run_checks(cases):
             finite = bool(torch.isfinite(y).all())
             exact = None
             if cfg["kernel"] == "dequant":  # the dequantized weight itself must be bit-identical to the reference
-                wd = torch.empty(N, K, device="cuda", dtype=dtype)
-                half, magic, base = W._half_dq(cfg, x, p)
-                import triton
-
-                W._dequant_kernel[(triton.cdiv(N, 32), triton.cdiv(p.qweight.shape[1], cfg["block_kw"]))](
-                    p.qweight, p.scales, p.zeros, wd, N, K, p.qweight.shape[1], p.group_size, magic, BITS=p.container_bits,
-                    BLOCK_N=32, BLOCK_KW=cfg["block_kw"], ONE_GROUP=W._one_group(p, cfg["block_kw"], cfg["block_kw"]),
-                    HALF_DQ=half, HALF_BASE=base)
-                exact = bool(torch.equal(wd, W.dequantize_weight(p, dtype)))
+                exact = bool(torch.equal(W.dequantize_weight_triton(p, dtype, cfg), W.dequantize_weight(p, dtype)))
             ok = finite and err < (1e-2 if dt == "bfloat16" else 2e-3) and exact is not False
             out.append(dict(bits=bits, g=g, dt=dt, M=M, cfg=cfg, err=err, exact=exact, ok=ok))
         except Exception as e:  # noqa: BLE001

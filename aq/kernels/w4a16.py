@@ -5,9 +5,12 @@ Quantization (done once, at pack time) is aq.primitives' asymmetric scheme per g
 
 Packed layout (PackedWeight)
 ----------------------------
-- ``qweight``: int32 [N, K / E] with E = 32 / c codes per word, c the container width: 2 bits for bits = 2, 4 bits for
-  bits = 3 and 4, 8 bits for bits = 5..8. Row n holds output channel n; code (n, k) sits in word k // E of row n
-  (E consecutive k per word, consecutive words along K), at bit offset 16 * (i % 2) + c * (i // 2) for i = k % E:
+- ``qweight``: int32 [ceil(N / 16), K / E, 16] with E = 32 / c codes per word, c the container width: 2 bits for
+  bits = 2, 4 bits for bits = 3 and 4, 8 bits for bits = 5..8. Word w of output channel n (holding k = E w .. E w + E - 1)
+  is qweight[n // 16, w, n % 16]: the words of 16 consecutive channels are interleaved, so a kernel tile of 16 j rows by
+  b words is j runs of 64 b contiguous bytes (one DRAM page for b = 32) instead of 16 j runs of 4 b bytes strided by a
+  whole row; this doubled the bandwidth the kernels reach on the H100 over plain row-major [N, K / E] (bench/NOTES).
+  Rows past N (padding to 16) hold code 0. Code k of a word sits at bit offset 16 * (i % 2) + c * (i // 2), i = k % E:
   even codes fill the low half-word, odd codes the high half-word. For 4-bit, word bits 0-3 hold k = 8w, bits 16-19
   k = 8w + 1, bits 4-7 k = 8w + 2, ... This is what makes unpacking cheap: one shift and one AND-OR (LOP3) turn codes
   (2j, 2j + 1) into a packed pair of 16-bit floats base + q (the magic-number trick, base 128 in bf16, 1024 in fp16)
@@ -51,6 +54,7 @@ import triton.language as tl
 from aq import backend, primitives
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+ROW_BLOCK = 16  # output channels whose words are interleaved in qweight
 CONFIG_DIR = Path(__file__).with_name("configs")
 FAMILY = "w4a16"  # key of this kernel family in the per-GPU config files
 
@@ -66,7 +70,7 @@ def container_bits(bits: int) -> int:
 class PackedWeight:
     """A weight [N, K] quantized per group and packed (layout in the module docstring)."""
 
-    qweight: torch.Tensor  # int32 [N, K // elems_per_word]
+    qweight: torch.Tensor  # int32 [ceil(N / 16), K // elems_per_word, 16]
     scales: torch.Tensor  # fp16/bf16 [K // group_size, N]
     zeros: torch.Tensor  # same dtype and shape as scales, integer-valued
     bits: int
@@ -141,6 +145,9 @@ def pack_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     e = 32 // cb
     words = (c.view(N, K // e, e) << _code_shifts(cb, c.device)).sum(-1)  # < 2^32: codes occupy disjoint bits
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    n_pad = -N % ROW_BLOCK
+    words = torch.cat([words, words.new_zeros(n_pad, K // e)]) if n_pad else words
+    words = words.view(-1, ROW_BLOCK, K // e).transpose(1, 2)  # [N / 16, K / E, 16]
     return PackedWeight(qweight=words.contiguous(), scales=scale.t().to(dtype).contiguous(),
                         zeros=z.t().to(dtype).contiguous(), bits=bits, group_size=g, N=N, K=K)
 
@@ -174,7 +181,7 @@ def pack_weight(w: torch.Tensor, bits: int = 4, group_size: int | None = 128, dt
 def unpack_weight(p: PackedWeight) -> torch.Tensor:
     """The codes [N, K] as uint8 (exact inverse of pack_codes)."""
     cb = p.container_bits
-    words = p.qweight.to(torch.int64) & 0xFFFFFFFF
+    words = p.qweight.transpose(1, 2).reshape(-1, p.qweight.shape[1])[: p.N].to(torch.int64) & 0xFFFFFFFF
     return ((words.unsqueeze(-1) >> _code_shifts(cb, p.device)) & (2**cb - 1)).reshape(p.N, p.K).to(torch.uint8)
 
 
@@ -205,6 +212,13 @@ def _check_input(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) ->
 
 # ----------------------------------------------------------------------------------------------------------- kernels
 _MAGIC_F = tl.constexpr(8388608.0)  # 2^23
+_ROWS = tl.constexpr(ROW_BLOCK)
+
+
+@triton.jit
+def _word_offsets(offs_n, kw, KW):
+    """Offsets of the words (offs_n x kw) in the packed [N / 16, KW, 16] tensor, as a [BN, BKW] tensor."""
+    return ((offs_n[:, None] // _ROWS).to(tl.int64) * KW + kw[None, :]) * _ROWS + (offs_n[:, None] % _ROWS)
 
 
 @triton.jit
@@ -334,10 +348,9 @@ def _gemv_kernel(
     n_ok = offs_n < N
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
-    q_rows = q_ptr + offs_n[:, None].to(tl.int64) * KW
     if PREFETCH:
         kw = pid_k * K_SPLIT + tl.arange(0, BLOCK_KW)
-        qn = tl.load(q_rows + kw[None, :], mask=n_ok[:, None] & (kw < KW)[None, :], other=0)
+        qn = tl.load(q_ptr + _word_offsets(offs_n, kw, KW), mask=n_ok[:, None] & (kw < KW)[None, :], other=0)
     for step in range(0, K_SPLIT, BLOCK_KW):
         w0 = tl.multiple_of(pid_k * K_SPLIT + step, BLOCK_KW)  # K_SPLIT is a multiple of BLOCK_KW
         kw = w0 + tl.arange(0, BLOCK_KW)
@@ -345,10 +358,10 @@ def _gemv_kernel(
         if PREFETCH:
             qw = qn
             kn = kw + BLOCK_KW
-            qn = tl.load(q_rows + kn[None, :], mask=n_ok[:, None] & ((kn < KW) & (step + BLOCK_KW < K_SPLIT))[None, :],
-                         other=0)
+            qn = tl.load(q_ptr + _word_offsets(offs_n, kn, KW),
+                         mask=n_ok[:, None] & ((kn < KW) & (step + BLOCK_KW < K_SPLIT))[None, :], other=0)
         else:
-            qw = tl.load(q_rows + kw[None, :], mask=n_ok[:, None] & w_ok[None, :], other=0)
+            qw = tl.load(q_ptr + _word_offsets(offs_n, kw, KW), mask=n_ok[:, None] & w_ok[None, :], other=0)
         s, z = _load_group_params(s_ptr, z_ptr, offs_n, n_ok, kw, w0, KW, N, G, EPW, ONE_GROUP)
         qh = qw >> 16
         t = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
@@ -407,8 +420,7 @@ def _mma_kernel(
         w0 = tl.multiple_of(pid_k * K_SPLIT + step, BLOCK_KW)  # K_SPLIT is a multiple of BLOCK_KW
         kw = w0 + tl.arange(0, BLOCK_KW)
         w_ok = kw < KW
-        qw = tl.load(q_ptr + offs_n[:, None].to(tl.int64) * KW + kw[None, :], mask=n_ok[:, None] & w_ok[None, :],
-                     other=0)
+        qw = tl.load(q_ptr + _word_offsets(offs_n, kw, KW), mask=n_ok[:, None] & w_ok[None, :], other=0)
         s, z = _load_group_params(s_ptr, z_ptr, offs_n, n_ok, kw, w0, KW, N, G, EPW, ONE_GROUP)
         if HALF_DQ:
             s = s.to(DT)
@@ -447,17 +459,24 @@ def _mma_kernel(
                     if DOT_F32:
                         xi = xi.to(tl.float32)
                     acc = tl.dot(xi, tl.trans(wi), acc)
-    if SWAP:
-        out = tl.trans(acc)
+    if SWAP:  # acc[n, m] is y[m, n]: store it through transposed offsets (no layout change of the accumulator)
+        mask = n_ok[:, None] & m_ok[None, :]
+        if not USE_PART:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
+                     mask=mask)
+        else:
+            tl.store(part_ptr + (pid_k * M + offs_m[None, :]).to(tl.int64) * N + offs_n[:, None], acc, mask=mask)
     else:
-        out = acc
-    mask = m_ok[:, None] & n_ok[None, :]
-    if not USE_PART:
-        if HAS_BIAS:
-            out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(part_ptr + (pid_k * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :], out, mask=mask)
+        mask = m_ok[:, None] & n_ok[None, :]
+        if not USE_PART:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=mask)
+        else:
+            tl.store(part_ptr + (pid_k * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :], acc, mask=mask)
 
 
 @triton.jit
@@ -477,7 +496,7 @@ def _dequant_kernel(
     w0 = pid_k * BLOCK_KW
     kw = w0 + tl.arange(0, BLOCK_KW)
     w_ok = kw < KW
-    qw = tl.load(q_ptr + offs_n[:, None].to(tl.int64) * KW + kw[None, :], mask=n_ok[:, None] & w_ok[None, :], other=0)
+    qw = tl.load(q_ptr + _word_offsets(offs_n, kw, KW), mask=n_ok[:, None] & w_ok[None, :], other=0)
     s, z = _load_group_params(s_ptr, z_ptr, offs_n, n_ok, kw, w0, KW, N, G, EPW, ONE_GROUP)
     if HALF_DQ:
         s = s.to(DT)
@@ -535,40 +554,83 @@ def heuristic_config(M: int, N: int, K: int, bits: int, group_size: int, num_sms
             return dict(kernel="gemv", block_n=64, block_kw=min(64, triton.next_power_of_2(kw)), split_k=1)
         return dict(kernel="mma", block_m=min(64, max(16, triton.next_power_of_2(M))), block_n=64,
                     block_kw=max(16, min(64, triton.next_power_of_2(kw))), split_k=1, swap=False, join=True)
+
+    def split_for(tiles: int, bkw: int, waves: int) -> int:
+        return max(1, min(triton.cdiv(waves * num_sms, tiles), triton.cdiv(kw, 2 * bkw)))
+
     if M == 1:
-        bn, bkw = 64, 16
-        tiles = triton.cdiv(N, bn)
-        split = max(1, min(triton.cdiv(4 * num_sms, tiles), triton.cdiv(kw, 4 * bkw)))
-        return dict(kernel="gemv", block_n=bn, block_kw=bkw, split_k=split, num_warps=4, num_stages=3)
+        bn, bkw = 128, max(16, 256 // e)
+        return dict(kernel="gemv", block_n=bn, block_kw=bkw, split_k=split_for(triton.cdiv(N, bn), bkw, 2),
+                    num_warps=4, num_stages=1)
+    if M <= 32:
+        bm, bn, bkw = max(16, triton.next_power_of_2(M)), 64, max(2, 128 // e)
+        return dict(kernel="mma", block_m=bm, block_n=bn, block_kw=bkw, swap=True, join=True, half_dq=True,
+                    split_k=split_for(triton.cdiv(N, bn) * triton.cdiv(M, bm), bkw, 2), num_warps=4, num_stages=3)
     if M <= 64:
-        bm = max(16, triton.next_power_of_2(M))
-        bn, bkw = 128, max(2, 128 // e)
-        tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
-        split = max(1, min(triton.cdiv(2 * num_sms, tiles), triton.cdiv(kw, 4 * bkw)))
-        return dict(kernel="mma", block_m=bm, block_n=bn, block_kw=bkw, split_k=split, swap=True, join=True,
-                    half_dq=True, num_warps=4, num_stages=3)
+        bn, bkw = 64, max(2, 64 // e)
+        return dict(kernel="mma", block_m=64, block_n=bn, block_kw=bkw, swap=False, join=True, half_dq=True,
+                    split_k=split_for(triton.cdiv(N, bn), bkw, 2), num_warps=4, num_stages=3)
     if M <= 512:
-        return dict(kernel="mma", block_m=128, block_n=128, block_kw=max(2, 64 // e), split_k=1, swap=True,
-                    join=True, half_dq=True, group_m=8, num_warps=8, num_stages=3)
-    return dict(kernel="dequant", block_n=32, block_kw=max(2, 128 // e), num_warps=4)
+        return dict(kernel="mma", block_m=256 if M > 128 else 128, block_n=128, block_kw=max(2, 64 // e), split_k=1,
+                    swap=True, join=True, half_dq=True, group_m=8, num_warps=8, num_stages=3)
+    return dict(kernel="dequant", block_n=16, block_kw=max(2, 512 // e), half_dq=True, num_warps=4)
+
+
+@functools.lru_cache(maxsize=4096)
+def _select(device_index: int, bits: int, group_size: int, K: int, N: int, M: int) -> dict:
+    entry = _tuned_table(device_index).get(shape_key(bits, group_size, K, N))
+    cfg = entry.get(str(m_bucket(M))) if entry else None
+    if cfg:
+        return cfg
+    sms = torch.cuda.get_device_properties(device_index).multi_processor_count
+    return heuristic_config(M, N, K, bits, group_size, sms)
 
 
 def select_config(M: int, p: PackedWeight, x: torch.Tensor) -> dict:
-    """The one place that picks the kernel and its config for a call: tuned table for this GPU, else the heuristic."""
+    """The one place that picks the kernel and its config for a call (by M): the tuned table of this GPU
+    (aq/kernels/configs/<gpu>.json, bucket = next power of two of M), else heuristic_config. Do not mutate the result."""
     if x.device.type == "cuda":
         idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        entry = _tuned_table(idx).get(shape_key(p.bits, p.group_size, p.K, p.N))
-        if entry:
-            cfg = entry.get(str(m_bucket(M)))
-            if cfg:
-                return dict(cfg)
-        sms = torch.cuda.get_device_properties(idx).multi_processor_count
-        return heuristic_config(M, p.N, p.K, p.bits, p.group_size, sms)
+        return _select(idx, p.bits, p.group_size, p.K, p.N, M)
     return heuristic_config(M, p.N, p.K, p.bits, p.group_size, interpreting=backend.interpreting())
 
 
 # ----------------------------------------------------------------------------------------------------------- launch
 _FP32_MAGIC = 0x4B000000  # the bits of the fp32 2^23: OR-ing an integer c < 2^23 into them reads 2^23 + c
+_COMPILED: dict = {}  # launch key -> Triton CompiledKernel (fast path that skips Triton's Python launcher)
+
+
+def _spec(a) -> object:
+    """What Triton specializes an argument on (conservatively: alignment of pointers, % 16 and == 1 of ints)."""
+    if isinstance(a, torch.Tensor):
+        return a.data_ptr() % 16 == 0
+    if isinstance(a, int):
+        return (a % 16 == 0, a == 1)
+    return None
+
+
+def _launch(fn, grid: tuple, args: list, consts: dict, num_warps: int = 4, num_stages: int = 3) -> None:
+    """fn[grid](*args, **consts), compiled Triton's launch path minus its per-call Python work.
+
+    The first launch of a (kernel, constants, argument specialization) goes through Triton's launcher, which compiles
+    (or loads from its cache) and returns the compiled kernel; later launches call that kernel's C launcher directly
+    (a few microseconds instead of tens: this is what makes small-M calls fast outside CUDA graphs). Arguments must
+    be passed in the kernel's parameter order, runtime ones first, then the constexprs in `consts` in order.
+    """
+    if not args[0].is_cuda or triton.knobs.runtime.launch_enter_hook is not None:
+        fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        return
+    key = (fn, num_warps, num_stages, args[0].device.index, tuple(consts.values()), tuple(_spec(a) for a in args))
+    kernel = _COMPILED.get(key)
+    if kernel is None:
+        kernel = fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        if kernel is not None and hasattr(kernel, "run"):
+            _COMPILED[key] = kernel
+        return
+    g = tuple(grid) + (1,) * (3 - len(grid))
+    stream = torch.cuda.current_stream(args[0].device).cuda_stream
+    kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *args,
+               *consts.values())
 
 
 def _half_dq(cfg: dict, x: torch.Tensor, p: PackedWeight) -> tuple[bool, int, float]:
@@ -591,11 +653,19 @@ def _one_group(p: PackedWeight, block_kw: int, k_split: int) -> bool:
     return p.group_size % bk == 0 and (k_split * p.elems_per_word) % bk == 0
 
 
-def _finish(part, bias, y, split, M, N):
-    MN = M * N
-    block = 1024
-    _splitk_reduce_kernel[(triton.cdiv(MN, block),)](part, bias if bias is not None else y, y, MN, N, SPLIT_K=split,
-                                                     HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+def dequantize_weight_triton(p: PackedWeight, dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+    """The weight [N, K] in dtype from the Triton dequantization kernel (bit-identical to dequantize_weight)."""
+    cfg = config or dict(kernel="dequant", block_n=16, block_kw=max(2, 512 // p.elems_per_word), half_dq=True)
+    w = torch.empty(p.N, p.K, device=p.device, dtype=dtype)
+    if backend.interpreting():
+        cfg = dict(cfg, block_n=64)  # few programs in the interpreter
+    half, magic, base = _half_dq(cfg, w, p)
+    KW, bn, bkw = p.qweight.shape[1], cfg["block_n"], cfg["block_kw"]
+    _launch(_dequant_kernel, (triton.cdiv(p.N, bn), triton.cdiv(KW, bkw)),
+            [p.qweight, p.scales, p.zeros, w, p.N, p.K, KW, p.group_size, magic],
+            dict(BITS=p.container_bits, BLOCK_N=bn, BLOCK_KW=bkw, ONE_GROUP=_one_group(p, bkw, bkw), HALF_DQ=half,
+                 HALF_BASE=base), num_warps=cfg.get("num_warps", 4), num_stages=1)
+    return w
 
 
 def w4a16_linear_triton(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None,
@@ -606,52 +676,47 @@ def w4a16_linear_triton(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | N
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M, N, K = x2.shape[0], p.N, p.K
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if M == 0:
-        return y.reshape(*x.shape[:-1], N)
-    cfg = dict(config) if config is not None else select_config(M, p, x2)
-    bits, KW, G = p.container_bits, p.qweight.shape[1], p.group_size
-    b = bias if bias is not None else y  # a valid pointer when HAS_BIAS is off
+        return x.new_empty(*x.shape[:-1], N)
+    cfg = config if config is not None else select_config(M, p, x2)
     kind = cfg["kernel"]
     if kind == "dequant":
-        w = torch.empty(N, K, device=x.device, dtype=x.dtype)
-        half, magic, base = _half_dq(cfg, x2, p)
-        bkw = cfg["block_kw"]
-        grid = (triton.cdiv(N, cfg["block_n"]), triton.cdiv(KW, bkw))
-        _dequant_kernel[grid](p.qweight, p.scales, p.zeros, w, N, K, KW, G, magic, BITS=bits, BLOCK_N=cfg["block_n"],
-                              BLOCK_KW=bkw, ONE_GROUP=_one_group(p, bkw, bkw), HALF_DQ=half, HALF_BASE=base,
-                              num_warps=cfg.get("num_warps", 4))
+        w = dequantize_weight_triton(p, x.dtype, cfg)
         if x2.is_cuda:
             y = torch.nn.functional.linear(x2, w, bias)
         else:  # CPU (interpreter): half matmuls there are slow or missing
             y = torch.nn.functional.linear(x2.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
         return y.reshape(*x.shape[:-1], N)
+    bits, KW, G = p.container_bits, p.qweight.shape[1], p.group_size
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    b = bias if bias is not None else y  # a valid pointer when HAS_BIAS is off
     bkw = cfg["block_kw"]
     k_split, split = _splits(KW, bkw, cfg.get("split_k", 1))
     part = torch.empty(split, M, N, device=x.device, dtype=torch.float32) if split > 1 else y
-    launch = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+    args = [x2, p.qweight, p.scales, p.zeros, b, y, part, M, N, K, KW, G, k_split, x2.stride(0)]
+    nw, ns = cfg.get("num_warps", 4), cfg.get("num_stages", 3)
     if kind == "gemv":
-        grid = (M, triton.cdiv(N, cfg["block_n"]), split)
-        _gemv_kernel[grid](x2, p.qweight, p.scales, p.zeros, b, y, part, M, N, K, KW, G, k_split, x2.stride(0),
-                           _FP32_MAGIC, BITS=bits, BLOCK_N=cfg["block_n"], BLOCK_KW=bkw, USE_PART=split > 1,
-                           ONE_GROUP=_one_group(p, bkw, k_split), HAS_BIAS=bias is not None,
-                           PREFETCH=cfg.get("prefetch", False), **launch)
+        _launch(_gemv_kernel, (M, triton.cdiv(N, cfg["block_n"]), split), args + [_FP32_MAGIC],
+                dict(BITS=bits, BLOCK_N=cfg["block_n"], BLOCK_KW=bkw, USE_PART=split > 1,
+                     ONE_GROUP=_one_group(p, bkw, k_split), HAS_BIAS=bias is not None,
+                     PREFETCH=cfg.get("prefetch", False)), nw, ns)
     elif kind == "mma":
         half, magic, base = _half_dq(cfg, x2, p)
         bm, bn = cfg["block_m"], cfg["block_n"]
         join = cfg.get("join", True)
         if not join and bkw < 16:
             raise ValueError("the split (join=False) mma kernel needs block_kw >= 16 (tl.dot's minimum K)")
-        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
-        _mma_kernel[grid](x2, p.qweight, p.scales, p.zeros, b, y, part, M, N, K, KW, G, k_split, x2.stride(0),
-                          magic, BITS=bits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, USE_PART=split > 1,
-                          GROUP_M=cfg.get("group_m", 8), ONE_GROUP=_one_group(p, bkw, k_split),
-                          HAS_BIAS=bias is not None, SWAP=cfg.get("swap", False), JOIN=join, HALF_DQ=half,
-                          HALF_BASE=base, DOT_F32=backend.interpreting(), **launch)
+        _launch(_mma_kernel, (triton.cdiv(M, bm) * triton.cdiv(N, bn), split), args + [magic],
+                dict(BITS=bits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, USE_PART=split > 1,
+                     GROUP_M=cfg.get("group_m", 8), ONE_GROUP=_one_group(p, bkw, k_split),
+                     HAS_BIAS=bias is not None, SWAP=cfg.get("swap", False), JOIN=join, HALF_DQ=half,
+                     HALF_BASE=base, DOT_F32=backend.interpreting()), nw, ns)
     else:
         raise ValueError(f"unknown w4a16 kernel {kind!r}")
     if split > 1:
-        _finish(part, bias, y, split, M, N)
+        MN = M * N
+        _launch(_splitk_reduce_kernel, (triton.cdiv(MN, 1024),), [part, b, y, MN, N, split],
+                dict(HAS_BIAS=bias is not None, BLOCK=1024), 4, 1)
     return y.reshape(*x.shape[:-1], N)
 
 
