@@ -164,9 +164,10 @@ class W4A16(Family):
                     if bn * bkw > 8192 or bkw > kw:
                         continue
                     for pf in ((False, True) if M == 1 else (False,)):
-                        for s in splits(-(-N // bn), bkw):
-                            out.append(dict(kernel="gemv", block_n=bn, block_kw=bkw, split_k=s, prefetch=pf,
-                                            num_warps=4, num_stages=1))
+                        for nw in ((4, 8) if bn * bkw >= 4096 else (4,)):
+                            for s in splits(-(-N // bn), bkw):
+                                out.append(dict(kernel="gemv", block_n=bn, block_kw=bkw, split_k=s, prefetch=pf,
+                                                num_warps=nw, num_stages=1))
         if M <= 64:  # tensor cores, one M tile; at M <= 16 the swapped form (wgmma, weights from registers) won
             bm = max(16, 1 << (M - 1).bit_length())
             for bn in (64, 128):
