@@ -11,18 +11,40 @@ from tqdm.auto import tqdm
 
 from aq.config import QuantConfig
 from aq.kernels.fake_quant import fake_quant
-from aq.primitives import check_group_size
+from aq.primitives import check_group_size, choose_qparams, quantize
 
 
 class FakeQuantLinear(nn.Module):
-    """A linear layer whose weight is already fake-quantized; inputs are fake-quantized per token when abits < 16."""
+    """A linear layer whose weight is already fake-quantized; inputs are fake-quantized per token when abits < 16.
 
-    def __init__(self, linear: nn.Linear, abits: int = 16):
+    This is what every calibration mode hands on (to evaluation, checkpointing and patching): `weight` holds the
+    dequantized values (q - zero) * scale exactly, and `scale` / `zero` (float32, [N, K // g]) with `wbits` and
+    `group_size` let the integer codes be recovered as round(weight / scale) + zero.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, zero: torch.Tensor,
+                 wbits: int, group_size: int | None, abits: int = 16):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
-        self.abits = abits
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.wbits, self.group_size, self.abits = wbits, group_size, abits
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, wbits: int, group_size: int | None, abits: int = 16,
+                    symmetric: bool = False) -> "FakeQuantLinear":
+        """Round-to-nearest: quantize linear's weight with min/max qparams."""
+        w = linear.weight.detach()
+        scale, zero = choose_qparams(w, wbits, group_size, symmetric)
+        w_fq = fake_quant(w, wbits, group_size, symmetric)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(w_fq, bias, scale, zero, wbits, group_size, abits)
+
+    def codes(self) -> torch.Tensor:
+        """Integer codes [N, K] (uint8) of the weight."""
+        return quantize(self.weight, self.scale, self.zero, self.wbits, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.abits < 16:
@@ -30,7 +52,8 @@ class FakeQuantLinear(nn.Module):
         return nn.functional.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, abits={self.abits}"
+        g = self.group_size or "channel"
+        return f"in_features={self.in_features}, out_features={self.out_features}, wbits={self.wbits}, group={g}, abits={self.abits}"
 
 
 def quantizable_linears(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[tuple[str, nn.Linear]]:
@@ -52,7 +75,7 @@ def quantize_rtn(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     """Replace every quantizable nn.Linear by a FakeQuantLinear with round-to-nearest weights (in place)."""
     check_model(model, cfg)
     for name, lin in tqdm(quantizable_linears(model), desc=f"RTN {cfg.label}", leave=False):
-        lin.weight.data = fake_quant(lin.weight.data, cfg.wbits, cfg.group_size, cfg.symmetric)
         parent_name, _, child = name.rpartition(".")
-        model.get_submodule(parent_name).register_module(child, FakeQuantLinear(lin, cfg.abits))
+        fq = FakeQuantLinear.from_linear(lin, cfg.wbits, cfg.group_size, cfg.abits, cfg.symmetric)
+        model.get_submodule(parent_name).register_module(child, fq)
     return model
