@@ -182,9 +182,9 @@ def gemm_configs():
     seen, out = set(), []
     first = {k: v for k, v in W.DEFAULT_CONFIGS[0].items() if k != "max_m"}
     last = {k: v for k, v in W.DEFAULT_CONFIGS[-1].items() if k != "max_m"}
-    variants = [dict(first, USE_ASM=False), dict(first, SPLIT=528), dict(first, SPLIT=528, TMA=True),
-                dict(last, TMA=True), dict(last, TMA=True, W8=True), dict(last, W8=True), dict(last, SPLIT=264)]
-    for c in list(W._configs_for(W._gpu_tag(0))) + list(W.DEFAULT_CONFIGS) + variants:
+    variants = [dict(first, SPLIT=528), dict(first, SPLIT=528, TMA=True), dict(first, USE_ASM=False),
+                dict(last, SPLIT=264), dict(last, TMA=True), dict(last, TMA=True, W8=True), dict(last, W8=True)]
+    for c in variants + list(W._configs_for(W._gpu_tag(0))) + list(W.DEFAULT_CONFIGS):
         c2 = {k: v for k, v in c.items() if k != "max_m"}
         key = json.dumps(c2, sort_keys=True)
         if key not in seen:
@@ -218,9 +218,13 @@ def check_gemm(dev):
         for (shape, wt, a, bias, sref) in data:
             M, N, K = shape[:3]
             cfg_run = dict(cfg)
-            s = W.w4a4_matmul_triton(a, wt, None, torch.int32, config=dict(cfg_run))
-            if not torch.equal(s, sref):
-                fail(f"gemm {cfg} {shape}: int32 differs at {(s != sref).sum().item()} of {s.numel()}")
+            ragged = K % 2 or ((K + 1) // 2) % cfg["BLOCK_KH"]
+            if ragged or ci == 0:  # exact integers on every ragged shape; outputs in bf16/fp16 on the others
+                s = W.w4a4_matmul_triton(a, wt, None, torch.int32, config=dict(cfg_run))
+                if not torch.equal(s, sref):
+                    fail(f"gemm {cfg} {shape}: int32 differs at {(s != sref).sum().item()} of {s.numel()}")
+                if not ragged:
+                    continue
             for odt in (torch.bfloat16, torch.float16) if ci == 0 else (torch.bfloat16,):
                 y = W.w4a4_matmul_triton(a, wt, bias, odt, config=dict(cfg_run))
                 yref = (sref.double() * a.scale.double()[:, None] * wt.scale.double()[None, :] + bias.double())
@@ -233,34 +237,21 @@ def check_gemm(dev):
     x = torch.randn(2, 9, 4096, device=dev, dtype=torch.bfloat16)
     wt = W.pack_w4a4_weight(torch.randn(512, 4096, device=dev) * 0.02)
     y = W.w4a4_linear(x, wt)
-    yr = W.w4a4_matmul_reference(W.quantize_activation_reference(x), wt, None, torch.float32).double()
+    wc = wt.to("cpu")
+    yr = W.w4a4_matmul_reference(W.quantize_activation_reference(x.cpu()), wc, None, torch.float32).double().to(dev)
     err = ((y.double() - yr).abs().max() / yr.abs().max()).item()
     if y.shape != (2, 9, 512) or y.dtype != torch.bfloat16 or err > 1e-2:
         fail(f"w4a4_linear 3-D: shape {tuple(y.shape)} dtype {y.dtype} err {err:.1e}")
     print(f"check gemm: {n} config x shape cases", flush=True)
 
 
-def check_fake_quant_division(dev):
-    """Note for the fake-quant kernel: does '/' in compiled Triton give torch's codes on ties? (informational)"""
-    try:
-        from aq import primitives
-        from aq.kernels import fake_quant as FQ
-        g = torch.Generator(device=dev).manual_seed(3)
-        x = torch.randn(4096, 256, generator=g, device=dev)
-        x = torch.round(x * 7.5) / 7.5  # many values on or near ties
-        diff = (FQ.fake_quant_triton(x, 4, 64) != primitives.fake_quant(x, 4, 64)).sum().item()
-        print(f"note: fake_quant_triton vs primitives.fake_quant on near-tie data: {diff} of {x.numel()} differ",
-              flush=True)
-    except Exception as e:  # not ours: report, never fail
-        print(f"note: fake-quant comparison skipped ({type(e).__name__}: {e})", flush=True)
-
-
 def cmd_check(args):
     dev = torch.device("cuda")
     t0 = time.time()
-    check_act(dev)
-    check_gemm(dev)
-    check_fake_quant_division(dev)
+    if args.only in (None, "act"):
+        check_act(dev)
+    if args.only in (None, "gemm"):
+        check_gemm(dev)
     print(f"check: {'FAILED ' + str(len(FAILS)) if FAILS else 'all passed'} in {time.time() - t0:.0f} s", flush=True)
     return 1 if FAILS else 0
 
@@ -276,27 +267,29 @@ def candidates():
         for split in (0, 264, 528):
             for tma in (False, True):
                 C.append((16, dict(sw, BLOCK_M=16, BLOCK_N=bn, BLOCK_KH=256, num_stages=5, SPLIT=split, TMA=tma)))
-    C.append((16, dict(sw, BLOCK_M=16, BLOCK_N=128, BLOCK_KH=256, num_stages=4, SPLIT=528, TMA=True)))
-    for split in (0, 264):
+    C += [(16, dict(sw, BLOCK_M=16, BLOCK_N=128, BLOCK_KH=256, num_stages=4, SPLIT=528, TMA=True)),
+          (16, dict(sw, BLOCK_M=16, BLOCK_N=64, BLOCK_KH=256, num_stages=4, SPLIT=1056, TMA=True)),
+          (16, dict(sw, BLOCK_M=16, BLOCK_N=64, BLOCK_KH=128, num_stages=6, SPLIT=528, TMA=True)),
+          (16, dict(sw, BLOCK_M=16, BLOCK_N=64, BLOCK_KH=256, num_stages=5, SPLIT=528, TMA=True, num_warps=8))]
+    for split in (0, 264, 528):
         for tma in (False, True):
             C.append((32, dict(sw, BLOCK_M=32, BLOCK_N=64, BLOCK_KH=256, num_stages=4, SPLIT=split, TMA=tma)))
             C.append((64, dict(sw, BLOCK_M=64, BLOCK_N=64, BLOCK_KH=128, num_stages=4, SPLIT=split, TMA=tma)))
     ti = dict(kernel="tile", GROUP_M=8)
-    for split in (0, 264):
-        for tma in (False, True):
-            C.append((128, dict(ti, BLOCK_M=128, BLOCK_N=64, BLOCK_KH=128, num_warps=4, num_stages=4, SPLIT=split,
-                                TMA=tma)))
-            C.append((512, dict(ti, BLOCK_M=128, BLOCK_N=128, BLOCK_KH=128, num_warps=8, num_stages=3, SPLIT=split,
-                                TMA=tma)))
-    C.append((128, dict(ti, BLOCK_M=64, BLOCK_N=128, BLOCK_KH=128, num_warps=4, num_stages=3, SPLIT=264, TMA=True)))
-    C.append((512, dict(ti, BLOCK_M=128, BLOCK_N=128, BLOCK_KH=128, num_warps=8, num_stages=3, TMA=True, W8=True)))
-    big = dict(ti, BLOCK_M=128, BLOCK_N=128, BLOCK_KH=128, num_warps=8, num_stages=3)
-    C += [(None, dict(big)), (None, dict(big, TMA=True)), (None, dict(big, W8=True)), (None, dict(big, TMA=True, W8=True)),
-          (None, dict(big, num_stages=4, TMA=True, W8=True)),
-          (None, dict(ti, BLOCK_M=128, BLOCK_N=256, BLOCK_KH=128, num_warps=8, num_stages=2, TMA=True)),
+    C += [(128, dict(ti, BLOCK_M=128, BLOCK_N=64, BLOCK_KH=128, num_warps=4, num_stages=4, TMA=True)),
+          (128, dict(ti, BLOCK_M=64, BLOCK_N=128, BLOCK_KH=128, num_warps=4, num_stages=3, SPLIT=264, TMA=True)),
+          (128, dict(sw, BLOCK_M=128, BLOCK_N=64, BLOCK_KH=128, num_stages=4, SPLIT=264, TMA=True)),
+          (128, dict(ti, BLOCK_M=128, BLOCK_N=64, BLOCK_KH=128, num_warps=4, num_stages=4, SPLIT=264, TMA=True)),
+          (512, dict(ti, BLOCK_M=128, BLOCK_N=128, BLOCK_KH=128, num_warps=8, num_stages=3, TMA=True)),
+          (512, dict(ti, BLOCK_M=128, BLOCK_N=128, BLOCK_KH=128, num_warps=8, num_stages=3, SPLIT=264, TMA=True)),
+          (512, dict(ti, BLOCK_M=128, BLOCK_N=256, BLOCK_KH=64, num_warps=8, num_stages=3, TMA=True, W8=True))]
+    C += [(None, dict(ti, BLOCK_M=128, BLOCK_N=128, BLOCK_KH=128, num_warps=8, num_stages=3, TMA=True, W8=True)),
           (None, dict(ti, BLOCK_M=128, BLOCK_N=256, BLOCK_KH=64, num_warps=8, num_stages=3, TMA=True, W8=True)),
-          (None, dict(ti, BLOCK_M=128, BLOCK_N=256, BLOCK_KH=128, num_warps=8, num_stages=3, TMA=True, W8=True)),
-          (None, dict(ti, BLOCK_M=256, BLOCK_N=128, BLOCK_KH=64, num_warps=8, num_stages=3, TMA=True, W8=True))]
+          (None, dict(ti, BLOCK_M=128, BLOCK_N=256, BLOCK_KH=64, num_warps=8, num_stages=4, TMA=True, W8=True)),
+          (None, dict(ti, BLOCK_M=128, BLOCK_N=256, BLOCK_KH=128, num_warps=8, num_stages=2, TMA=True, W8=True)),
+          (None, dict(ti, BLOCK_M=256, BLOCK_N=128, BLOCK_KH=64, num_warps=8, num_stages=4, TMA=True, W8=True)),
+          (None, dict(ti, BLOCK_M=128, BLOCK_N=256, BLOCK_KH=64, num_warps=8, num_stages=3, TMA=True, W8=True,
+                      GROUP_M=16))]
     return C
 
 
@@ -542,7 +535,9 @@ def cmd_bench(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("check")
+    p = sub.add_parser("check")
+    p.add_argument("--only", choices=["act", "gemm"])
+    p.add_argument("--deadline", type=float, default=80, help="seconds per part (act, gemm)")
     p = sub.add_parser("sweep")
     p.add_argument("--out", default="bench/results/w4a4-sweep")
     p.add_argument("--write", action="store_true", help="write the winners to aq/kernels/configs/w4a4-<gpu>.json")
@@ -552,6 +547,9 @@ def main():
     p.add_argument("--quick", action="store_true", help="first shape only")
     p.add_argument("--no-act", action="store_true", help="skip the activation-quantization table")
     args = ap.parse_args()
+    global DEADLINE_ACT, DEADLINE_GEMM
+    if args.cmd == "check":
+        DEADLINE_ACT = DEADLINE_GEMM = args.deadline
     if not torch.cuda.is_available():
         sys.exit("bench/w4a4.py needs a CUDA GPU (the CPU tests live in tests/test_w4a4.py)")
     sys.exit({"check": cmd_check, "sweep": cmd_sweep, "bench": cmd_bench}[args.cmd](args))

@@ -712,17 +712,21 @@ def _w4a4_mm_kernel(
         tl.debug_barrier()  # every thread's partial is written before the counter says so (release below)
         done = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
         if done == SPLIT_K - 1:
-            acc = tl.zeros_like(acc)
+            # (no outer variable changes type inside this run-time branch: a new name for the transposed sum)
+            total = tl.zeros_like(acc)
             for s in range(SPLIT_K):
-                acc += tl.load(part_ptr + tile_base + s * (BLOCK_M * BLOCK_N) + offs, cache_modifier=".cg")
+                total += tl.load(part_ptr + tile_base + s * (BLOCK_M * BLOCK_N) + offs, cache_modifier=".cg")
             tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next call
             if SWAP:
-                acc = tl.trans(acc)
-            _epilogue(acc, rm, rn, M, N, K, y_ptr, stride_ym, as_ptr, az_ptr, acs_ptr, ws_ptr, wz_ptr, wcs_ptr,
-                      b_ptr, HAS_BIAS, INT_OUT)
+                _epilogue(tl.trans(total), rm, rn, M, N, K, y_ptr, stride_ym, as_ptr, az_ptr, acs_ptr, ws_ptr,
+                          wz_ptr, wcs_ptr, b_ptr, HAS_BIAS, INT_OUT)
+            else:
+                _epilogue(total, rm, rn, M, N, K, y_ptr, stride_ym, as_ptr, az_ptr, acs_ptr, ws_ptr, wz_ptr,
+                          wcs_ptr, b_ptr, HAS_BIAS, INT_OUT)
+    elif SWAP:
+        _epilogue(tl.trans(acc), rm, rn, M, N, K, y_ptr, stride_ym, as_ptr, az_ptr, acs_ptr, ws_ptr, wz_ptr, wcs_ptr,
+                  b_ptr, HAS_BIAS, INT_OUT)
     else:
-        if SWAP:
-            acc = tl.trans(acc)
         _epilogue(acc, rm, rn, M, N, K, y_ptr, stride_ym, as_ptr, az_ptr, acs_ptr, ws_ptr, wz_ptr, wcs_ptr, b_ptr,
                   HAS_BIAS, INT_OUT)
 
@@ -756,13 +760,16 @@ def unpack_weight_int8(weight: W4A4Weight) -> torch.Tensor:
 #   TMA: tensor-descriptor loads (used when the shapes allow: K % 32 == 0, Kh % BLOCK_KH == 0),
 #   W8: unpack the weight to int8 in a separate pass first (large M).
 # BLOCK_KH counts packed bytes, i.e. 2 * BLOCK_KH codes of K per step. Overridden by configs/w4a4-<gpu>.json.
-DEFAULT_CONFIGS = [
+DEFAULT_CONFIGS = [  # the H100 winners of bench/w4a4.py sweep (2026-11, see bench/NOTES-w4a4.md)
     dict(max_m=16, kernel="swap", BLOCK_M=16, BLOCK_N=64, BLOCK_KH=256, GROUP_M=1, num_warps=4, num_stages=5),
-    dict(max_m=32, kernel="swap", BLOCK_M=32, BLOCK_N=64, BLOCK_KH=256, GROUP_M=1, num_warps=4, num_stages=4),
+    dict(max_m=32, kernel="swap", BLOCK_M=32, BLOCK_N=64, BLOCK_KH=256, GROUP_M=1, num_warps=4, num_stages=4, TMA=True),
     dict(max_m=64, kernel="swap", BLOCK_M=64, BLOCK_N=64, BLOCK_KH=128, GROUP_M=1, num_warps=4, num_stages=4),
-    dict(max_m=128, kernel="tile", BLOCK_M=128, BLOCK_N=64, BLOCK_KH=128, GROUP_M=8, num_warps=4, num_stages=4),
-    dict(max_m=512, kernel="tile", BLOCK_M=128, BLOCK_N=128, BLOCK_KH=128, GROUP_M=8, num_warps=8, num_stages=3),
-    dict(max_m=None, kernel="tile", BLOCK_M=128, BLOCK_N=128, BLOCK_KH=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(max_m=128, kernel="tile", BLOCK_M=128, BLOCK_N=64, BLOCK_KH=128, GROUP_M=8, num_warps=4, num_stages=4,
+         TMA=True),
+    dict(max_m=512, kernel="tile", BLOCK_M=128, BLOCK_N=128, BLOCK_KH=128, GROUP_M=8, num_warps=8, num_stages=3,
+         TMA=True),
+    dict(max_m=None, kernel="tile", BLOCK_M=128, BLOCK_N=256, BLOCK_KH=64, GROUP_M=8, num_warps=8, num_stages=3,
+         TMA=True, W8=True),
 ]
 # The interpreter's cost is programs x steps: few, large blocks there.
 _INTERPRET_CONFIGS = [
