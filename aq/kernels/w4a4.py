@@ -536,6 +536,7 @@ def quantize_activation_triton(x, bits=4, symmetric=False, norm=None, norm_weigh
 def quantize_activation(x, bits=4, symmetric=False, norm=None, norm_weight=None, norm_bias=None, norm_eps=1e-6,
                         transform=None) -> QuantizedActivation:
     """Per-token quantization of x [..., K], fused with the norm and transform before it (see the module doc)."""
+    _check_act_args(x, bits, norm, norm_weight, norm_bias, transform)
     tensors = [t for t in (x, norm_weight, norm_bias, transform) if isinstance(t, torch.Tensor)]
     if backend.choose(*tensors) == backend.TRITON:
         return quantize_activation_triton(x, bits, symmetric, norm, norm_weight, norm_bias, norm_eps, transform)
@@ -873,6 +874,7 @@ def w4a4_matmul_triton(a: QuantizedActivation, weight: W4A4Weight, bias=None, ou
 
 def w4a4_matmul(a: QuantizedActivation, weight: W4A4Weight, bias=None, out_dtype=torch.float16):
     """y = ((qa - za) sa) ((qw - zw) sw)^T + bias for quantized activations a [..., K] and a packed weight [N, K]."""
+    _check_mm_args(a, weight, bias, out_dtype)
     tensors = [a.q, weight.packed] + ([bias] if bias is not None else [])
     if backend.choose(*tensors) == backend.TRITON:
         return w4a4_matmul_triton(a, weight, bias, out_dtype)
