@@ -220,7 +220,7 @@ def time_case(name, spec, results, use_compile, budget):
         row = dict(case=name, N=N, d=d, group=g or d, dtype=str(dtype).replace("torch.", ""), block=block, band=band)
         t_auto = bench(lambda: AF.transform_fake_quant(w, A, BITS, g, band, block, ALPHA, u, l), args)
         row["aq_ms"] = t_auto
-        row["aq_path"] = AF._gemm_path(d, *AF._norm_structure(d, band, block), w.device, None)
+        row["aq_path"] = AF._gemm_path(N, d, *AF._norm_structure(d, band, block), w.device, None)
         for path in ("band", "blocked", "dense"):
             row[f"aq_{path}_ms"] = bench(
                 lambda: AF.transform_fake_quant(w, A, BITS, g, band, block, ALPHA, u, l, gemm=path), args)

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from aq import backend, primitives
 from aq.kernels import fake_quant as FQ
+from aq.kernels.fake_quant import _cdiv, _pow2
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -370,7 +371,7 @@ def dot_mode_for(dtype: torch.dtype, device: torch.device) -> int:
 
 
 def _span_key(K: int, band: int, block: int) -> int:
-    return triton.next_power_of_2(max(1, min(K, 2 * band - 1, block)))
+    return _pow2(max(1, min(K, 2 * band - 1, block)))
 
 
 def band_mm(x: torch.Tensor, B: torch.Tensor, band: int, block: int, alpha: float, *, transpose_b: bool = False,
@@ -405,7 +406,7 @@ def band_mm(x: torch.Tensor, B: torch.Tensor, band: int, block: int, alpha: floa
         return (out, y, stats) if quant is not None else out
 
     def grid(meta):
-        return (triton.cdiv(Mr, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_N"]),)
+        return (_cdiv(Mr, meta["BLOCK_M"]) * _cdiv(d, meta["BLOCK_N"]),)
 
     _launch(_band_mm_kernel, grid, _prune_mm, (
         x, B, out, y if y is not None else out, cmax if cmax is not None else out, cmin if cmin is not None else out,
@@ -426,7 +427,7 @@ def _n_j_tiles(D: int, band: int, block: int, BI: int, BJ: int) -> int:
         i_last = min(i0 + BI, D) - 1
         jlo = max(i0 - band + 1, (i0 // block) * block, 0)
         jhi = min(i_last + band, (i_last // block + 1) * block, D)
-        n = max(n, triton.cdiv(jhi - (jlo // BJ) * BJ, BJ))
+        n = max(n, _cdiv(jhi - (jlo // BJ) * BJ, BJ))
     return n
 
 
@@ -439,8 +440,8 @@ def _num_sms(device: str) -> int:
 
 def _grad_split(R: int, D: int, band: int, block: int, device) -> int:
     """Row splits for band_grad: enough programs to fill the GPU twice over (with 64 x 64 tiles), >= 256 rows each."""
-    tiles = triton.cdiv(D, 64) * _n_j_tiles(D, band, block, 64, 64)
-    split = max(1, min(triton.cdiv(2 * _num_sms(str(device)), tiles), R // 256))
+    tiles = _cdiv(D, 64) * _n_j_tiles(D, band, block, 64, 64)
+    split = max(1, min(_cdiv(2 * _num_sms(str(device)), tiles), R // 256))
     return 1 << (split.bit_length() - 1)  # a power of 2 (few distinct compiled variants)
 
 
@@ -453,11 +454,11 @@ def band_grad(P: torch.Tensor, Q: torch.Tensor, band: int, block: int, alpha: fl
     full = band >= D and block >= D and split == 1
     out = (torch.empty if full else torch.zeros)((D, D), dtype=torch.float32, device=P.device)
     dm = dot_mode_for(Q.dtype, Q.device) if dot_mode is None else dot_mode
-    rows_per_split = triton.cdiv(triton.cdiv(R, split), 128) * 128
+    rows_per_split = _cdiv(_cdiv(R, split), 128) * 128
 
     def grid(meta):
-        return (triton.cdiv(D, meta["BLOCK_I"]), _n_j_tiles(D, band, block, meta["BLOCK_I"], meta["BLOCK_J"]),
-                triton.cdiv(R, rows_per_split))
+        return (_cdiv(D, meta["BLOCK_I"]), _n_j_tiles(D, band, block, meta["BLOCK_I"], meta["BLOCK_J"]),
+                _cdiv(R, rows_per_split))
 
     _launch(_band_grad_kernel, grid, _prune_grad, (
         P, Q, out, R, D, P.stride(0), P.stride(1), Q.stride(0), Q.stride(1), band, block, float(alpha), float(scale),
@@ -473,17 +474,18 @@ def band_grad(P: torch.Tensor, Q: torch.Tensor, band: int, block: int, alpha: fl
 # "blocked": columns in chunks of CHUNK; chunk c only meets the window [c - band + 1, c + CHUNK + band - 1) of A*M:
 #            batched cuBLAS products over those windows (work (CHUNK + 2 band) / d of a dense product).
 # "dense":   full cuBLAS products with A*M materialized.
-# Measured on an H100 (bench/results/calib_kernels.md) the band kernels win while the band is narrow or d small,
-# the blocked products in the middle, dense products once the windows cover most of A. AQ_AFFINE_GEMM forces a path.
-BAND_SHARE_MAX = float(os.environ.get("AQ_BAND_SHARE_MAX", "0.02"))   # (2 band - 1) / d up to which "band" runs
-BAND_SHARE_SMALL_D = 0.5    # for d < LARGE_D: "band" below this share, "dense" above
-BLOCKED_WORK_MAX = float(os.environ.get("AQ_BLOCKED_WORK_MAX", "0.7"))  # blocked while (CHUNK + 2 band) / d <= this
-LARGE_D = 2048
+# Measured on an H100 (bench/results/calib_kernels.md, bench/NOTES-calib-kernels.md): the band kernels win while
+# the band is narrow (share (2 band - 1) / d up to ~0.12 at d = 4096) or the products are small (every path is then
+# bound by launches); dense cuBLAS products win above. The blocked products measured slower than dense at every
+# band where the band kernels lose, so they are never chosen automatically (gemm="blocked" still runs them).
+# AQ_AFFINE_GEMM=band|blocked|dense forces a path everywhere.
+BAND_SHARE_MAX = float(os.environ.get("AQ_BAND_SHARE_MAX", "0.12"))
+SMALL_WORK = 4e9  # 2 N d span: below this the products cost little and launch count decides
 CHUNK = 512
 _PATHS = ("band", "blocked", "dense")
 
 
-def _gemm_path(d: int, band: int, block: int, device: torch.device, gemm: str | None) -> str:
+def _gemm_path(N: int, d: int, band: int, block: int, device: torch.device, gemm: str | None) -> str:
     gemm = gemm or os.environ.get("AQ_AFFINE_GEMM") or None
     if gemm in _PATHS:
         return gemm
@@ -491,12 +493,10 @@ def _gemm_path(d: int, band: int, block: int, device: torch.device, gemm: str | 
         raise ValueError(f"gemm must be one of {_PATHS} or None, got {gemm!r}")
     if device.type != "cuda":
         return "band"  # the interpreter: tests run the kernels
-    share = min(2 * band - 1, block, d) / d
-    if d < LARGE_D or block < d:
-        return "band" if share < BAND_SHARE_SMALL_D else "dense"
-    if share <= BAND_SHARE_MAX:
+    span = min(2 * band - 1, block, d)
+    if span / d <= BAND_SHARE_MAX or 2 * N * d * span < SMALL_WORK:
         return "band"
-    return "blocked" if (CHUNK + 2 * (band - 1)) / d <= BLOCKED_WORK_MAX else "dense"
+    return "dense"
 
 
 def _chunk_runs(d: int, band: int, C: int):
@@ -773,7 +773,7 @@ def masked_weight(w: torch.Tensor, A: torch.Tensor, band: int | None = None, blo
     bnd, blk = _norm_structure(d, band, block)
     if backend.choose(w, A) != backend.TRITON:
         return masked_weight_reference(w, A, band, block, alpha)
-    path = _gemm_path(d, bnd, blk, w.device, gemm)
+    path = _gemm_path(w.numel() // d, d, bnd, blk, w.device, gemm)
     path = "dense" if path == "blocked" else path
     return _MaskedWeight.apply(_rows(w), A, bnd, blk, float(alpha), path).reshape(w.shape)
 
@@ -791,7 +791,7 @@ def masked_inverse_act(x: torch.Tensor, A: torch.Tensor, band: int | None = None
         if return_margin:
             return y, dominance_margin(A.detach() * affine_mask(d, band, block, alpha, device=A.device))
         return y
-    path = _gemm_path(d, bnd, blk, x.device, gemm)
+    path = _gemm_path(x.numel() // d, d, bnd, blk, x.device, gemm)
     path = "dense" if path == "blocked" else path
     Am = A.detach() * _mask(d, bnd, blk, alpha, A.device)
     inv, margin = checked_inverse(Am, name, blk if blk < d else None, bnd)
@@ -818,6 +818,6 @@ def transform_fake_quant(w: torch.Tensor, A: torch.Tensor, bits: int, group_size
     tensors = [t for t in (w, A, u, l) if t is not None]
     if backend.choose(*tensors) != backend.TRITON:
         return transform_fake_quant_reference(w, A, bits, group_size, band, block, alpha, u, l, symmetric)
-    path = _gemm_path(d, bnd, blk, w.device, gemm)
+    path = _gemm_path(w.shape[0], d, bnd, blk, w.device, gemm)
     cmax, cmin = FQ.lwc_factors(u, l)
     return _TransformFakeQuant.apply(_rows(w), A, cmax, cmin, bnd, blk, float(alpha), bits, g, symmetric, path)

@@ -17,6 +17,16 @@ from aq import backend, primitives
 _RNE = tl.constexpr(12582912.0)  # a global read inside @triton.jit must be constexpr
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (triton.cdiv goes through Triton's constexpr-function machinery: slow per call)."""
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """Smallest power of 2 >= n (host side)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 @triton.jit
 def round_half_even(v):
     return (v + _RNE) - _RNE
@@ -24,7 +34,9 @@ def round_half_even(v):
 
 @triton.jit
 def _div(a, b):
-    """IEEE-rounded fp32 division (Triton's `/` is approximate on the GPU; the reference divides exactly)."""
+    """IEEE-rounded fp32 division (Triton's `/` is approximate on the GPU; the reference divides exactly).
+    tl.math.div_rn does not broadcast its operands (mismatched shapes give garbage when compiled): broadcast first."""
+    a, b = tl.broadcast(a, b)
     return tl.math.div_rn(a, b)
 
 
@@ -243,8 +255,8 @@ def _fake_quant_bwd_kernel(
 
 
 def _block_shape(R: int, g: int) -> tuple[int, int]:
-    block_g = min(triton.next_power_of_2(g), 2048)
-    block_r = max(1, min(triton.next_power_of_2(R), 4096 // block_g))
+    block_g = min(_pow2(g), 2048)
+    block_r = max(1, min(_pow2(R), 4096 // block_g))
     return block_r, block_g
 
 
@@ -262,7 +274,7 @@ def fake_quant_fwd(x2: torch.Tensor, bits: int, g: int, symmetric: bool, cmax: t
     if R == 0 or K == 0:
         return out, stats
     block_r, block_g = _block_shape(R, g)
-    grid = (triton.cdiv(R, block_r), NG)
+    grid = (_cdiv(R, block_r), NG)
     dummy = x2
     _fake_quant_fwd_kernel[grid](
         x2, out, cmax if cmax is not None else dummy, cmin if cmin is not None else dummy,
@@ -287,7 +299,7 @@ def fake_quant_bwd(x2: torch.Tensor, gy: torch.Tensor, stats: torch.Tensor, bits
     if R == 0 or K == 0:
         return gx, gcmax, gcmin
     block_r, block_g = _block_shape(R, g)
-    grid = (triton.cdiv(R, block_r), NG)
+    grid = (_cdiv(R, block_r), NG)
     _fake_quant_bwd_kernel[grid](
         x2, gy, gx, stats, cmax if cmax is not None else stats, cmin if cmin is not None else stats,
         gcmax if gcmax is not None else stats, gcmin if gcmin is not None else stats, R, K, g, NG,
