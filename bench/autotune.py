@@ -174,11 +174,15 @@ class W4A16(Family):
                 for bkw in (max(2, 64 // e), max(2, 128 // e), max(2, 256 // e)):
                     if bkw > kw:
                         continue
-                    for swap in ((True,) if M <= 16 else (True, False)):
-                        for ns in (3, 4):
+                    for swap, fold in (((True, False), (True, True)) if M <= 16 else
+                                       ((True, False), (False, False), (True, True))):
+                        if fold and problem["group"] % (bkw * e):
+                            continue  # folding needs one group per K step
+                        for ns in ((3,) if fold else (3, 4)):
                             for s in splits(-(-N // bn) * -(-M // bm), bkw):
                                 out.append(dict(kernel="mma", block_m=bm, block_n=bn, block_kw=bkw, split_k=s,
-                                                swap=swap, join=True, half_dq=True, num_warps=4, num_stages=ns))
+                                                swap=swap, join=True, half_dq=True, fold=fold, num_warps=4,
+                                                num_stages=ns))
         if 64 <= M <= 1024:  # tensor-core tiles
             for bm, bn, nw in ((64, 128, 4), (128, 128, 8), (256, 128, 8)):
                 if bm > 2 * max(M, 64):
@@ -194,9 +198,9 @@ class W4A16(Family):
                             out.append(dict(kernel="mma", block_m=bm, block_n=bn, block_kw=bkw, split_k=s, swap=True,
                                             join=True, half_dq=True, group_m=8, num_warps=nw, num_stages=ns))
         if M >= 128:  # dequantize once, then cuBLAS
-            for bn, bk in ((16, 512), (8, 1024), (32, 256), (16, 256)):
+            for bn, bk, nw in ((16, 512, 4), (8, 1024, 4), (16, 256, 4), (32, 512, 8), (16, 1024, 8)):
                 bkw = min(max(2, bk // e), kw)
-                out.append(dict(kernel="dequant", block_n=bn, block_kw=bkw, half_dq=True, num_warps=4))
+                out.append(dict(kernel="dequant", block_n=bn, block_kw=bkw, half_dq=True, num_warps=nw))
         return out
 
     def setup(self, problem: dict, M: int, state: dict) -> None:

@@ -57,6 +57,10 @@ def _check_cases():
                     (130, dict(kernel="dequant", block_n=32, block_kw=big, half_dq=True)),
                     (7, dict(kernel="mma", block_m=16, block_n=64, block_kw=big, split_k=1, swap=True, join=True,
                              half_dq=False)),
+                    (9, dict(kernel="mma", block_m=16, block_n=64, block_kw=max(2, 32 // e), split_k=2, swap=True,
+                             join=True, half_dq=True, fold=True)),
+                    (1, dict(kernel="mma", block_m=16, block_n=128, block_kw=big, split_k=1, swap=True, join=True,
+                             half_dq=True, fold=True)),
                 ]
                 for M, cfg in cfgs:
                     cases.append((bits, g, dt, M, N, K, cfg))
@@ -104,7 +108,8 @@ def check(jobs: int) -> bool:
     bad = [r for r in res if not r["ok"]]
     worst = {}
     for r in res:
-        k = (r["cfg"]["kernel"], r["cfg"].get("swap"), r["cfg"].get("join"), r["cfg"].get("half_dq"), r["dt"])
+        k = (r["cfg"]["kernel"], r["cfg"].get("swap"), r["cfg"].get("join"), r["cfg"].get("half_dq"),
+             r["cfg"].get("fold"), r["dt"])
         if r["err"] is not None:
             worst[k] = max(worst.get(k, 0), r["err"])
     print(f"check: {len(res)} cases, {len(bad)} failed, {time.time() - t0:.0f}s")
@@ -277,10 +282,46 @@ def plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def overhead(shapes, ms) -> None:
+    """Host time per call (no synchronization inside the loop) and a profile of the aq call: what do_bench sees when
+    a call's CPU time exceeds its L2 flush."""
+    import cProfile
+    import pstats
+
+    from aq.kernels import w4a16 as W
+
+    for K, N in shapes:
+        p = W.pack_weight(torch.randn(N, K, device="cuda") * 0.02, 4, 128, torch.bfloat16)
+        w = W.dequantize_weight(p)
+        for M in ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            res = {}
+            for name, fn in (("cublas", lambda: torch.nn.functional.linear(x, w)), ("aq", lambda: W.w4a16_linear(x, p))):
+                for _ in range(20):
+                    fn()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(500):
+                    fn()
+                t1 = time.perf_counter()
+                torch.cuda.synchronize()
+                res[name] = (t1 - t0) / 500 * 1e6
+            print(f"host us/call {K}x{N} M={M}: cublas {res['cublas']:.1f} aq {res['aq']:.1f} "
+                  f"(cached launches: {len(W._COMPILED)}) cfg {W.select_config(M, p, x)}", flush=True)
+        if (K, N) == shapes[0]:
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(300):
+                W.w4a16_linear(x, p)
+            pr.disable()
+            pstats.Stats(pr).sort_stats("tottime").print_stats(12)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--overhead", action="store_true")
     ap.add_argument("--plot", default="")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--shapes", default="", help="e.g. 4096x14336,14336x4096 (K x N)")
@@ -291,6 +332,9 @@ def main():
     ok = True
     if args.check:
         ok = check(args.jobs)
+    if args.overhead:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+        overhead(shapes, [int(m) for m in args.ms.split(",")] if args.ms else [1, 16])
     if args.bench:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
         ms = [int(m) for m in args.ms.split(",")] if args.ms else MS

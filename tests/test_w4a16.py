@@ -63,9 +63,11 @@ CONFIGS = {  # one of each kernel path; block sizes large so the interpreter run
                                     swap=True, join=True),
     "mma_split": lambda e: dict(kernel="mma", block_m=16, block_n=32, block_kw=16, split_k=1, swap=False,
                                 join=False),
+    "mma_fold": lambda e: dict(kernel="mma", block_m=16, block_n=32, block_kw=max(2, 32 // e), split_k=2, swap=True,
+                               join=True, fold=True),
     "dequant": lambda e: dict(kernel="dequant", block_n=32, block_kw=max(2, 128 // e)),
 }
-M_OF = {"gemv": 2, "mma_join_swap": 5, "mma_split": 19, "dequant": 3}  # ragged: never a multiple of a block
+M_OF = {"gemv": 2, "mma_join_swap": 5, "mma_split": 19, "mma_fold": 7, "dequant": 3}  # ragged: never a multiple of a block
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -348,9 +348,10 @@ def _gemv_kernel(
     n_ok = offs_n < N
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
+    q_ptrs = q_ptr + _word_offsets(offs_n, pid_k * K_SPLIT + tl.arange(0, BLOCK_KW), KW)  # advanced per step
     if PREFETCH:
         kw = pid_k * K_SPLIT + tl.arange(0, BLOCK_KW)
-        qn = tl.load(q_ptr + _word_offsets(offs_n, kw, KW), mask=n_ok[:, None] & (kw < KW)[None, :], other=0)
+        qn = tl.load(q_ptrs, mask=n_ok[:, None] & (kw < KW)[None, :], other=0)
     for step in range(0, K_SPLIT, BLOCK_KW):
         w0 = tl.multiple_of(pid_k * K_SPLIT + step, BLOCK_KW)  # K_SPLIT is a multiple of BLOCK_KW
         kw = w0 + tl.arange(0, BLOCK_KW)
@@ -358,10 +359,10 @@ def _gemv_kernel(
         if PREFETCH:
             qw = qn
             kn = kw + BLOCK_KW
-            qn = tl.load(q_ptr + _word_offsets(offs_n, kn, KW),
+            qn = tl.load(q_ptrs + (step + BLOCK_KW) * _ROWS,
                          mask=n_ok[:, None] & ((kn < KW) & (step + BLOCK_KW < K_SPLIT))[None, :], other=0)
         else:
-            qw = tl.load(q_ptr + _word_offsets(offs_n, kw, KW), mask=n_ok[:, None] & w_ok[None, :], other=0)
+            qw = tl.load(q_ptrs + step * _ROWS, mask=n_ok[:, None] & w_ok[None, :], other=0)
         s, z = _load_group_params(s_ptr, z_ptr, offs_n, n_ok, kw, w0, KW, N, G, EPW, ONE_GROUP)
         qh = qw >> 16
         t = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
@@ -391,8 +392,15 @@ def _mma_kernel(
     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
     USE_PART: tl.constexpr, GROUP_M: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     SWAP: tl.constexpr, JOIN: tl.constexpr, HALF_DQ: tl.constexpr, HALF_BASE: tl.constexpr, DOT_F32: tl.constexpr,
+    FOLD: tl.constexpr,
 ):
-    """A [BLOCK_M, BLOCK_N] tile of y over one split of K on tensor cores (tl.dot, fp32 accumulator)."""
+    """A [BLOCK_M, BLOCK_N] tile of y over one split of K on tensor cores (tl.dot, fp32 accumulator).
+
+    FOLD (swapped, one group per K step): the dot takes the raw codes (base + q as a 16-bit float, straight out of
+    the shift + LOP3, or q itself) and the group's zero point and scale are applied to the fp32 dot result:
+    y += s * (sum_k (base + q) x - (base + z) * sum_k x). The products are exact and the fp32 sums lose ~1e-5
+    relative, and the per-code HADD2/HMUL2 disappear; the per-step cost moves to [BLOCK_N, BLOCK_M], cheap for small M.
+    """
     EPW: tl.constexpr = 32 // BITS
     BLOCK_K: tl.constexpr = BLOCK_KW * EPW
     DT: tl.constexpr = x_ptr.dtype.element_ty
@@ -416,18 +424,36 @@ def _mma_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    q_ptrs = q_ptr + _word_offsets(offs_n, pid_k * K_SPLIT + tl.arange(0, BLOCK_KW), KW)  # advanced per step
     for step in range(0, K_SPLIT, BLOCK_KW):
         w0 = tl.multiple_of(pid_k * K_SPLIT + step, BLOCK_KW)  # K_SPLIT is a multiple of BLOCK_KW
         kw = w0 + tl.arange(0, BLOCK_KW)
         w_ok = kw < KW
-        qw = tl.load(q_ptr + _word_offsets(offs_n, kw, KW), mask=n_ok[:, None] & w_ok[None, :], other=0)
+        qw = tl.load(q_ptrs + step * _ROWS, mask=n_ok[:, None] & w_ok[None, :], other=0)
         s, z = _load_group_params(s_ptr, z_ptr, offs_n, n_ok, kw, w0, KW, N, G, EPW, ONE_GROUP)
-        if HALF_DQ:
-            s = s.to(DT)
-            zm = (z + HALF_BASE).to(DT)
-        else:
-            zm = z + _MAGIC_F
-        if JOIN:
+        if FOLD:
+            ks = w0 * EPW + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_rows[None, :] + ks[:, None], mask=(ks < K)[:, None] & m_ok[None, :], other=0.0)
+            xs = tl.sum(xt.to(tl.float32), axis=0)
+            if HALF_DQ:
+                lo = _half_tree(qw, magic, 0, 1, EPW // 2, False, BITS, DT)
+                hi = _half_tree(qw, magic, 0, 1, EPW // 2, True, BITS, DT)
+                v = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])
+                zb = z + HALF_BASE
+            else:
+                v = tl.reshape(_dq_tree(qw, 1.0, _MAGIC_F, magic, 0, 1, EPW, BITS, DT), [BLOCK_N, BLOCK_K])
+                zb = z
+            if DOT_F32:
+                d = tl.dot(v.to(tl.float32), xt.to(tl.float32))
+            else:
+                d = tl.dot(v, xt)
+            acc += s * (d - zb * xs[None, :])
+        elif JOIN:
+            if HALF_DQ:
+                s = s.to(DT)
+                zm = (z + HALF_BASE).to(DT)
+            else:
+                zm = z + _MAGIC_F
             wt = _dq_tile(qw, s, zm, magic, BLOCK_N, BLOCK_KW, BITS, DT, HALF_DQ)
             ks = w0 * EPW + tl.arange(0, BLOCK_K)
             k_ok = ks < K
@@ -444,6 +470,11 @@ def _mma_kernel(
                     xt = xt.to(tl.float32)
                 acc = tl.dot(xt, tl.trans(wt), acc)
         else:
+            if HALF_DQ:
+                s = s.to(DT)
+                zm = (z + HALF_BASE).to(DT)
+            else:
+                zm = z + _MAGIC_F
             for i in tl.static_range(EPW):
                 wi = _dq_leaf(qw, s, zm, magic, i, BITS, DT, HALF_DQ)
                 ks = kw * EPW + i
@@ -628,7 +659,7 @@ def _launch(fn, grid: tuple, args: list, consts: dict, num_warps: int = 4, num_s
             _COMPILED[key] = kernel
         return
     g = tuple(grid) + (1,) * (3 - len(grid))
-    stream = torch.cuda.current_stream(args[0].device).cuda_stream
+    stream = torch._C._cuda_getCurrentRawStream(args[0].device.index)  # what Triton's launcher itself uses
     kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *args,
                *consts.values())
 
@@ -706,11 +737,13 @@ def w4a16_linear_triton(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | N
         join = cfg.get("join", True)
         if not join and bkw < 16:
             raise ValueError("the split (join=False) mma kernel needs block_kw >= 16 (tl.dot's minimum K)")
+        one = _one_group(p, bkw, k_split)
+        fold = bool(cfg.get("fold", False)) and one and cfg.get("swap", False)  # else the dequantizing form
         _launch(_mma_kernel, (triton.cdiv(M, bm) * triton.cdiv(N, bn), split), args + [magic],
                 dict(BITS=bits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, USE_PART=split > 1,
-                     GROUP_M=cfg.get("group_m", 8), ONE_GROUP=_one_group(p, bkw, k_split),
-                     HAS_BIAS=bias is not None, SWAP=cfg.get("swap", False), JOIN=join, HALF_DQ=half,
-                     HALF_BASE=base, DOT_F32=backend.interpreting()), nw, ns)
+                     GROUP_M=cfg.get("group_m", 8), ONE_GROUP=one, HAS_BIAS=bias is not None,
+                     SWAP=cfg.get("swap", False), JOIN=join, HALF_DQ=half, HALF_BASE=base,
+                     DOT_F32=backend.interpreting(), FOLD=fold), nw, ns)
     else:
         raise ValueError(f"unknown w4a16 kernel {kind!r}")
     if split > 1:
