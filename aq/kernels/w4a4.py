@@ -15,13 +15,16 @@ Public API
   zero int32 [...], code_sum int32 [...] (sum of each token's codes). y is x itself (``norm=None``), or
   ``norm(x) * norm_weight (+ norm_bias)`` with ``norm="rms"`` or ``"layer"``; then optionally times a diagonal
   (``transform`` of shape [K]) or right-multiplied block by block by a block-diagonal matrix (``transform`` of shape
-  [K // h, h, h]: ``y[:, b*h:(b+1)*h] @ transform[b]``; h a power of two >= 16). Everything happens in one kernel; the
-  normalized activation never goes to memory.
+  [K // h, h, h]: ``y[:, b*h:(b+1)*h] @ transform[b]``; h a power of two >= 16). Without a block-diagonal transform
+  it is one kernel and the normalized row never goes to memory; a block-diagonal transform takes two kernels (the
+  products, block-parallel, through a float32 buffer, then the norm and quantization). Rows longer than 16384 go
+  through a chunked kernel. bits 2..7 (codes must fit an int8 operand).
 - ``w4a4_matmul(a: QuantizedActivation, weight: W4A4Weight, bias=None, out_dtype=torch.float16) -> y [..., N]``
   y = ((qa - za) sa) ((qw - zw) sw)^T + bias. ``out_dtype=torch.int32`` returns the exact integer sum_k (qa-za)(qw-zw).
 - ``w4a4_linear(x, weight, bias=None, *, abits=4, a_symmetric=False, norm=..., transform=..., out_dtype=None)``:
   both steps; out_dtype defaults to x's dtype (float32 for float32 inputs).
-- References in plain torch beside them: ``quantize_activation_reference``, ``w4a4_matmul_reference``.
+- References in plain torch beside them: ``quantize_activation_reference``, ``w4a4_matmul_reference``. Also
+  ``pick_config(M, N, K, device)`` (the dispatch) and ``unpack_weight_int8``.
 All calls go through ``aq.backend``: compiled Triton on CUDA, interpreted Triton on CPU under TRITON_INTERPRET=1, the
 torch references otherwise.
 
@@ -35,10 +38,23 @@ Formats
   sum_k (qa - za)(qw - zw) = acc - za * Rw[n] - zw[n] * Ra[m] + K za zw, Rw the weight code row sums (pack time) and
   Ra the activation code row sums (written by the quantization kernel). All of it is exact int32; one float multiply
   by sa * sw, plus bias, gives the output.
+- Activation codes are exact: min/max, scale and zero point follow aq.primitives operation by operation; the division
+  y / scale is correctly rounded (an IEEE reciprocal per row, then one FMA refinement step per element in compiled code,
+  tl.div_rn in the interpreter), so codes equal those of aq.primitives on the CPU. (torch on CUDA divides a tensor by a
+  Python scalar through its reciprocal, so primitives run on a GPU can differ from the CPU by an ulp in the scale:
+  compare kernels with the CPU reference.) Fused norms/transforms round differently from the float32 reference and
+  may move a code by one at a near-tie.
 
-Dispatch by M lives in ``pick_config`` alone: small M runs a "swap" kernel (the weight tile is the MxK operand of the
-dot, the few tokens the N side), larger M the plain tiled kernel; block shapes per M bucket come from
-``configs/w4a4-<gpu>.json`` when present (written from bench/w4a4.py measurements), else from the defaults below.
+GEMM kernels and dispatch
+-------------------------
+Dispatch by M lives in ``pick_config`` alone: small M runs the "swap" form (the weight tile is the wide side of the
+dot, the few tokens the narrow side), larger M the plain tiled form; per M bucket the block shapes and options come
+from ``configs/w4a4-<gpu>.json`` when present (written by ``bench/w4a4.py sweep``), else from DEFAULT_CONFIGS (the
+H100 winners). Options: TMA (tensor-descriptor loads; used when K % 32 == 0 and the K tiles divide), W8 (large M: the
+weight is unpacked to int8 in one extra pass, so both operands go straight from TMA to the tensor cores), SPLIT (split-K
+with self-resetting per-device tile counters: one such GEMM at a time per device; allocate them outside CUDA-graph
+capture by calling once first). Measured on the H100 (bench/results/w4a4.md): 1.9-3.0x cuBLAS bf16 at M <= 16 for the
+GEMM alone, 1.10-1.34x at M >= 2048 (above cuBLAS int8).
 """
 from __future__ import annotations
 
@@ -58,6 +74,7 @@ from aq import backend, primitives
 __all__ = [
     "W4A4Weight", "QuantizedActivation", "pack_w4a4_weight", "unpack_w4a4_codes", "quantize_activation",
     "quantize_activation_reference", "w4a4_matmul", "w4a4_matmul_reference", "w4a4_linear", "pick_config",
+    "unpack_weight_int8",
 ]
 
 _NORMS = {None: 0, "rms": 1, "layer": 2}
@@ -769,7 +786,7 @@ DEFAULT_CONFIGS = [  # the H100 winners of bench/w4a4.py sweep (2026-11, see ben
          TMA=True),
     dict(max_m=512, kernel="tile", BLOCK_M=128, BLOCK_N=128, BLOCK_KH=128, GROUP_M=8, num_warps=8, num_stages=3,
          TMA=True),
-    dict(max_m=None, kernel="tile", BLOCK_M=128, BLOCK_N=256, BLOCK_KH=64, GROUP_M=8, num_warps=8, num_stages=3,
+    dict(max_m=None, kernel="tile", BLOCK_M=128, BLOCK_N=256, BLOCK_KH=64, GROUP_M=8, num_warps=8, num_stages=4,
          TMA=True, W8=True),
 ]
 # The interpreter's cost is programs x steps: few, large blocks there.
