@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from aq.config import QuantConfig
 from aq.kernels.fake_quant import fake_quant
-from aq.primitives import check_group_size, choose_qparams, quantize
+from aq.primitives import check_group_size, choose_qparams, dequantize, quantize
 
 
 class FakeQuantLinear(nn.Module):
@@ -38,7 +38,8 @@ class FakeQuantLinear(nn.Module):
         """Round-to-nearest: quantize linear's weight with min/max qparams."""
         w = linear.weight.detach()
         scale, zero = choose_qparams(w, wbits, group_size, symmetric)
-        w_fq = fake_quant(w, wbits, group_size, symmetric)
+        # dequantize from the very scale/zero kept here, so codes() recovers exactly these codes on any device
+        w_fq = dequantize(quantize(w, scale, zero, wbits, group_size), scale, zero, group_size, w.dtype)
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(w_fq, bias, scale, zero, wbits, group_size, abits)
 
