@@ -63,12 +63,14 @@ def choose_qparams(
         xmin = xmin * clip_min
     if symmetric:
         amax = torch.maximum(xmax.abs(), xmin.abs())
-        scale = (amax / (2 ** (bits - 1) - 1)).clamp(min=SCALE_EPS)
+        scale = (amax / torch.full_like(amax, 2 ** (bits - 1) - 1)).clamp(min=SCALE_EPS)
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
         xmin = xmin.clamp(max=0)
         xmax = xmax.clamp(min=0)
-        scale = ((xmax - xmin) / (2**bits - 1)).clamp(min=SCALE_EPS)
+        # a tensor divisor: torch on CUDA turns division by a Python scalar into a multiply by its reciprocal,
+        # which is 1 ulp off IEEE division (what the CPU and the kernels compute) for many values
+        scale = ((xmax - xmin) / torch.full_like(xmax, 2**bits - 1)).clamp(min=SCALE_EPS)
         zero = torch.round(-xmin / scale)
     return scale, zero
 
