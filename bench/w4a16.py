@@ -87,6 +87,10 @@ def _run_checks(cases):
             torch.cuda.synchronize()
             err = float((y.float() - ref).norm() / ref.norm())
             finite = bool(torch.isfinite(y).all()) and bool(torch.equal(y, y2))
+            for _ in range(3):  # the dispatcher's own choice; the later calls run the cached plan
+                y3 = W.w4a16_linear(x, p, bias)
+            torch.cuda.synchronize()
+            err = max(err, float((y3.float() - ref).norm() / ref.norm()))
             exact = None
             if cfg["kernel"] == "dequant":  # the dequantized weight itself must be bit-identical to the reference
                 exact = bool(torch.equal(W.dequantize_weight_triton(p, dtype, cfg), W.dequantize_weight(p, dtype)))
@@ -189,6 +193,7 @@ def bench(out_dir: Path, shapes, ms, reps: int) -> dict:
                                      [lambda a=a, b=b: torch._weight_int4pack_mm(x, a, 128, b) for a, b in tq], bytes_q)
             row = dict(K=K, N=N, M=M, cfg=cfg)
             for name, (fn, calls, wbytes) in fns.items():
+                fn(), fn()  # the error is taken on a warm call (aq: the cached launch plan)
                 err = float((fn().float() - ref).norm() / ref.norm())
                 t_db = tt.do_bench(fn, warmup=10, rep=reps, return_mode="median") * 1e3
                 t_g = graph_time(calls, reps=10)

@@ -625,19 +625,36 @@ def select_config(M: int, p: PackedWeight, x: torch.Tensor) -> dict:
 # ----------------------------------------------------------------------------------------------------------- launch
 _FP32_MAGIC = 0x4B000000  # the bits of the fp32 2^23: OR-ing an integer c < 2^23 into them reads 2^23 + c
 _COMPILED: dict = {}  # launch key -> Triton CompiledKernel (fast path that skips Triton's Python launcher)
+_PLANS: dict = {}  # call key -> _Plan: everything about a small-M call but its tensors, decided once
 
 
 def _spec(a) -> object:
-    """What Triton specializes an argument on (conservatively: alignment of pointers, % 16 and == 1 of ints)."""
+    """What Triton specializes an argument on, conservatively: pointer dtype and 16-byte alignment; for ints % 16,
+    == 1 and 32-bit range."""
     if isinstance(a, torch.Tensor):
-        return a.data_ptr() % 16 == 0
+        return (a.dtype, a.data_ptr() % 16 == 0)
     if isinstance(a, int):
-        return (a % 16 == 0, a == 1)
-    return None
+        return (a % 16 == 0, a == 1, -(2**31) <= a < 2**31)
+    return type(a)
 
 
-def _launch(fn, grid: tuple, args: list, consts: dict, num_warps: int = 4, num_stages: int = 3) -> None:
-    """fn[grid](*args, **consts), compiled Triton's launch path minus its per-call Python work.
+def _hooks() -> tuple:
+    enter, leave = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
+    active = bool(getattr(enter, "calls", enter)) or bool(getattr(leave, "calls", leave))
+    return (enter, leave) if active else (None, None)
+
+
+def _run_compiled(kernel, grid: tuple, args: list, device_index: int) -> None:
+    g = tuple(grid) + (1,) * (3 - len(grid))
+    stream = torch._C._cuda_getCurrentRawStream(device_index)  # what Triton's launcher itself uses
+    enter, leave = _hooks()
+    meta = kernel.launch_metadata(g, stream, *args) if enter is not None else None
+    kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, meta, enter, leave, *args)
+
+
+def _launch(fn, grid: tuple, args: list, consts: dict, num_warps: int = 4, num_stages: int = 3):
+    """fn[grid](*args, **consts), minus the per-call Python work of Triton's launcher; returns the compiled kernel
+    (None in the interpreter).
 
     The first launch of a (kernel, constants, argument specialization) goes through Triton's launcher, which compiles
     (or loads from its cache) and returns the compiled kernel; later launches call that kernel's C launcher directly
@@ -647,20 +664,16 @@ def _launch(fn, grid: tuple, args: list, consts: dict, num_warps: int = 4, num_s
     """
     if not args[0].is_cuda:
         fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
-        return
+        return None
     key = (fn, num_warps, num_stages, args[0].device.index, tuple(consts.values()), tuple(_spec(a) for a in args))
     kernel = _COMPILED.get(key)
     if kernel is None:
         kernel = fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
         if kernel is not None and hasattr(kernel, "launch_metadata"):
             _COMPILED[key] = kernel
-        return
-    g = tuple(grid) + (1,) * (3 - len(grid))
-    stream = torch._C._cuda_getCurrentRawStream(args[0].device.index)  # what Triton's launcher itself uses
-    enter, leave = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
-    meta = kernel.launch_metadata(g, stream, *args, *consts.values()) if enter is not None else None
-    kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, meta, enter, leave, *args,
-               *consts.values())
+        return kernel
+    _run_compiled(kernel, grid, list(args) + list(consts.values()), args[0].device.index)
+    return kernel
 
 
 def _half_dq(cfg: dict, x: torch.Tensor, p: PackedWeight) -> tuple[bool, int, float]:
@@ -708,6 +721,15 @@ def w4a16_linear_triton(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | N
     M, N, K = x2.shape[0], p.N, p.K
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
+    if config is None and x2.is_cuda:
+        pkey = (M, N, K, p.bits, p.group_size, x2.dtype, p.dtype, x2.stride(0), x2.device.index,
+                None if bias is None else _spec(bias),
+                tuple(t.data_ptr() % 16 == 0 for t in (x2, p.qweight, p.scales, p.zeros)))
+        plan = _PLANS.get(pkey)
+        if plan is not None and _hooks()[0] is None:
+            return plan(x2, p, bias).reshape(*x.shape[:-1], N)
+    else:
+        pkey = None
     cfg = config if config is not None else select_config(M, p, x2)
     kind = cfg["kernel"]
     if kind == "dequant":
@@ -726,10 +748,12 @@ def w4a16_linear_triton(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | N
     args = [x2, p.qweight, p.scales, p.zeros, b, y, part, M, N, K, KW, G, k_split, x2.stride(0)]
     nw, ns = cfg.get("num_warps", 4), cfg.get("num_stages", 3)
     if kind == "gemv":
-        _launch(_gemv_kernel, (M, triton.cdiv(N, cfg["block_n"]), split), args + [_FP32_MAGIC],
-                dict(BITS=bits, BLOCK_N=cfg["block_n"], BLOCK_KW=bkw, USE_PART=split > 1,
+        grid = (M, triton.cdiv(N, cfg["block_n"]), split)
+        consts = dict(BITS=bits, BLOCK_N=cfg["block_n"], BLOCK_KW=bkw, USE_PART=split > 1,
                      ONE_GROUP=_one_group(p, bkw, k_split), HAS_BIAS=bias is not None,
-                     PREFETCH=cfg.get("prefetch", False)), nw, ns)
+                     PREFETCH=cfg.get("prefetch", False))
+        main = _launch(_gemv_kernel, grid, args + [_FP32_MAGIC], consts, nw, ns)
+        extra = [_FP32_MAGIC]
     elif kind == "mma":
         half, magic, base = _half_dq(cfg, x2, p)
         bm, bn = cfg["block_m"], cfg["block_n"]
@@ -738,18 +762,46 @@ def w4a16_linear_triton(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | N
             raise ValueError("the split (join=False) mma kernel needs block_kw >= 16 (tl.dot's minimum K)")
         one = _one_group(p, bkw, k_split)
         fold = bool(cfg.get("fold", False)) and one and cfg.get("swap", False)  # else the dequantizing form
-        _launch(_mma_kernel, (triton.cdiv(M, bm) * triton.cdiv(N, bn), split), args + [magic],
-                dict(BITS=bits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, USE_PART=split > 1,
-                     GROUP_M=cfg.get("group_m", 8), ONE_GROUP=one, HAS_BIAS=bias is not None,
-                     SWAP=cfg.get("swap", False), JOIN=join, HALF_DQ=half, HALF_BASE=base,
-                     DOT_F32=backend.interpreting(), FOLD=fold), nw, ns)
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
+        consts = dict(BITS=bits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, USE_PART=split > 1,
+                      GROUP_M=cfg.get("group_m", 8), ONE_GROUP=one, HAS_BIAS=bias is not None,
+                      SWAP=cfg.get("swap", False), JOIN=join, HALF_DQ=half, HALF_BASE=base,
+                      DOT_F32=backend.interpreting(), FOLD=fold)
+        main = _launch(_mma_kernel, grid, args + [magic], consts, nw, ns)
+        extra = [magic]
     else:
         raise ValueError(f"unknown w4a16 kernel {kind!r}")
+    red = None
     if split > 1:
         MN = M * N
-        _launch(_splitk_reduce_kernel, (triton.cdiv(MN, 1024),), [part, b, y, MN, N, split],
-                dict(HAS_BIAS=bias is not None, BLOCK=1024), 4, 1)
+        red = _launch(_splitk_reduce_kernel, (triton.cdiv(MN, 1024),), [part, b, y, MN, N, split],
+                      dict(HAS_BIAS=bias is not None, BLOCK=1024), 4, 1)
+    if pkey is not None and main is not None and (split == 1 or red is not None):
+        _PLANS[pkey] = _Plan(main, grid, extra + list(consts.values()), red, split, k_split)
     return y.reshape(*x.shape[:-1], N)
+
+
+class _Plan:
+    """A decided small-M call: compiled kernels, grids and constants; per call only the output (and split-K
+    partials) are allocated and the C launchers called (a few us of host time)."""
+
+    def __init__(self, main, grid, tail, red, split, k_split):
+        self.main, self.grid, self.tail, self.red, self.split, self.k_split = main, grid, tail, red, split, k_split
+
+    def __call__(self, x2, p, bias):
+        M, N, K = x2.shape[0], p.N, p.K
+        y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+        b = bias if bias is not None else y
+        part = torch.empty(self.split, M, N, device=x2.device, dtype=torch.float32) if self.split > 1 else y
+        dev = x2.device.index
+        _run_compiled(self.main, self.grid, [x2, p.qweight, p.scales, p.zeros, b, y, part, M, N, K,
+                                             p.qweight.shape[1], p.group_size, self.k_split, x2.stride(0)]
+                      + self.tail, dev)
+        if self.split > 1:
+            MN = M * N
+            _run_compiled(self.red, (triton.cdiv(MN, 1024),), [part, b, y, MN, N, self.split, bias is not None,
+                                                                1024], dev)
+        return y
 
 
 def w4a16_linear(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None,
