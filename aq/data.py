@@ -123,3 +123,101 @@ def calib_segments(tokenizer, name: str, nsamples: int, seqlen: int, seed: int =
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+# ------------------------------------------------------------------------------------------------- zero-shot tasks
+# The six zero-shot tasks of the AffineQuant paper. Every task loads as a list of examples
+#   {"contexts": [str, ...], "continuations": [str, ...], "gold": int, "choices": [str, ...]}
+# (one (context, continuation) pair per option; the answer is the option whose continuation is most likely).
+# Prompts follow lm-eval's templates: an "Answer:" cue after the question for PIQA, ARC and BoolQ, the continuation
+# separated from its context by one space; WinoGrande is partial scoring (the same continuation after each context).
+ZEROSHOT_TASKS = ("piqa", "arc_easy", "arc_challenge", "boolq", "hellaswag", "winogrande")
+_HUB_ZEROSHOT = {  # (dataset, config, split) on the Hugging Face hub
+    "piqa": ("ybisk/piqa", None, "validation"),
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test"),
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test"),
+    "boolq": ("super_glue", "boolq", "validation"),
+    "hellaswag": ("Rowan/hellaswag", None, "validation"),
+    "winogrande": ("allenai/winogrande", "winogrande_xl", "validation"),
+}
+
+
+def _hellaswag_clean(text: str) -> str:
+    import re
+
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _from_hub(task: str, row: dict) -> dict:
+    """A hub row in the local files' format ({"query", "choices", "gold"} or winogrande's fields)."""
+    if task == "piqa":
+        return {"query": f"Question: {row['goal']}\n", "choices": [row["sol1"], row["sol2"]], "gold": int(row["label"])}
+    if task.startswith("arc"):
+        labels = list(row["choices"]["label"])
+        return {"query": f"Question: {row['question']}", "choices": list(row["choices"]["text"]),
+                "gold": labels.index(row["answerKey"])}
+    if task == "boolq":
+        return {"query": f"Passage: {row['passage']}\nQuestion: {row['question']}?", "choices": ["no", "yes"],
+                "gold": int(row["label"])}
+    if task == "hellaswag":
+        ctx = f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b']}"
+        return {"query": _hellaswag_clean(ctx), "choices": [_hellaswag_clean(e) for e in row["endings"]],
+                "gold": int(row["label"])}
+    if task == "winogrande":
+        s = row["sentence"]
+        i = s.index("_")
+        return {"context_options": [s[:i] + row["option1"], s[:i] + row["option2"]],
+                "continuation": s[i + 1:].strip(), "gold": int(row["answer"]) - 1}
+    raise ValueError(task)
+
+
+def _zeroshot_example(task: str, row: dict) -> dict:
+    """A stored row -> {"contexts", "continuations", "gold", "choices"} (the prompts lm-eval scores)."""
+    if task == "winogrande":
+        ctxs = list(row["context_options"])
+        return {"contexts": ctxs, "continuations": [" " + row["continuation"]] * len(ctxs), "gold": int(row["gold"]),
+                "choices": ctxs}
+    q, choices = row["query"], list(row["choices"])
+    if task in ("piqa", "arc_easy", "arc_challenge", "boolq"):
+        q = q + ("Answer:" if q.endswith("\n") else "\nAnswer:")
+    return {"contexts": [q] * len(choices), "continuations": [" " + c for c in choices], "gold": int(row["gold"]),
+            "choices": choices}
+
+
+def load_zeroshot(task: str, limit: int | None = None) -> list[dict]:
+    """Examples of a zero-shot task (see ZEROSHOT_TASKS), from $AQ_DATA_DIR/zeroshot/<task>.jsonl when the variable
+    is set, else from the hub. limit: the first N examples (in file order)."""
+    if task not in ZEROSHOT_TASKS:
+        raise ValueError(f"unknown zero-shot task {task!r}: use one of {', '.join(ZEROSHOT_TASKS)}")
+    import datasets
+
+    root = data_dir()
+    if root is not None:
+        f = root / "zeroshot" / f"{task}.jsonl"
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found in {DATA_ENV}={root}")
+        rows = list(datasets.load_dataset("json", data_files=str(f), split="train"))
+    else:
+        name, config, split = _HUB_ZEROSHOT[task]
+        try:
+            ds = datasets.load_dataset(name, config, split=split)
+        except Exception as e:
+            raise FileNotFoundError(
+                f"zero-shot task {task!r} is not reachable: {DATA_ENV} is not set and the hub failed "
+                f"({type(e).__name__}: {e}). Set {DATA_ENV} to a local data folder with zeroshot/{task}.jsonl."
+            ) from e
+        rows = [_from_hub(task, r) for r in ds]
+    if limit is not None:
+        rows = rows[:limit]
+    out = []
+    for i, r in enumerate(rows):
+        try:
+            ex = _zeroshot_example(task, r)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{task} row {i} is malformed ({type(e).__name__}: {e})") from None
+        if not 0 <= ex["gold"] < len(ex["contexts"]):
+            raise ValueError(f"{task} row {i}: gold {ex['gold']} is not one of its {len(ex['contexts'])} options")
+        out.append(ex)
+    return out

@@ -1,0 +1,372 @@
+"""Quantized checkpoints: what ``python -m aq.calibrate --out DIR`` writes, and how it is loaded back.
+
+Format (version 1)
+==================
+A checkpoint is a folder::
+
+    DIR/
+      config.json            the base model's Hugging Face config (model.config.to_json_file)
+      model.safetensors      every tensor (below)
+      quant_config.json      the manifest: format, version, QuantConfig, per-layer settings, integrity; written LAST
+      tokenizer files        optional (tokenizer.json, tokenizer_config.json, ...) when a tokenizer was given
+
+Tensors in ``model.safetensors`` (names are the model's module names, e.g. ``model.layers.0.self_attn.q_proj``):
+
+- For each quantized linear ``L`` (a FakeQuantLinear of the calibrated model), with N outputs, K inputs, wbits b and
+  group size g (g = K when quantized per output channel):
+
+  | tensor | dtype | shape | meaning |
+  |---|---|---|---|
+  | ``L.qweight`` | uint8 | [N, K * c / 8] | the integer codes q in [0, 2^b - 1], packed along K: c = 2 bits per code for b = 2, 4 for b = 3, 4, 8 for b = 5..8; code k of row n sits in byte k // (8 / c) at bit offset c * (k % (8 / c)) (lowest bits first) |
+  | ``L.scale`` | float32 | [N, K / g] | the scale s of each group, exactly as calibration produced it |
+  | ``L.zero`` | uint8 | [N, K / g] | the integer zero point z of each group |
+  | ``L.bias`` | model dtype | [N] | present when the layer has a bias (calibration's shifts are merged into it) |
+
+  The weight is w = (q - z) * s, per group of g consecutive input columns. Activation bits (abits; 16 = weight-only)
+  and the rest of the layer's settings are in the manifest.
+- For each norm that carries a transform left after calibration (a norm-side A^-1 that could not be folded), at norm
+  site ``S``: ``S.norm.<param>`` (the norm's own parameters) and ``S.transform`` (float32): [K] for a diagonal,
+  [K / h, h, h] for a block-diagonal (output block b = input block b @ T[b]) or [K, K] for a full matrix, always
+  right-multiplied: norm_out @ T.
+- Every other tensor of the model's state dict (embeddings, norms, lm_head, ...) under its own name, in its own dtype.
+  Tensors shared by several names (tied embeddings) are stored once; the manifest's ``aliases`` maps the other names.
+
+``quant_config.json``::
+
+    {"format": "aq-checkpoint", "version": 1,
+     "quant_config": {"wbits": 4, "abits": 16, "group_size": 64, "symmetric": false, "mode": "rtn", ...},
+     "base_model": "smollm2", "model_type": "llama", "architectures": ["LlamaForCausalLM"], "dtype": "float32",
+     "linears": {"model.layers.0.self_attn.q_proj": {"in_features": 576, "out_features": 576, "wbits": 4,
+                 "group_size": 64, "abits": 16, "bias": false}, ...},
+     "norm_transforms": {"model.layers.0.input_layernorm": {"form": "blockdiag", "shape": [9, 64, 64]}, ...},
+     "aliases": {"lm_head.weight": "model.embed_tokens.weight"},
+     "tensors": {"file": "model.safetensors", "bytes": 123456789, "sha256": "..."}}
+
+Loading
+=======
+``load_checkpoint(DIR)`` builds the model from ``config.json`` (no base weights needed: the checkpoint holds every
+tensor), puts back each quantized linear as a FakeQuantLinear (the fake-quantized model calibration produced: same
+codes, same fp32 scales) and each norm transform as aq.patch.TransformedNorm, and with ``patch=True`` hands the model to
+aq.patch.patch_model (kernel-backed modules). ``load_checkpoint(DIR, model=m)`` loads into an existing model of the
+same architecture instead, after checking that its config and every linear's shape match.
+Refused with a clear message: a folder without a manifest (e.g. a write that did not finish), an unknown format or
+version, a tensors file whose size or sha256 differs from the manifest (truncated or altered), missing or unexpected
+tensors, and a model whose config or layer shapes differ from the checkpoint's.
+Every file is written to a temporary name and renamed into place; the manifest goes last, so a folder with a manifest
+is a complete checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from aq import primitives
+from aq.calib.rtn import FakeQuantLinear
+from aq.config import QuantConfig
+
+FORMAT = "aq-checkpoint"
+VERSION = 1
+MANIFEST = "quant_config.json"
+TENSORS = "model.safetensors"
+HF_CONFIG = "config.json"
+# config fields that fix tensor shapes: a model to load into must agree on those it has
+SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "vocab_size", "ffn_dim", "word_embed_proj_dim", "tie_word_embeddings")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded (incomplete, corrupted, or not for this model)."""
+
+
+# ------------------------------------------------------------------------------------------------------ code packing
+def code_container(bits: int) -> int:
+    primitives.check_bits(bits)
+    return 2 if bits == 2 else 4 if bits <= 4 else 8
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [N, K] -> uint8 [N, K * c / 8] (layout in the module doc)."""
+    c = code_container(bits)
+    per = 8 // c
+    N, K = codes.shape
+    if K % per:
+        raise ValueError(f"K={K} is not a multiple of {per} ({bits}-bit codes are stored {per} per byte)")
+    q = codes.to(torch.int32).view(N, K // per, per)
+    shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * c
+    return (q << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
+    c = code_container(bits)
+    per = 8 // c
+    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * c
+    q = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & (2**c - 1)
+    return q.reshape(packed.shape[0], -1)[:, :K].to(torch.uint8)
+
+
+# ------------------------------------------------------------------------------------------------------------ helpers
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point() and p.device.type != "meta":
+            return p.dtype
+    return torch.float32
+
+
+def _norm_sites(model: nn.Module) -> list[str]:
+    from aq import models
+
+    arch = models.arch_of(model)
+    n = len(model.get_submodule(arch.layers))
+    return [f"{arch.layers}.{i}.{s}" for i in range(n) for s in (arch.attn_norm, arch.mlp_norm)]
+
+
+# --------------------------------------------------------------------------------------------------------------- save
+@torch.no_grad()
+def save_checkpoint(model: nn.Module, cfg: QuantConfig, out_dir: str | os.PathLike, tokenizer=None,
+                    base_model: str | None = None) -> Path:
+    """Write the calibrated (fake-quantized) `model` and its QuantConfig to out_dir (format in the module doc)."""
+    from safetensors.torch import save_file
+
+    from aq.patch import split_norm, transform_form
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST).exists():
+        (out / MANIFEST).unlink()  # the folder is not a valid checkpoint until the new manifest lands
+    tensors: dict[str, torch.Tensor] = {}
+    linears: dict[str, dict] = {}
+    covered: set[str] = set()  # state-dict prefixes written in the quantized form
+    for name, m in model.named_modules():
+        if isinstance(m, FakeQuantLinear):
+            codes = m.codes()
+            tensors[f"{name}.qweight"] = pack_codes(codes, m.wbits)
+            tensors[f"{name}.scale"] = m.scale.float()
+            tensors[f"{name}.zero"] = m.zero.round().to(torch.uint8)
+            if m.bias is not None:
+                tensors[f"{name}.bias"] = m.bias
+            linears[name] = dict(in_features=m.in_features, out_features=m.out_features, wbits=m.wbits,
+                                 group_size=m.group_size, abits=m.abits, bias=m.bias is not None,
+                                 symmetric=bool(getattr(m, "symmetric", False)))
+            covered.add(name + ".")
+    if not linears:
+        raise ValueError("the model has no FakeQuantLinear modules: nothing quantized to save")
+    norm_transforms: dict[str, dict] = {}
+    for site in _norm_sites(model):
+        mod = model.get_submodule(site)
+        norm, t = split_norm(mod)
+        if t is None:
+            continue
+        for k, v in norm.state_dict().items():
+            tensors[f"{site}.norm.{k}"] = v
+        tensors[f"{site}.transform"] = t.float()
+        norm_transforms[site] = dict(form=transform_form(t), shape=list(t.shape))
+        covered.add(site + ".")
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for k, v in model.state_dict().items():
+        if any(k.startswith(p) for p in covered):
+            continue
+        key = (v.data_ptr(), v.numel(), v.dtype, tuple(v.shape))
+        if v.numel() and key in seen:
+            aliases[k] = seen[key]
+            continue
+        seen[key] = k
+        tensors[k] = v
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+    tmp = out / (TENSORS + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
+    os.replace(tmp, out / TENSORS)
+    _atomic_write_bytes(out / HF_CONFIG, model.config.to_json_string(use_diff=False).encode())
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    manifest = {
+        "format": FORMAT, "version": VERSION, "quant_config": cfg.to_dict(), "base_model": base_model,
+        "model_type": model.config.model_type, "architectures": getattr(model.config, "architectures", None)
+        or [type(model).__name__], "dtype": _dtype_name(_model_dtype(model)),
+        "linears": linears, "norm_transforms": norm_transforms, "aliases": aliases,
+        "tensors": {"file": TENSORS, "bytes": (out / TENSORS).stat().st_size, "sha256": _sha256(out / TENSORS)},
+    }
+    _atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------- load
+def read_manifest(ckpt_dir: str | os.PathLike) -> dict:
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint folder {d} does not exist")
+    p = d / MANIFEST
+    if not p.is_file():
+        raise CheckpointError(f"{d} is not a complete aq checkpoint: {MANIFEST} is missing (the manifest is written "
+                              "last, so the write that made this folder did not finish)")
+    try:
+        man = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p} is not valid JSON ({e}): the checkpoint is damaged") from None
+    if man.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: not an aq checkpoint (format {man.get('format')!r})")
+    if man.get("version") != VERSION:
+        raise CheckpointError(f"{p}: checkpoint format version {man.get('version')} is not supported "
+                              f"(this aq reads version {VERSION})")
+    return man
+
+
+def _check_tensor_file(d: Path, man: dict, verify_hash: bool) -> Path:
+    info = man["tensors"]
+    f = d / info["file"]
+    if not f.is_file():
+        raise CheckpointError(f"{f} is missing")
+    size = f.stat().st_size
+    if size != info["bytes"]:
+        what = "truncated" if size < info["bytes"] else "longer than written"
+        raise CheckpointError(f"{f} is {what}: {size} bytes, the manifest says {info['bytes']}")
+    if verify_hash and _sha256(f) != info["sha256"]:
+        raise CheckpointError(f"{f} does not match the sha256 in the manifest: the file was altered or damaged")
+    return f
+
+
+def _check_config(model: nn.Module, saved: dict) -> None:
+    cur = model.config.to_dict()
+    diffs = [f"{k}: checkpoint {saved[k]!r}, model {cur[k]!r}" for k in SHAPE_KEYS
+             if k in saved and k in cur and saved[k] != cur[k]]
+    if diffs:
+        raise CheckpointError("the checkpoint was made for another model: " + "; ".join(diffs))
+
+
+def _build_model(d: Path, dtype: torch.dtype, device):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(str(d))
+    with no_init_weights(), torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # no_init_weights skips init_weights, which is where tying happens
+    return model.eval()
+
+
+@torch.no_grad()
+def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module | None = None, *, device="cpu",
+                    dtype: torch.dtype | None = None, patch: bool = False, verify_hash: bool = True,
+                    **patch_kw) -> nn.Module:
+    """Load a checkpoint written by save_checkpoint: the fake-quantized model (patch=False) or the kernel-backed one.
+
+    model: load into this model (same architecture, checked) instead of building one from the saved config.
+    dtype: dtype of the float tensors (default: the one saved). patch_kw go to aq.patch.patch_model.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from aq.patch import TransformedNorm, patch_model
+
+    d = Path(ckpt_dir)
+    man = read_manifest(d)
+    f = _check_tensor_file(d, man, verify_hash)
+    saved_cfg = json.loads((d / HF_CONFIG).read_text()) if (d / HF_CONFIG).is_file() else None
+    if saved_cfg is None:
+        raise CheckpointError(f"{d / HF_CONFIG} is missing")
+    if saved_cfg.get("model_type") != man.get("model_type"):
+        raise CheckpointError(f"{d}: config.json and the manifest disagree on the model type")
+    dtype = dtype or getattr(torch, man.get("dtype", "float32"))
+    try:
+        tensors = load_file(str(f), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{f} cannot be read ({e}): the file is damaged") from None
+
+    if model is None:
+        model = _build_model(d, dtype, "cpu")
+    else:
+        _check_config(model, saved_cfg)
+    qcfg = QuantConfig(**{k: v for k, v in man["quant_config"].items() if k in QuantConfig.__dataclass_fields__})
+
+    # quantized linears -> FakeQuantLinear, after checking the model has them with these shapes
+    problems = []
+    for name, info in man["linears"].items():
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            problems.append(f"{name}: no such module in the model")
+            continue
+        shape = (getattr(lin, "out_features", None), getattr(lin, "in_features", None))
+        if shape != (info["out_features"], info["in_features"]):
+            problems.append(f"{name}: model has {shape}, checkpoint {(info['out_features'], info['in_features'])}")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise CheckpointError("the checkpoint does not match the model: " + "; ".join(problems[:5]) + more)
+
+    def take(key: str) -> torch.Tensor:
+        if key not in tensors:
+            raise CheckpointError(f"{f} has no tensor {key!r}: the checkpoint is incomplete")
+        return tensors.pop(key)
+
+    for name, info in man["linears"].items():
+        N, K, b, g = info["out_features"], info["in_features"], info["wbits"], info["group_size"]
+        codes = unpack_codes(take(f"{name}.qweight"), b, K)
+        scale, zero = take(f"{name}.scale").float(), take(f"{name}.zero").float()
+        ng = K // primitives.check_group_size(K, g)
+        if codes.shape != (N, K) or scale.shape != (N, ng) or zero.shape != (N, ng):
+            raise CheckpointError(f"{name}: stored tensors have the wrong shapes for [{N}, {K}] with groups of {g}")
+        w = primitives.dequantize(codes, scale, zero, g, dtype)
+        bias = take(f"{name}.bias").to(dtype) if info["bias"] else None
+        fq = FakeQuantLinear(w, bias, scale, zero, b, g, info["abits"])
+        fq.symmetric = info.get("symmetric", False)
+        parent, _, child = name.rpartition(".")
+        model.get_submodule(parent).register_module(child, fq)
+    for site, info in man.get("norm_transforms", {}).items():
+        if f"{site}.transform" not in tensors:
+            raise CheckpointError(f"{f} has no tensor '{site}.transform': the checkpoint is incomplete")
+        t = tensors[f"{site}.transform"]  # stays in `tensors`: it is part of the TransformedNorm's state
+        if list(t.shape) != info["shape"]:
+            raise CheckpointError(f"{site}.transform has shape {list(t.shape)}, the manifest says {info['shape']}")
+        mod = model.get_submodule(site)
+        norm = mod.norm if isinstance(mod, TransformedNorm) else mod
+        tn = TransformedNorm(norm, t)
+        parent, _, child = site.rpartition(".")
+        model.get_submodule(parent).register_module(child, tn)
+
+    # the rest: strict, so that a tensor missing from (or foreign to) the file is an error
+    for alias, target in man.get("aliases", {}).items():
+        if target not in tensors:
+            raise CheckpointError(f"alias {alias} -> {target}: {target} is not in {f}")
+        tensors[alias] = tensors[target]
+    sd_keys = set(model.state_dict().keys())
+    quant_keys = {k for k in sd_keys if any(k.startswith(n + ".") for n in man["linears"])}
+    rest_expected = sd_keys - quant_keys
+    missing = sorted(rest_expected - set(tensors))
+    unexpected = sorted(set(tensors) - rest_expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{f} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    rest = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".transform") else v
+            for k, v in tensors.items()}
+    model.load_state_dict(rest, strict=False)
+    model.to(device)
+    model.aq_quant_config = qcfg
+    if patch:
+        patch_model(model, **patch_kw)
+    return model.eval()

@@ -1,0 +1,447 @@
+"""patch_model: run a quantized model on aq's Triton kernels (real low-bit execution, not simulation).
+
+    model = aq.patch_model(model)                    # a model calibrated by aq (FakeQuantLinear modules)
+    model = aq.patch_model(model, QuantConfig(4, 16, 128))   # a plain FP model: round-to-nearest, packed directly
+
+What is replaced
+----------------
+- Every ``FakeQuantLinear`` (what calibration hands on, see aq.calib.rtn) becomes
+  - ``W4A16Linear`` when its abits >= 16: the codes are packed once (aq.kernels.w4a16 layout, scales and zeros in the
+    compute dtype) and every call runs the fused dequantize-matmul ``w4a16_linear``;
+  - ``W4A4Linear`` when abits < 16 (per-channel weights, wbits <= 4, abits <= 7): the weight codes are packed two per
+    byte and every call runs per-token activation quantization then the int8 tensor-core GEMM ``w4a4_matmul``.
+  With a QuantConfig, plain ``nn.Linear`` modules (all but lm_head) are quantized round-to-nearest with exactly the
+  qparams ``quantize_rtn`` would choose, so ``patch_model(m, cfg)`` equals ``patch_model(quantize_rtn(m, cfg))``.
+- lm_head and the token embedding stay as they are unless ``lm_head=True`` / ``embeddings=True`` (then they are
+  quantized round-to-nearest to W{wbits}A16 with the config's group size: W4A16Linear / ``QuantEmbedding``).
+- Norms (the architecture mapping of aq.models says which norm feeds which linears):
+  - a weight-only model whose norm carries a transform that cannot be folded (``TransformedNorm``, or calibration's
+    norm-side transform module, see ``split_norm``) gets a ``FusedNorm``: the norm and the diagonal or block-diagonal
+    transform in one Triton kernel (aq.kernels.norm), no dense d x d matmul; a full matrix stays a dense matmul
+    (TRANSFORM_FORMS states each form's cost);
+  - a weight-activation model (with ``fuse_norm=True``, the default) gets a ``DeferredNorm`` that returns its input
+    untouched: the consuming W4A4Linear modules quantize the raw residual stream with the norm (and its diagonal or
+    block-diagonal transform) fused into the quantization kernel, once per input (q, k and v share the codes).
+Runs on CPU (torch reference path, or interpreted Triton under TRITON_INTERPRET=1) and on CUDA (compiled Triton), and
+works with ``model.generate``. The patched modules keep their tensors as buffers, so ``model.to(device)`` moves them.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+from torch import nn
+
+from aq import models, primitives
+from aq.calib.rtn import FakeQuantLinear
+from aq.config import QuantConfig
+from aq.kernels import w4a4 as k4a4
+from aq.kernels import w4a16 as k4a16
+from aq.kernels.norm import norm_transform
+
+HALF = (torch.float16, torch.bfloat16)
+
+# What each form of a norm-side transform (A^-1 after a norm, left when it cannot be folded) costs at inference.
+TRANSFORM_FORMS = {
+    "diagonal": "a diagonal A: folded into the norm (inside the norm kernel), no inference cost",
+    "blockdiag": "block-diagonal A (blocks of h): applied inside the norm kernel, h MACs per channel per token "
+                 "(h/d of a dense matmul; e.g. h=128, d=4096: 3%), no extra pass over memory",
+    "full": "a full d x d A: a dense d x d matmul after each norm at inference in weight-only runs (for d=4096 about as "
+            "much work as the q projection, in 16 bits; it cannot be folded or fused)",
+}
+
+
+def transform_form(t: torch.Tensor | None) -> str | None:
+    """'diagonal' ([K]), 'blockdiag' ([K // h, h, h]) or 'full' ([K, K]) for a right-multiplied transform tensor."""
+    if t is None:
+        return None
+    if t.dim() == 1:
+        return "diagonal"
+    if t.dim() == 3 and t.shape[1] == t.shape[2]:
+        return "blockdiag"
+    if t.dim() == 2 and t.shape[0] == t.shape[1]:
+        return "full"
+    raise ValueError(f"a norm transform must be [K], [K // h, h, h] or [K, K], got shape {tuple(t.shape)}")
+
+
+def apply_transform(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """y @ T for T diagonal [K], block-diagonal [K // h, h, h] or full [K, K]; float32 arithmetic, y's dtype out."""
+    form = transform_form(t)
+    yf, tf = y.float(), t.float()
+    if form == "diagonal":
+        out = yf * tf
+    elif form == "blockdiag":
+        nb, h, _ = tf.shape
+        out = torch.einsum("...bi,bij->...bj", yf.reshape(*yf.shape[:-1], nb, h), tf).reshape(yf.shape)
+    else:
+        out = yf @ tf
+    return out.to(y.dtype)
+
+
+class TransformedNorm(nn.Module):
+    """A norm followed by a right-multiplied transform T (= A^-1): what a fake-quantized (calibrated) model holds where
+    a norm-side transform could not be folded. ``transform`` is [K] (diagonal), [K // h, h, h] or [K, K]."""
+
+    def __init__(self, norm: nn.Module, transform: torch.Tensor):
+        super().__init__()
+        self.norm = norm
+        transform_form(transform)
+        self.register_buffer("transform", transform.detach().float().clone())
+
+    @property
+    def form(self) -> str:
+        return transform_form(self.transform)
+
+    def forward(self, x):
+        return apply_transform(self.norm(x), self.transform)
+
+    def extra_repr(self):
+        return f"form={self.form}, shape={tuple(self.transform.shape)}"
+
+
+def split_norm(module: nn.Module) -> tuple[nn.Module, torch.Tensor | None]:
+    """(the norm, its right-multiplied transform tensor or None) of a norm site.
+
+    Recognized: a plain norm; TransformedNorm; and any module with a ``norm`` submodule and either a
+    ``transform_matrix()`` method or a ``transform`` tensor / submodule with a ``matrix()`` method or ``weight``,
+    the tensor being T with output = norm(x) @ T (shapes as TransformedNorm). This is the slot for calibration's
+    norm-side transform module.
+    """
+    if isinstance(module, TransformedNorm):
+        return module.norm, module.transform
+    norm = getattr(module, "norm", None)
+    if isinstance(norm, nn.Module):
+        t = None
+        if callable(getattr(module, "transform_matrix", None)):
+            t = module.transform_matrix()
+        else:
+            tr = getattr(module, "transform", None)
+            if isinstance(tr, torch.Tensor):
+                t = tr
+            elif isinstance(tr, nn.Module):
+                t = tr.matrix() if callable(getattr(tr, "matrix", None)) else getattr(tr, "weight", None)
+        if t is None:
+            raise ValueError(f"cannot read the transform of {type(module).__name__} (see aq.patch.split_norm)")
+        return norm, t.detach()
+    return module, None
+
+
+def norm_params(norm: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor | None, float]:
+    """(kind 'rms' | 'layer', weight, bias, eps) of an RMSNorm (LLaMA family) or nn.LayerNorm."""
+    if isinstance(norm, nn.LayerNorm):
+        if norm.weight is None:
+            raise ValueError("LayerNorm without an affine weight is not supported")
+        return "layer", norm.weight, norm.bias, float(norm.eps)
+    w = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if isinstance(w, torch.Tensor) and eps is not None and "rmsnorm" in type(norm).__name__.lower():
+        return "rms", w, None, float(eps)
+    raise ValueError(f"unsupported norm module {type(norm).__name__}: aq fuses RMSNorm and LayerNorm")
+
+
+# ------------------------------------------------------------------------------------------------------------ modules
+class W4A16Linear(nn.Module):
+    """y = x · dequant(Wq)ᵀ + b on the fused W4A16 kernel (any wbits 2..8, groups or per channel)."""
+
+    def __init__(self, packed: k4a16.PackedWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = packed.K, packed.N
+        self.bits, self.group_size = packed.bits, packed.group_size
+        self.register_buffer("qweight", packed.qweight)
+        self.register_buffer("scales", packed.scales)
+        self.register_buffer("zeros", packed.zeros)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(packed.dtype).clone())
+
+    @classmethod
+    def from_codes(cls, codes, scale, zero, bits, group_size, bias=None, dtype=torch.bfloat16) -> "W4A16Linear":
+        return cls(k4a16.pack_codes(codes, scale, zero, bits, group_size, dtype), bias)
+
+    @property
+    def packed(self) -> k4a16.PackedWeight:
+        return k4a16.PackedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                  self.out_features, self.in_features)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    def dequantized_weight(self, dtype=None) -> torch.Tensor:
+        return k4a16.dequantize_weight(self.packed, dtype or self.dtype)
+
+    def forward(self, x):
+        y = k4a16.w4a16_linear(x.to(self.dtype), self.packed, self.bias)
+        return y.to(x.dtype)
+
+    def extra_repr(self):
+        g = "channel" if self.group_size == self.in_features else self.group_size
+        return f"in_features={self.in_features}, out_features={self.out_features}, wbits={self.bits}, group={g}"
+
+
+class DeferredNorm(nn.Module):
+    """Stands where a norm was, in a weight-activation model whose norm is fused into the activation quantization of
+    the linears it feeds: returns its input unchanged; ``quantized(x, bits)`` (called by those linears) quantizes
+    norm(x) (and the transform) per token in one kernel, once per input tensor."""
+
+    def __init__(self, norm: nn.Module, transform: torch.Tensor | None = None):
+        super().__init__()
+        kind, w, b, eps = norm_params(norm)
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+        self.bias = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False)
+        self.register_buffer("transform", None if transform is None else transform.detach().float().clone())
+        self._cache = None  # (weakref to the input, its version, bits, symmetric, QuantizedActivation)
+
+    def forward(self, x):
+        return x
+
+    def normalized(self, x):
+        """What the replaced norm (and transform) would output, in x's dtype (for checks and non-fused consumers)."""
+        y = norm_transform(x, self.kind, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
+                           self.eps, None)
+        return y if self.transform is None else apply_transform(y, self.transform)
+
+    def quantized(self, x, bits: int, symmetric: bool = False) -> k4a4.QuantizedActivation:
+        c = self._cache
+        if c is not None and c[0]() is x and c[1] == x._version and c[2] == (bits, symmetric):
+            return c[3]
+        a = k4a4.quantize_activation(x, bits, symmetric, norm=self.kind, norm_weight=self.weight,
+                                     norm_bias=self.bias, norm_eps=self.eps, transform=self.transform)
+        self._cache = (weakref.ref(x), x._version, (bits, symmetric), a)
+        return a
+
+    def extra_repr(self):
+        t = "" if self.transform is None else f", transform={transform_form(self.transform)}"
+        return f"{self.kind}, K={self.weight.shape[0]}, eps={self.eps}{t} (fused into the next W4A4 quantization)"
+
+
+class W4A4Linear(nn.Module):
+    """y = dequant(quant_a(x)) · dequant(Wq)ᵀ + b with integer math: per-token activation quantization (fused with the
+    norm before it when ``norm_site`` is set) and the int8 tensor-core GEMM of aq.kernels.w4a4."""
+
+    def __init__(self, weight: k4a4.W4A4Weight, bias: torch.Tensor | None, abits: int, a_symmetric: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = weight.K, weight.N
+        self.wbits, self.abits, self.w_symmetric, self.a_symmetric = weight.bits, abits, weight.symmetric, a_symmetric
+        self.register_buffer("packed", weight.packed)
+        self.register_buffer("w_scale", weight.scale)
+        self.register_buffer("w_zero", weight.zero)
+        self.register_buffer("w_code_sum", weight.code_sum)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._norm_site: list[DeferredNorm] = []  # a plain list: the site is registered where the norm was
+
+    @property
+    def weight_packed(self) -> k4a4.W4A4Weight:
+        return k4a4.W4A4Weight(self.packed, self.w_scale, self.w_zero, self.w_code_sum, self.out_features,
+                               self.in_features, self.wbits, self.w_symmetric)
+
+    def attach_norm(self, site: DeferredNorm) -> None:
+        self._norm_site[:] = [site]
+
+    def forward(self, x):
+        if self._norm_site:
+            a = self._norm_site[0].quantized(x, self.abits, self.a_symmetric)
+        else:
+            a = k4a4.quantize_activation(x, self.abits, self.a_symmetric)
+        bias = None if self.bias is None else self.bias.to(x.dtype if x.dtype in HALF else torch.float32)
+        return k4a4.w4a4_matmul(a, self.weight_packed, bias, out_dtype=x.dtype)
+
+    def extra_repr(self):
+        fused = ", norm fused" if self._norm_site else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, wbits={self.wbits}, " \
+               f"abits={self.abits}{fused}"
+
+
+class FusedNorm(nn.Module):
+    """Norm + diagonal or block-diagonal transform in one Triton kernel (weight-only models)."""
+
+    def __init__(self, norm: nn.Module, transform: torch.Tensor | None = None):
+        super().__init__()
+        kind, w, b, eps = norm_params(norm)
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+        self.bias = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False)
+        if transform is not None and transform_form(transform) == "full":
+            raise ValueError("FusedNorm takes a diagonal or block-diagonal transform, not a full matrix")
+        self.register_buffer("transform", None if transform is None else transform.detach().float().clone())
+
+    def forward(self, x):
+        return norm_transform(x, self.kind, self.weight, self.bias, self.eps, self.transform)
+
+    def extra_repr(self):
+        t = "" if self.transform is None else f", transform={transform_form(self.transform)}"
+        return f"{self.kind}, K={self.weight.shape[0]}, eps={self.eps}{t}"
+
+
+class QuantEmbedding(nn.Module):
+    """A token embedding stored as packed low-bit rows (W4A16 layout); lookup dequantizes the gathered rows."""
+
+    def __init__(self, packed: k4a16.PackedWeight, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = packed.N, packed.K
+        self.bits, self.group_size, self.padding_idx = packed.bits, packed.group_size, padding_idx
+        self.register_buffer("qweight", packed.qweight)
+        self.register_buffer("scales", packed.scales)
+        self.register_buffer("zeros", packed.zeros)
+
+    def forward(self, ids):
+        cb = k4a16.container_bits(self.bits)
+        e = 32 // cb
+        words = self.qweight[ids // k4a16.ROW_BLOCK, :, ids % k4a16.ROW_BLOCK].to(torch.int64) & 0xFFFFFFFF
+        i = torch.arange(e, device=ids.device)
+        shifts = (i % 2) * 16 + (i // 2) * cb
+        q = ((words.unsqueeze(-1) >> shifts) & (2**cb - 1)).reshape(*ids.shape, self.embedding_dim).float()
+        g = self.group_size
+        s = self.scales.t()[ids].float().repeat_interleave(g, -1)
+        z = self.zeros.t()[ids].float().repeat_interleave(g, -1)
+        return ((q - z) * s).to(self.scales.dtype)
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}, wbits={self.bits}, group={self.group_size}"
+
+
+# ------------------------------------------------------------------------------------------------------------ patching
+def _rtn_codes(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool):
+    scale, zero = primitives.choose_qparams(w, bits, group_size, symmetric)
+    return primitives.quantize(w, scale, zero, bits, group_size), scale, zero
+
+
+def _quantized_linear(src: nn.Module, cfg: QuantConfig | None, dtype: torch.dtype, name: str) -> nn.Module:
+    """The patched module for a FakeQuantLinear (its own codes) or a plain nn.Linear (RTN with cfg)."""
+    if isinstance(src, FakeQuantLinear):
+        codes, scale, zero = src.codes(), src.scale, src.zero
+        wbits, group, abits = src.wbits, src.group_size, src.abits
+        symmetric = bool(getattr(src, "symmetric", False))
+    else:
+        wbits, group, abits, symmetric = cfg.wbits, cfg.group_size, cfg.abits, cfg.symmetric
+        codes, scale, zero = _rtn_codes(src.weight.detach(), wbits, group, symmetric)
+    bias = None if src.bias is None else src.bias.detach()
+    if abits >= 16:
+        return W4A16Linear.from_codes(codes, scale, zero, wbits, group, bias, dtype)
+    K = codes.shape[1]
+    if primitives.check_group_size(K, group) != K:
+        raise ValueError(f"{name}: the W4A4 kernel takes per-channel weights, this layer has groups of {group}")
+    if wbits > 4 or abits > 7:
+        raise ValueError(f"{name}: W{wbits}A{abits} has no kernel (weights <= 4 bits, activations <= 7 bits); "
+                         "evaluate the fake-quantized model instead")
+    w = primitives.dequantize(codes, scale, zero, None, torch.float32)  # exact: the packer recovers the same codes
+    packed = k4a4.pack_w4a4_weight(w, wbits, symmetric, scale=scale[:, 0], zero=zero[:, 0])
+    return W4A4Linear(packed, bias, abits)
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    model.get_submodule(parent).register_module(child, module)
+
+
+def _rtn_linear(lin: nn.Linear, cfg: QuantConfig, dtype) -> W4A16Linear:
+    group = cfg.group_size
+    codes, scale, zero = _rtn_codes(lin.weight.detach(), cfg.wbits, group, cfg.symmetric)
+    return W4A16Linear.from_codes(codes, scale, zero, cfg.wbits, group, lin.bias, dtype)
+
+
+def _norm_sites(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """(norm module name, names of the linears it feeds) for every decoder layer."""
+    arch = models.arch_of(model)
+    if arch is models.OPT and not getattr(model.config, "do_layer_norm_before", True):
+        return []  # OPT-350m normalizes after the residual: its norm output is the residual stream
+    sites = []
+    for i in range(len(model.get_submodule(arch.layers))):
+        p = f"{arch.layers}.{i}."
+        sites.append((p + arch.attn_norm, [p + n for n in (arch.q, arch.k, arch.v)]))
+        sites.append((p + arch.mlp_norm, [p + n for n in arch.mlp_in]))
+    return sites
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+@torch.no_grad()
+def patch_model(model: nn.Module, cfg: QuantConfig | None = None, *, lm_head: bool = False, embeddings: bool = False,
+                fuse_norm: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace the quantized linears (and norms, see the module doc) of `model` in place by kernel-backed modules.
+
+    cfg: needed only to quantize plain nn.Linear modules (round-to-nearest) and lm_head / embeddings; a calibrated
+    model's FakeQuantLinear modules carry their own settings. dtype: storage dtype of scales / compute dtype of the
+    W4A16 kernel (fp16 or bf16; default the model's dtype when it is one of those, else bf16).
+    """
+    arch = models.arch_of(model)
+    mdt = _model_dtype(model)
+    dtype = dtype or (mdt if mdt in HALF else torch.bfloat16)
+    if dtype not in HALF:
+        raise ValueError(f"dtype must be float16 or bfloat16, got {dtype}")
+    skip = {"lm_head"}
+    targets = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, FakeQuantLinear) or (cfg is not None and type(m) is nn.Linear
+                                                     and n.split(".")[-1] not in skip)]
+    if not targets and not (lm_head or embeddings):
+        raise ValueError("nothing to patch: the model has no FakeQuantLinear modules; pass a QuantConfig to quantize "
+                         "its nn.Linear modules round-to-nearest")
+    if (lm_head or embeddings) and cfg is None:
+        raise ValueError("quantizing lm_head / embeddings needs a QuantConfig (wbits, group size)")
+    new: dict[str, nn.Module] = {}
+    for name, m in targets:
+        new[name] = _quantized_linear(m, cfg, dtype, name)
+        _set(model, name, new[name])
+        m.to("meta")  # free the dense / fake-quantized weight now (the module is gone from the model)
+    # norms: fuse or keep; a norm-side transform is handled here whatever the linears are
+    for site, consumers in _norm_sites(model):
+        mod = model.get_submodule(site)
+        norm, t = split_norm(mod)
+        cons = [new.get(c) for c in consumers]
+        form = transform_form(t)
+        if all(isinstance(c, W4A4Linear) for c in cons) and fuse_norm and form != "full":
+            d = DeferredNorm(norm, t).to(norm.weight.device)
+            _set(model, site, d)
+            for c in cons:
+                c.attach_norm(d)
+        elif form in ("diagonal", "blockdiag"):
+            _set(model, site, FusedNorm(norm, t).to(norm.weight.device))
+        elif form == "full":
+            warnings.warn(f"{site}: a full transform stays a dense matmul after the norm ({TRANSFORM_FORMS['full']})")
+    if lm_head:
+        head = model.get_output_embeddings()
+        if isinstance(head, nn.Linear):
+            _set(model, _name_of(model, head), _rtn_linear(head, cfg, dtype))
+    if embeddings:
+        emb = model.get_submodule(arch.embed)
+        g = cfg.group_size
+        codes, scale, zero = _rtn_codes(emb.weight.detach(), cfg.wbits, g, cfg.symmetric)
+        _set(model, arch.embed, QuantEmbedding(k4a16.pack_codes(codes, scale, zero, cfg.wbits, g, dtype),
+                                               getattr(emb, "padding_idx", None)))
+    return model
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    for n, m in model.named_modules():
+        if m is module:
+            return n
+    raise ValueError("module not found in the model")
+
+
+def patched_summary(model: nn.Module) -> dict[str, int]:
+    """Counts of the patched module types in a model (for logs and tests)."""
+    kinds = (W4A16Linear, W4A4Linear, FusedNorm, DeferredNorm, QuantEmbedding, FakeQuantLinear, TransformedNorm)
+    out = {k.__name__: 0 for k in kinds}
+    for m in model.modules():
+        for k in kinds:
+            if type(m) is k:
+                out[k.__name__] += 1
+    return out
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers (tied tensors once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "meta":
+            continue
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total

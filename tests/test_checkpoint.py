@@ -1,0 +1,130 @@
+import json
+
+import pytest
+import torch
+
+from aq.calib.rtn import FakeQuantLinear, quantize_rtn
+from aq.checkpoint import (CheckpointError, MANIFEST, TENSORS, load_checkpoint, pack_codes, read_manifest,
+                           save_checkpoint, unpack_codes)
+from aq.config import QuantConfig
+from aq.patch import TransformedNorm, W4A4Linear, patched_summary
+from tests.conftest import make_tokenizer, tiny_llama, tiny_opt
+
+IDS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def logits(m):
+    with torch.no_grad():
+        return m(IDS).logits
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_code_packing_round_trips(bits):
+    codes = torch.randint(0, 2**bits, (5, 48), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 48 * (2 if bits == 2 else 4 if bits <= 4 else 8) // 8)
+    assert torch.equal(unpack_codes(packed, bits, 48), codes)
+
+
+@pytest.mark.parametrize("make,kw", [(tiny_llama, {}), (tiny_llama, {"tie_word_embeddings": True}), (tiny_opt, {})])
+def test_save_load_round_trip_is_exact(make, kw, tmp_path):
+    cfg = QuantConfig(wbits=3, abits=16, group_size=16)
+    fq = quantize_rtn(make(**kw), cfg)
+    if make is tiny_llama:  # a norm-side transform left by calibration travels too
+        lay = fq.model.layers[1]
+        lay.input_layernorm = TransformedNorm(lay.input_layernorm, torch.eye(16) + 0.1 * torch.randn(4, 16, 16))
+    save_checkpoint(fq, cfg, tmp_path / "ck", tokenizer=make_tokenizer(tmp_path), base_model="tiny")
+    man = read_manifest(tmp_path / "ck")
+    assert man["quant_config"]["wbits"] == 3 and man["base_model"] == "tiny"
+    assert len(man["linears"]) == sum(isinstance(m, FakeQuantLinear) for m in fq.modules())
+    if kw.get("tie_word_embeddings"):
+        assert man["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    m2 = load_checkpoint(tmp_path / "ck")  # built from the saved config alone
+    assert torch.equal(logits(fq), logits(m2))
+    for n, m in fq.named_modules():
+        if isinstance(m, FakeQuantLinear):
+            m2l = m2.get_submodule(n)
+            assert isinstance(m2l, FakeQuantLinear) and torch.equal(m2l.codes(), m.codes())
+            assert torch.equal(m2l.scale, m.scale)
+    if kw.get("tie_word_embeddings"):
+        assert m2.lm_head.weight is m2.model.embed_tokens.weight
+    assert (tmp_path / "ck" / "tokenizer.json").is_file()
+
+
+def test_load_into_a_given_model_and_patched(tmp_path):
+    cfg = QuantConfig(wbits=4, abits=4, group_size=None)
+    fq = quantize_rtn(tiny_llama(), cfg)
+    save_checkpoint(fq, cfg, tmp_path / "ck")
+    into = tiny_llama()
+    torch.nn.init.zeros_(into.model.norm.weight)  # every tensor comes from the checkpoint
+    m = load_checkpoint(tmp_path / "ck", model=into)
+    assert m is into and torch.equal(logits(fq), logits(m))
+    pm = load_checkpoint(tmp_path / "ck", patch=True)
+    assert patched_summary(pm)["W4A4Linear"] == 14 and isinstance(pm.model.layers[0].mlp.up_proj, W4A4Linear)
+    ref = logits(fq)
+    assert ((logits(pm) - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_a_checkpoint_for_another_model_is_refused(tmp_path):
+    cfg = QuantConfig(wbits=4, abits=16, group_size=32)
+    save_checkpoint(quantize_rtn(tiny_llama(), cfg), cfg, tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="another model: hidden_size: checkpoint 64, model 128"):
+        load_checkpoint(tmp_path / "ck", model=tiny_llama(hidden_size=128, intermediate_size=256))
+    with pytest.raises(CheckpointError, match="num_hidden_layers"):
+        load_checkpoint(tmp_path / "ck", model=tiny_llama(num_hidden_layers=3))
+    with pytest.raises(CheckpointError, match="another model: model_type"):
+        load_checkpoint(tmp_path / "ck", model=tiny_opt())
+
+
+def test_truncated_altered_and_incomplete_checkpoints_are_refused(tmp_path):
+    cfg = QuantConfig(wbits=4, abits=16, group_size=32)
+    d = tmp_path / "ck"
+    save_checkpoint(quantize_rtn(tiny_llama(), cfg), cfg, d)
+    blob = (d / TENSORS).read_bytes()
+    (d / TENSORS).write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(d)
+    altered = bytearray(blob)
+    altered[-3] ^= 0xFF
+    (d / TENSORS).write_bytes(bytes(altered))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(d)
+    (d / TENSORS).write_bytes(blob)
+    man = json.loads((d / MANIFEST).read_text())
+    man["linears"]["model.layers.5.mlp.up_proj"] = dict(man["linears"]["model.layers.0.mlp.up_proj"])
+    (d / MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(CheckpointError, match="model.layers.5.mlp.up_proj: no such module"):
+        load_checkpoint(d)
+    man["version"] = 99
+    (d / MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(CheckpointError, match="version 99"):
+        load_checkpoint(d)
+    (d / MANIFEST).unlink()
+    with pytest.raises(CheckpointError, match="quant_config.json is missing"):
+        load_checkpoint(d)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def test_missing_tensor_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from aq.checkpoint import _sha256
+
+    cfg = QuantConfig(wbits=4, abits=16, group_size=32)
+    d = tmp_path / "ck"
+    save_checkpoint(quantize_rtn(tiny_llama(), cfg), cfg, d)
+    t = load_file(str(d / TENSORS))
+    del t["model.layers.1.self_attn.k_proj.scale"]
+    save_file(t, str(d / TENSORS))
+    man = json.loads((d / MANIFEST).read_text())
+    man["tensors"].update(bytes=(d / TENSORS).stat().st_size, sha256=_sha256(d / TENSORS))
+    (d / MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(CheckpointError, match="no tensor 'model.layers.1.self_attn.k_proj.scale'"):
+        load_checkpoint(d)
+
+
+def test_saving_a_model_without_quantized_linears_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no FakeQuantLinear"):
+        save_checkpoint(tiny_llama(), QuantConfig(), tmp_path / "ck")
+    assert not (tmp_path / "ck" / MANIFEST).exists()

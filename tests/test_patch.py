@@ -1,0 +1,150 @@
+import copy
+
+import pytest
+import torch
+
+from aq.calib.rtn import FakeQuantLinear, quantize_rtn
+from aq.config import QuantConfig
+from aq.kernels.w4a16 import dequantize_weight
+from aq.models import arch_of
+from aq.patch import (DeferredNorm, FusedNorm, QuantEmbedding, TransformedNorm, W4A4Linear, W4A16Linear, patch_model,
+                      patched_summary, weight_bytes)
+from aq.primitives import fake_quant
+from tests.conftest import tiny_llama, tiny_opt
+
+IDS = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / a.float().norm()).item()
+
+
+def logits(m, ids=IDS):
+    with torch.no_grad():
+        return m(ids).logits
+
+
+def _norms(model):
+    if model.config.model_type == "opt":
+        return [(lay, "self_attn_layer_norm", "final_layer_norm") for lay in model.model.decoder.layers]
+    return [(lay, "input_layernorm", "post_attention_layernorm") for lay in model.model.layers]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
+def test_w4a16_patched_matches_fake_quant_in_bf16(make):
+    fq = quantize_rtn(make().to(torch.bfloat16), QuantConfig(wbits=4, abits=16, group_size=32))
+    ref = logits(fq)
+    fq_lin = {n: m for n, m in fq.named_modules() if isinstance(m, FakeQuantLinear)}
+    pm = patch_model(copy.deepcopy(fq))
+    s = patched_summary(pm)
+    assert s["W4A16Linear"] == len(fq_lin) and s["FakeQuantLinear"] == 0
+    assert type(pm.lm_head) is torch.nn.Linear and type(pm.get_input_embeddings()) is torch.nn.Embedding
+    for n, m in fq_lin.items():  # same codes; only the scale's rounding to bf16 differs (<= 2^-8 relative)
+        w = pm.get_submodule(n).dequantized_weight(torch.float32)
+        assert torch.allclose(w, m.weight.float(), rtol=2**-7, atol=1e-6)
+    assert rel(ref, logits(pm)) < 1e-2
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_w4a4_patched_is_the_fake_quant_model_in_fp32(make, fuse):
+    fq = quantize_rtn(make(), QuantConfig(wbits=4, abits=4, group_size=None))
+    pm = patch_model(copy.deepcopy(fq), fuse_norm=fuse)
+    s = patched_summary(pm)
+    assert s["W4A4Linear"] == 6 * 2 + (2 if make is tiny_llama else 0)
+    assert s["DeferredNorm"] == (4 if fuse else 0)
+    if fuse:  # every consumer of a norm quantizes the raw residual stream with the norm fused in
+        lay, attn_norm, _ = _norms(pm)[0]
+        assert isinstance(getattr(lay, attn_norm), DeferredNorm)
+        assert lay.self_attn.q_proj._norm_site[0] is getattr(lay, attn_norm)
+        assert not lay.get_submodule(arch_of(pm).o)._norm_site
+    # integer GEMM + exact per-token codes: the fp32 fake-quant model up to float summation order
+    assert rel(logits(fq), logits(pm)) < 1e-5
+
+
+def test_patch_of_a_plain_model_equals_patch_of_its_rtn_model():
+    cfg = QuantConfig(wbits=3, abits=16, group_size=16)
+    a = patch_model(tiny_llama(), cfg)
+    b = patch_model(quantize_rtn(tiny_llama(), cfg))
+    for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(ta, tb), na
+
+
+@pytest.mark.parametrize("form", ["diagonal", "blockdiag"])
+@pytest.mark.parametrize("abits", [16, 4])
+def test_norm_transforms_run_inside_the_norm_kernel(form, abits):
+    torch.manual_seed(1)
+    model = tiny_llama()
+    for lay, attn_norm, mlp_norm in _norms(model):
+        for site in (attn_norm, mlp_norm):
+            t = torch.rand(64) + 0.5 if form == "diagonal" else torch.eye(16) + 0.1 * torch.randn(4, 16, 16)
+            setattr(lay, site, TransformedNorm(getattr(lay, site), t))
+    cfg = QuantConfig(wbits=4, abits=abits, group_size=32 if abits == 16 else None)
+    fq = quantize_rtn(model, cfg)
+    pm = patch_model(copy.deepcopy(fq))
+    s = patched_summary(pm)
+    assert s["TransformedNorm"] == 0  # no dense matmul left after any norm
+    assert s["FusedNorm" if abits == 16 else "DeferredNorm"] == 4
+    assert rel(logits(fq), logits(pm)) < (1e-5 if abits < 16 else 1e-2)
+
+
+def test_a_full_transform_stays_a_dense_matmul_with_a_warning():
+    model = tiny_llama()
+    lay = model.model.layers[0]
+    lay.input_layernorm = TransformedNorm(lay.input_layernorm, torch.eye(64) + 0.01 * torch.randn(64, 64))
+    fq = quantize_rtn(model, QuantConfig(wbits=4, abits=16, group_size=32))
+    with pytest.warns(UserWarning, match="dense matmul"):
+        pm = patch_model(copy.deepcopy(fq))
+    assert isinstance(pm.model.layers[0].input_layernorm, TransformedNorm)
+    assert rel(logits(fq), logits(pm)) < 1e-2
+
+
+def test_lm_head_and_embeddings_on_request_and_generate():
+    cfg = QuantConfig(wbits=4, abits=16, group_size=32)
+    base = tiny_llama().to(torch.bfloat16)
+    pm = patch_model(copy.deepcopy(base), cfg)
+    before = weight_bytes(pm)
+    patch_model(pm, cfg, lm_head=True, embeddings=True)
+    assert isinstance(pm.lm_head, W4A16Linear) and isinstance(pm.model.embed_tokens, QuantEmbedding)
+    assert weight_bytes(pm) < 0.75 * before
+    emb = pm.model.embed_tokens(IDS)
+    ref = fake_quant(base.model.embed_tokens.weight.float(), 4, 32)[IDS]
+    assert torch.allclose(emb.float(), ref, rtol=2**-7, atol=1e-6)
+    ref_model = quantize_rtn(copy.deepcopy(base), cfg)  # the same model with head and embeddings fake-quantized
+    with torch.no_grad():
+        for m in (ref_model.lm_head, ref_model.model.embed_tokens):
+            m.weight.copy_(fake_quant(m.weight.float(), 4, 32))
+    assert rel(logits(ref_model), logits(pm)) < 2e-2  # bf16 logits of ~0.1 on a random model: rounding-level
+    out = pm.generate(IDS[:1, :5], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+def test_generate_matches_the_fake_quant_model():
+    fq = quantize_rtn(tiny_llama(), QuantConfig(wbits=4, abits=4, group_size=None))
+    pm = patch_model(copy.deepcopy(fq))
+    a = fq.generate(IDS[:1, :6], max_new_tokens=6, do_sample=False)
+    b = pm.generate(IDS[:1, :6], max_new_tokens=6, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def test_patch_refuses_what_has_no_kernel():
+    with pytest.raises(ValueError, match="per-channel"):
+        patch_model(tiny_llama(), QuantConfig(wbits=4, abits=4, group_size=32))
+    with pytest.raises(ValueError, match="W6A6 has no kernel"):
+        patch_model(tiny_llama(), QuantConfig(wbits=6, abits=6, group_size=None))
+    with pytest.raises(ValueError, match="nothing to patch"):
+        patch_model(tiny_llama())
+    with pytest.raises(ValueError, match="needs a QuantConfig"):
+        patch_model(quantize_rtn(tiny_llama(), QuantConfig()), lm_head=True)
+
+
+def test_patched_modules_move_with_the_model_and_run_the_reference_on_cpu(monkeypatch):
+    monkeypatch.setenv("AQ_BACKEND", "torch")  # the plain-torch path a CPU machine without the interpreter uses
+    fq = quantize_rtn(tiny_llama(), QuantConfig(wbits=4, abits=16, group_size=32))
+    pm = patch_model(copy.deepcopy(fq))
+    lin = pm.model.layers[0].self_attn.q_proj
+    assert isinstance(lin, W4A16Linear) and lin.qweight.dtype == torch.int32
+    assert torch.equal(dequantize_weight(lin.packed, torch.float32), lin.dequantized_weight(torch.float32))
+    assert rel(logits(fq), logits(pm)) < 1e-2
+    assert isinstance(pm.model.layers[0].mlp.down_proj, W4A16Linear)
+    assert not any(isinstance(m, (FusedNorm, W4A4Linear)) for m in pm.modules())
