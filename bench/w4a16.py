@@ -5,7 +5,8 @@
     python bench/w4a16.py --plot DIR/w4a16.json   # the PNG from a results file (needs matplotlib)
 
 Timing: triton.testing.do_bench (median, L2 flushed before each call) and CUDA-graph replays over enough rotating weight
-copies that weights stream from DRAM (bench/autotune.py's graph_time). Roofline: the larger of bytes / copy bandwidth and
+copies that weights stream from DRAM (bench/autotune.py's graph_time). Roofline: the larger of bytes / copy bandwidth
+and
 flops / bf16 GEMM rate, both ceilings measured in the same run (bytes: the weight as stored, x, y; scales and zeros
 counted for the int4 kernels).
 """
@@ -97,7 +98,8 @@ def _run_checks(cases):
             ok = finite and err < (1e-2 if dt == "bfloat16" else 2e-3) and exact is not False
             out.append(dict(bits=bits, g=g, dt=dt, M=M, cfg=cfg, err=err, exact=exact, ok=ok))
         except Exception as e:  # noqa: BLE001
-            out.append(dict(bits=bits, g=g, dt=dt, M=M, cfg=cfg, err=None, ok=False, error=f"{type(e).__name__}: {e}"[:300]))
+            out.append(dict(bits=bits, g=g, dt=dt, M=M, cfg=cfg, err=None, ok=False,
+                            error=f"{type(e).__name__}: {e}"[:300]))
     return out
 
 
@@ -229,11 +231,13 @@ def markdown(res: dict) -> str:
         f"# W4A16 benchmark: {res['gpu']}, {res['date']}",
         "",
         f"torch {res['torch']}, triton {res['triton']}; weights 4-bit, g = {res['group']}, bf16 activations, no bias. "
-        f"Times in us: do_bench median (L2 flushed) / CUDA-graph replay over rotating weight copies (weights from DRAM). "
-        f"Speed-up = cuBLAS time / aq time (do_bench). Roofline fraction = max(bytes / {c['copy_bytes_per_s'] / 1e12:.2f} "
-        f"TB/s, flops / {c['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s) / time (both ceilings measured in this run).",
+        "Times in us: do_bench median (L2 flushed) / CUDA-graph replay over rotating weight copies (weights from "
+        "DRAM). Speed-up = cuBLAS time / aq time (do_bench). "
+        f"Roofline fraction = max(bytes / {c['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+        f"flops / {c['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s) / time (both ceilings measured in this run).",
         "",
-        "| K x N | M | cuBLAS bf16 | torch int4 | aq | aq kernel | aq / cuBLAS | aq / int4 | roofline cuBLAS / int4 / aq |",
+        "| K x N | M | cuBLAS bf16 | torch int4 | aq | aq kernel | aq / cuBLAS | aq / int4 "
+        "| roofline cuBLAS / int4 / aq |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
@@ -301,7 +305,8 @@ def overhead(shapes, ms) -> None:
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             res = {}
-            for name, fn in (("cublas", lambda: torch.nn.functional.linear(x, w)), ("aq", lambda: W.w4a16_linear(x, p))):
+            for name, fn in (("cublas", lambda: torch.nn.functional.linear(x, w)),
+                             ("aq", lambda: W.w4a16_linear(x, p))):
                 for _ in range(20):
                     fn()
                 torch.cuda.synchronize()
@@ -346,8 +351,8 @@ def main():
         bench(Path(args.out), shapes, ms, args.reps)
     if args.plot:
         res = json.loads(Path(args.plot).read_text())
-        plot(res, Path(args.plot).with_suffix(".png"))
         Path(args.plot).with_suffix(".md").write_text(markdown(res))
+        plot(res, Path(args.plot).with_suffix(".png"))
     sys.exit(0 if ok else 1)
 
 

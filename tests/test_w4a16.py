@@ -67,7 +67,8 @@ CONFIGS = {  # one of each kernel path; block sizes large so the interpreter run
                                join=True, fold=True),
     "dequant": lambda e: dict(kernel="dequant", block_n=32, block_kw=max(2, 128 // e)),
 }
-M_OF = {"gemv": 2, "mma_join_swap": 5, "mma_split": 19, "mma_fold": 7, "dequant": 3}  # ragged: never a multiple of a block
+# ragged M: never a multiple of a block
+M_OF = {"gemv": 2, "mma_join_swap": 5, "mma_split": 19, "mma_fold": 7, "dequant": 3}
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -6,10 +6,11 @@ Quantization (done once, at pack time) is aq.primitives' asymmetric scheme per g
 Packed layout (PackedWeight)
 ----------------------------
 - ``qweight``: int32 [ceil(N / 16), K / E, 16] with E = 32 / c codes per word, c the container width: 2 bits for
-  bits = 2, 4 bits for bits = 3 and 4, 8 bits for bits = 5..8. Word w of output channel n (holding k = E w .. E w + E - 1)
-  is qweight[n // 16, w, n % 16]: the words of 16 consecutive channels are interleaved, so a kernel tile of 16 j rows by
-  b words is j runs of 64 b contiguous bytes (one DRAM page for b = 32) instead of 16 j runs of 4 b bytes strided by a
-  whole row; this doubled the bandwidth the kernels reach on the H100 over plain row-major [N, K / E] (bench/NOTES).
+  bits = 2, 4 bits for bits = 3 and 4, 8 bits for bits = 5..8. Word w of output channel n (holding k = E w ..
+  E w + E - 1) is qweight[n // 16, w, n % 16]: the words of 16 consecutive channels are interleaved, so a kernel
+  tile of 16 j rows by b words is j runs of 64 b contiguous bytes (2 KB for b = 32) instead of 16 j runs of 4 b bytes
+  strided by a whole row; on the H100 this took the M = 1 kernel from 27 to 21.6 us on 4096x14336
+  (bench/NOTES-w4a16.md).
   Rows past N (padding to 16) hold code 0. Code k of a word sits at bit offset 16 * (i % 2) + c * (i // 2), i = k % E:
   even codes fill the low half-word, odd codes the high half-word. For 4-bit, word bits 0-3 hold k = 8w, bits 16-19
   k = 8w + 1, bits 4-7 k = 8w + 2, ... This is what makes unpacking cheap: one shift and one AND-OR (LOP3) turn codes
@@ -19,25 +20,29 @@ Packed layout (PackedWeight)
 - ``scales``, ``zeros``: [K / g, N] in fp16 or bf16 (row = group, contiguous along N), zeros integer-valued in
   [0, 2^bits - 1] (exact in both dtypes). The scale is rounded to its dtype *before* the codes are chosen, so the codes
   are those of the stored scale.
-The weight is reconstructed as (q - z) * s, rounded once to the activation dtype: the kernels compute exactly this
-(q - z is exact through the 2^23 magic-number trick, the product is one rounding), so the dequantized weight is
-bit-identical to ``dequantize_weight``.
+The weight is reconstructed as (q - z) * s, rounded once to the activation dtype: the dequant and (unfolded) MMA
+kernels compute exactly this (q - z is exact through the magic-number trick, the product is one rounding), so their
+dequantized weight is bit-identical to ``dequantize_weight``; the GEMV and the folded MMA keep (q - z) * s unrounded
+in fp32 (a little closer to exact than the reference, ~2e-3 relative apart in bf16).
 
 Kernels, and the one place that picks them (``select_config``, by M)
 --------------------------------------------------------------------
-- ``gemv``: CUDA-core split-K kernel for tiny M (one program row per token): per word, shift+mask+magic-subtract+FMA
-  per code, the group scale applied once per word column; fp32 partial sums.
+- ``gemv``: CUDA-core split-K kernel for tiny M (one program row per token): per code one LOP3 (mask + fp32 magic,
+  in place), one FADD, one FFMA; zero point and scale applied once per word column; fp32 partial sums.
 - ``mma``: tensor-core tile kernel (tl.dot, bf16/fp16 operands, fp32 accumulator), optionally split-K, optionally
   "swapped" (computes yᵀ = W xᵀ so the dequantized weight is the left operand, which Hopper's wgmma can take from
   registers), with the dequantized K-tile either fed as E dots over the E code positions of a word (x gathered with a
   stride of E) or joined back to natural K order by a tree of tl.join (one dot, contiguous x).
+  With "fold" the dot takes the raw codes and the group's zero point and scale are applied to its fp32 result.
 - ``dequant``: for large M, a memory-bound kernel writes the dequantized weight once and cuBLAS does the GEMM.
 Split-K partials go to an fp32 buffer reduced (+ bias, cast) by a second small kernel, so results are deterministic.
+Host time: after a call shape's first call, its compiled kernels, grids and constants are kept (a launch plan) and
+later calls go straight to Triton's C launchers (~35 us of host time per call on the H100 machine instead of ~150).
 Configs are tuned per GPU by bench/autotune.py into aq/kernels/configs/<gpu-name>.json and read here; an untuned GPU or
 shape falls back to ``heuristic_config``.
 
 The torch reference is ``w4a16_linear_reference`` (built on aq.primitives.dequantize); ``w4a16_linear`` dispatches
-through aq.backend (compiled Triton on CUDA, interpreted Triton on CPU under TRITON_INTERPRET=1, the reference otherwise).
+through aq.backend (compiled Triton on CUDA, interpreted Triton on CPU under TRITON_INTERPRET=1, else the reference).
 """
 from __future__ import annotations
 
@@ -615,7 +620,8 @@ def _select(device_index: int, bits: int, group_size: int, K: int, N: int, M: in
 
 def select_config(M: int, p: PackedWeight, x: torch.Tensor) -> dict:
     """The one place that picks the kernel and its config for a call (by M): the tuned table of this GPU
-    (aq/kernels/configs/<gpu>.json, bucket = next power of two of M), else heuristic_config. Do not mutate the result."""
+    (aq/kernels/configs/<gpu>.json, bucket = next power of two of M), else heuristic_config.
+    Do not mutate the result."""
     if x.device.type == "cuda":
         idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
         return _select(idx, p.bits, p.group_size, p.K, p.N, M)
