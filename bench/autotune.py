@@ -337,23 +337,20 @@ def main(argv=None):
     ap.add_argument("--log", default="", help="write every candidate's time here (JSON)")
     args = ap.parse_args(argv)
 
-    from aq.kernels import w4a16 as W
+    from aq.kernels import tuned
 
-    out = Path(args.out) if args.out else W.config_file(gpu_name())
-    data = json.loads(out.read_text()) if out.exists() else {}
+    out = Path(args.out) if args.out else tuned.config_file(gpu_name())
     meta = dict(gpu=gpu_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                 triton=__import__("triton").__version__)
     logs = {}
     for name in args.family.split(","):
         fam = FAMILIES[name]
         table, log = tune_family(fam, args)
-        entry = data.get(name, {})
+        entry = dict(tuned.tuned(name, gpu_name()) or {}) if not args.out else {}
         entry.update(table)
-        data[name] = entry
-        data.setdefault("meta", {})[name] = meta
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tuned.write_tuned(name, gpu_name(), entry, meta, out)
         logs[name] = log
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     print(f"wrote {out}")
     if args.log:
         Path(args.log).write_text(json.dumps(dict(meta=meta, logs=logs)) + "\n")

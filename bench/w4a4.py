@@ -184,7 +184,7 @@ def gemm_configs():
     last = {k: v for k, v in W.DEFAULT_CONFIGS[-1].items() if k != "max_m"}
     variants = [dict(first, SPLIT=528), dict(first, SPLIT=528, TMA=True), dict(first, USE_ASM=False),
                 dict(last, SPLIT=264), dict(last, TMA=True), dict(last, TMA=True, W8=True), dict(last, W8=True)]
-    for c in variants + list(W._configs_for(W._gpu_tag(0))) + list(W.DEFAULT_CONFIGS):
+    for c in variants + list(W._configs_for(torch.cuda.get_device_name(0))) + list(W.DEFAULT_CONFIGS):
         c2 = {k: v for k, v in c.items() if k != "max_m"}
         key = json.dumps(c2, sort_keys=True)
         if key not in seen:
@@ -358,15 +358,12 @@ def cmd_sweep(args):
     info = gpu_info()
     (out / "sweep.json").write_text(json.dumps(dict(info=info, results=results), indent=1))
     best_table.sort(key=lambda c: float("inf") if c["max_m"] is None else c["max_m"])
-    doc = dict(note=f"W4A4 GEMM configs per M bucket, from bench/w4a4.py sweep on {info['gpu']} ({info['date']})",
-               configs=best_table)
-    name = f"w4a4-{W._gpu_tag(0)}.json"
-    (out / name).write_text(json.dumps(doc, indent=1))
+    (out / "w4a4-configs.json").write_text(json.dumps(best_table, indent=1))
     if args.write:
-        p = Path(W.__file__).parent / "configs" / name
-        p.parent.mkdir(exist_ok=True)
-        p.write_text(json.dumps(doc, indent=1))
-        W._configs_for.cache_clear()
+        from aq.kernels import tuned
+
+        meta = dict(note="W4A4 GEMM configs per M bucket, from bench/w4a4.py sweep", gpu=info["gpu"], date=info["date"])
+        print("wrote", tuned.write_tuned(W.FAMILY, torch.cuda.get_device_name(0), best_table, meta))
     print("\n".join(json.dumps(c) for c in best_table))
     return 0
 

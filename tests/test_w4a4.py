@@ -3,6 +3,7 @@
 Integer results (activation codes, zero points, code sums, the GEMM's int32 sums) must be exactly those of the
 references built on aq.primitives; dequantized outputs match within float tolerance; ragged shapes everywhere.
 """
+import json
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # tests/conftest.py sets it too; it must precede triton.jit
@@ -270,3 +271,13 @@ def test_bad_inputs_raise_clear_errors():
         W.w4a4_matmul(a, wt, out_dtype=torch.int8)
     with pytest.raises(ValueError, match="unknown W4A4 kernel"):
         W.w4a4_matmul_triton(a, wt, config=dict(W.DEFAULT_CONFIGS[0], kernel="nope"))
+
+
+def test_shipped_w4a4_configs_are_well_formed():
+    from aq.kernels import tuned
+
+    tables = [json.loads(p.read_text()).get(W.FAMILY) for p in tuned.CONFIG_DIR.glob("*.json")]
+    tables = [t for t in tables if t]
+    assert tables, "no tuned W4A4 configs shipped"
+    for t in tables:
+        assert t[-1]["max_m"] is None and all(c["kernel"] in ("swap", "tile") for c in t), t

@@ -48,19 +48,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import re
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
 from aq import backend, primitives
+from aq.kernels import tuned
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 ROW_BLOCK = 16  # output channels whose words are interleaved in qweight
-CONFIG_DIR = Path(__file__).with_name("configs")
 FAMILY = "w4a16"  # key of this kernel family in the per-GPU config files
 
 
@@ -567,17 +564,8 @@ def shape_key(bits: int, group_size: int, K: int, N: int) -> str:
     return f"{container_bits(bits)}:{group_size}:{K}:{N}"
 
 
-def config_file(device_name: str) -> Path:
-    return CONFIG_DIR / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
-
-
-@functools.lru_cache(maxsize=None)
 def _tuned_table(device_index: int) -> dict:
-    path = config_file(torch.cuda.get_device_name(device_index))
-    try:
-        return json.loads(path.read_text()).get(FAMILY, {})
-    except (OSError, ValueError):
-        return {}
+    return tuned.tuned(FAMILY, torch.cuda.get_device_name(device_index)) or {}
 
 
 def heuristic_config(M: int, N: int, K: int, bits: int, group_size: int, num_sms: int = 132,

@@ -49,7 +49,7 @@ GEMM kernels and dispatch
 -------------------------
 Dispatch by M lives in ``pick_config`` alone: small M runs the "swap" form (the weight tile is the wide side of the
 dot, the few tokens the narrow side), larger M the plain tiled form; per M bucket the block shapes and options come
-from ``configs/w4a4-<gpu>.json`` when present (written by ``bench/w4a4.py sweep``), else from DEFAULT_CONFIGS (the
+from the "w4a4" entry of ``configs/<GPU_NAME>.json`` (aq.kernels.tuned) when present (written by ``bench/w4a4.py sweep``), else from DEFAULT_CONFIGS (the
 H100 winners). Options: TMA (tensor-descriptor loads; used when K % 32 == 0 and the K tiles divide), W8 (large M: the
 weight is unpacked to int8 in one extra pass, so both operands go straight from TMA to the tensor cores), SPLIT (split-K
 with self-resetting per-device tile counters: one such GEMM at a time per device; allocate them outside CUDA-graph
@@ -58,10 +58,7 @@ GEMM alone, 1.10-1.34x at M >= 2048 (above cuBLAS int8).
 """
 from __future__ import annotations
 
-import functools
-import json
 import os
-import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -70,6 +67,7 @@ import triton
 import triton.language as tl
 
 from aq import backend, primitives
+from aq.kernels import tuned
 
 __all__ = [
     "W4A4Weight", "QuantizedActivation", "pack_w4a4_weight", "unpack_w4a4_codes", "quantize_activation",
@@ -777,7 +775,7 @@ def unpack_weight_int8(weight: W4A4Weight) -> torch.Tensor:
 #   SPLIT: target number of programs for split-K (0: none; K is split in powers of two until the grid reaches it),
 #   TMA: tensor-descriptor loads (used when the shapes allow: K % 32 == 0, Kh % BLOCK_KH == 0),
 #   W8: unpack the weight to int8 in a separate pass first (large M).
-# BLOCK_KH counts packed bytes, i.e. 2 * BLOCK_KH codes of K per step. Overridden by configs/w4a4-<gpu>.json.
+# BLOCK_KH counts packed bytes, i.e. 2 * BLOCK_KH codes of K per step. Overridden by the tuned configs (aq.kernels.tuned).
 DEFAULT_CONFIGS = [  # the H100 winners of bench/w4a4.py sweep (2026-11, see bench/NOTES-w4a4.md)
     dict(max_m=16, kernel="swap", BLOCK_M=16, BLOCK_N=64, BLOCK_KH=256, GROUP_M=1, num_warps=4, num_stages=5),
     dict(max_m=32, kernel="swap", BLOCK_M=32, BLOCK_N=64, BLOCK_KH=256, GROUP_M=1, num_warps=4, num_stages=4, TMA=True),
@@ -794,27 +792,20 @@ _INTERPRET_CONFIGS = [
     dict(max_m=16, kernel="swap", BLOCK_M=16, BLOCK_N=128, BLOCK_KH=128, GROUP_M=1, num_warps=4, num_stages=1),
     dict(max_m=None, kernel="tile", BLOCK_M=64, BLOCK_N=128, BLOCK_KH=128, GROUP_M=4, num_warps=4, num_stages=1),
 ]
+FAMILY = "w4a4"  # key of this kernel family in the per-GPU config files
 _COUNTERS: dict = {}
 
 
-def _gpu_tag(device) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-
-
-@functools.lru_cache(maxsize=None)
-def _configs_for(tag: str) -> tuple:
-    path = os.path.join(os.path.dirname(__file__), "configs", f"w4a4-{tag}.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return tuple(json.load(f)["configs"])
-    return tuple(DEFAULT_CONFIGS)
+def _configs_for(device_name: str) -> tuple:
+    """The tuned per-M-bucket configs of this GPU (bench/w4a4.py sweep --write), else DEFAULT_CONFIGS."""
+    return tuple(tuned.tuned(FAMILY, device_name) or DEFAULT_CONFIGS)
 
 
 def pick_config(M: int, N: int, K: int, device: torch.device | str = "cpu") -> dict:
     """The one place that dispatches the GEMM by M: returns the kernel and launch parameters for this problem."""
     device = torch.device(device)
     if device.type == "cuda":
-        table = _configs_for(_gpu_tag(device))
+        table = _configs_for(torch.cuda.get_device_name(device))
     else:
         table = _INTERPRET_CONFIGS
     for cfg in table:
