@@ -301,6 +301,54 @@ def table(results) -> str:
     return "\n".join(lines) + "\n"
 
 
+def diag():
+    """Division and fake-quant forward variants, compiled, against torch (one small launch each)."""
+    import triton.language as tl
+
+    @triton.jit
+    def divk(x_ptr, s_ptr, o_ptr, R: tl.constexpr, C: tl.constexpr):
+        r = tl.arange(0, R)
+        c = tl.arange(0, C)
+        x = tl.load(x_ptr + r[:, None] * C + c[None, :])
+        sv = tl.load(s_ptr + r)
+        RC: tl.constexpr = R * C
+        offs = r[:, None] * C + c[None, :]
+        tl.store(o_ptr + offs, x / sv[:, None])
+        tl.store(o_ptr + RC + offs, FQ._div(x, sv[:, None]))
+        tl.store(o_ptr + 2 * RC + offs, tl.math.div_rn(x, tl.broadcast_to(sv[:, None], (R, C))))
+        tl.store(o_ptr + 3 * RC + offs, tl.fdiv(x, sv[:, None], ieee_rounding=True))
+        tl.store(o_ptr + 4 * RC + offs, FQ.round_half_even(FQ._div(x, sv[:, None])))
+
+    R, C = 64, 128
+    x = torch.randn(R, C, device=DEV) * 3
+    sv = torch.rand(R, device=DEV) * 0.3 + 0.01
+    o = torch.empty(5, R, C, device=DEV)
+    divk[(1,)](x, sv, o, R, C)
+    ref = x / sv[:, None]
+    for i, name in enumerate(["slash", "_div", "div_rn(broadcast_to)", "fdiv(ieee)"]):
+        log("diag", name, "mismatch", float((o[i] != ref).float().mean()), "maxdiff", float((o[i] - ref).abs().max()))
+    log("diag round(_div) vs torch.round", float((o[4] != torch.round(ref)).float().mean()))
+    from aq import primitives
+    for g in (64, None):
+        for sym in (False, True):
+            xx = torch.randn(37, 192, device=DEV) * 3
+            ref = primitives.fake_quant(xx, 4, g, sym)
+            got = FQ.fake_quant_triton(xx, 4, g, sym)
+            out = torch.empty_like(xx)
+            FQ._fake_quant_fwd_kernel[(37 // 8 + 1, 192 // (g or 192))](
+                xx, out, xx, xx, xx, 37, 192, g or 192, 192 // (g or 192), BITS=4, SYMMETRIC=sym,
+                EPS=primitives.SCALE_EPS, HAS_CMAX=False, HAS_CMIN=False, SAVE_STATS=False, BLOCK_R=8, BLOCK_G=32,
+                SINGLE=False)
+            log("diag fq g", g, "sym", sym, "single-pass mismatch", float((got != ref).float().mean()),
+                "two-pass mismatch", float((out != ref).float().mean()))
+            ste_ref = FQ.fake_quant_ste_reference(xx, 4, g, sym)
+            ste = FQ.fake_quant_ste(xx, 4, g, sym)
+            y2, st = FQ.fake_quant_fwd(xx, 4, g or 192, sym, save_stats=True)
+            log("diag   ste_ref vs prim", float((ste_ref != ref).float().mean()), "ste vs prim",
+                float((ste != ref).float().mean()), "fwd(save_stats) vs prim", float((y2 != ref).float().mean()),
+                "maxdiff ste_ref", float((ste_ref - ref).abs().max()))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
@@ -309,7 +357,11 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-other", action="store_true")
+    ap.add_argument("--diag", action="store_true")
     a = ap.parse_args()
+    if a.diag:
+        diag()
+        return
     torch.set_float32_matmul_precision("high")
     os.makedirs(a.out, exist_ok=True)
     results = dict(env=dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -333,7 +385,7 @@ def main():
             results["checks"] = dict(crashed=traceback.format_exc())
         os.environ.pop("AQ_FAST_TUNE")
         save()
-    for name in a.cases.split(","):
+    for name in filter(None, a.cases.split(",")):
         try:
             time_case(name, CASES[name], results, not a.no_compile, a.budget)
         except Exception:

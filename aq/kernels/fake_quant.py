@@ -333,8 +333,10 @@ def fake_quant(x: torch.Tensor, bits: int, group_size: int | None = None, symmet
 def round_ste(v: torch.Tensor) -> torch.Tensor:
     """torch.round in the forward pass, identity in the backward pass (straight-through estimator).
 
-    For |v| < 2^22 the value is exactly torch.round(v): round(v) - v is exact (Sterbenz) and so is the sum."""
-    return v + (torch.round(v) - v).detach()
+    Written round(v) + (v - v.detach()) so that the value is exactly torch.round(v) on every device (v - v is 0).
+    The form v + (round(v) - v).detach(), exact in IEEE arithmetic on paper, gave fake-quant values ~1e-6 off
+    aq.primitives.fake_quant on an H100 (2026-11-22; cause not pinned down)."""
+    return torch.round(v).detach() + (v - v.detach())
 
 
 def fake_quant_ste_reference(x: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False,
