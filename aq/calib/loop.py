@@ -51,13 +51,14 @@ def _is_instability(e: Exception) -> bool:
 @dataclass
 class LayerLog:
     index: int
-    loss_init: float = math.nan  # loss of the initial transforms on the first INIT_PROBE_SEGMENTS segments
+    loss_init: float = math.nan  # loss of the initial transforms on the first probe_segments segments
     loss: float = math.nan       # mean training loss of the last epoch
     margin: float = 1.0          # smallest dominance margin of the merged transforms
     margin_min: float = 1.0      # smallest margin seen during training
     seconds: float = 0.0
     steps: int = 0
     init: str = ""               # "smoothquant" or "identity"
+    probe_segments: int = 0      # segments the initial transforms were compared on
     lr_scale: float = 1.0
     form: str = ""               # norm-side form actually used ("full", "block", "diagonal") or "rtn"
     events: list = field(default_factory=list)
@@ -65,7 +66,7 @@ class LayerLog:
     def line(self, n_layers: int) -> str:
         ev = f" [{'; '.join(self.events)}]" if self.events else ""
         return (f"layer {self.index + 1}/{n_layers}: loss {self.loss:.4g} (initial {self.init} transforms "
-                f"{self.loss_init:.4g} on {INIT_PROBE_SEGMENTS} segments), "
+                f"{self.loss_init:.4g} on {self.probe_segments} segments), "
                 f"margin {self.margin:.3f} (min {self.margin_min:.3f}), {self.form}, lr x{self.lr_scale:g}, "
                 f"{self.steps} steps, {self.seconds:.1f}s{ev}")
 
@@ -361,6 +362,7 @@ def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Te
         attempts.append(("diagonal", False, 1.0))
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + i)
     probe = list(range(min(INIT_PROBE_SEGMENTS, fp_buf.shape[0])))
+    log.probe_segments = len(probe)
     epochs = cfg.total_epochs
     qlayer = None
     for form, affine, lr_scale in attempts:
