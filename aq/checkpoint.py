@@ -39,6 +39,7 @@ Tensors in ``model.safetensors`` (names are the model's module names, e.g. ``mod
      "linears": {"model.layers.0.self_attn.q_proj": {"in_features": 576, "out_features": 576, "wbits": 4,
                  "group_size": 64, "abits": 16, "bias": false}, ...},
      "norm_transforms": {"model.layers.0.input_layernorm": {"form": "blockdiag", "shape": [9, 64, 64]}, ...},
+     "qkv_abits": {"model.layers.0.self_attn": 4, ...},     # attention inputs quantized per token and head
      "aliases": {"lm_head.weight": "model.embed_tokens.weight"},
      "tensors": {"file": "model.safetensors", "bytes": 123456789, "sha256": "..."}}
 
@@ -46,7 +47,8 @@ Loading
 =======
 ``load_checkpoint(DIR)`` builds the model from ``config.json`` (no base weights needed: the checkpoint holds every
 tensor), puts back each quantized linear as a FakeQuantLinear (the fake-quantized model calibration produced: same
-codes, same fp32 scales) and each norm transform as aq.patch.TransformedNorm, and with ``patch=True`` hands the model to
+codes, same fp32 scales), each norm transform as aq.patch.TransformedNorm and the Q/K/V activation bits of attention
+modules (aq.calib.attention), and with ``patch=True`` hands the model to
 aq.patch.patch_model (kernel-backed modules). ``load_checkpoint(DIR, model=m)`` loads into an existing model of the
 same architecture instead, after checking that its config and every linear's shape match.
 Refused with a clear message: a folder without a manifest (e.g. a write that did not finish), an unknown format or
@@ -187,6 +189,7 @@ def save_checkpoint(model: nn.Module, cfg: QuantConfig, out_dir: str | os.PathLi
         tensors[f"{site}.transform"] = t.float()
         norm_transforms[site] = dict(form=transform_form(t), shape=list(t.shape))
         covered.add(site + ".")
+    qkv_abits = {n: int(m.aq_qkv_abits) for n, m in model.named_modules() if hasattr(m, "aq_qkv_abits")}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for k, v in model.state_dict().items():
@@ -210,7 +213,7 @@ def save_checkpoint(model: nn.Module, cfg: QuantConfig, out_dir: str | os.PathLi
         "format": FORMAT, "version": VERSION, "quant_config": cfg.to_dict(), "base_model": base_model,
         "model_type": model.config.model_type, "architectures": getattr(model.config, "architectures", None)
         or [type(model).__name__], "dtype": _dtype_name(_model_dtype(model)),
-        "linears": linears, "norm_transforms": norm_transforms, "aliases": aliases,
+        "linears": linears, "norm_transforms": norm_transforms, "qkv_abits": qkv_abits, "aliases": aliases,
         "tensors": {"file": TENSORS, "bytes": (out / TENSORS).stat().st_size, "sha256": _sha256(out / TENSORS)},
     }
     _atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
@@ -365,6 +368,13 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module | None = None,
     rest = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".transform") else v
             for k, v in tensors.items()}
     model.load_state_dict(rest, strict=False)
+    qkv = man.get("qkv_abits") or {}
+    if qkv:  # per-token quantization of attention's Q, K, V (weight-activation calibration), simulated
+        from aq.calib.attention import enable_qkv_quant, set_qkv_abits
+
+        for n, bits in qkv.items():
+            set_qkv_abits(model.get_submodule(n), bits)
+        enable_qkv_quant(model)
     model.to(device)
     model.aq_quant_config = qcfg
     if patch:

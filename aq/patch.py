@@ -103,10 +103,10 @@ class TransformedNorm(nn.Module):
 def split_norm(module: nn.Module) -> tuple[nn.Module, torch.Tensor | None]:
     """(the norm, its right-multiplied transform tensor or None) of a norm site.
 
-    Recognized: a plain norm; TransformedNorm; and any module with a ``norm`` submodule and either a
-    ``transform_matrix()`` method or a ``transform`` tensor / submodule with a ``matrix()`` method or ``weight``,
-    the tensor being T with output = norm(x) @ T (shapes as TransformedNorm). This is the slot for calibration's
-    norm-side transform module.
+    Recognized: a plain norm; TransformedNorm; calibration's aq.calib.transforms.NormTransform (``norm`` + ``inverse``);
+    and any module with a ``norm`` submodule and either a ``transform_matrix()`` method or an ``inverse`` /
+    ``transform`` tensor (or submodule with a ``matrix()`` method or ``weight``), the tensor being T with
+    output = norm(x) @ T (shapes as TransformedNorm).
     """
     if isinstance(module, TransformedNorm):
         return module.norm, module.transform
@@ -116,11 +116,14 @@ def split_norm(module: nn.Module) -> tuple[nn.Module, torch.Tensor | None]:
         if callable(getattr(module, "transform_matrix", None)):
             t = module.transform_matrix()
         else:
-            tr = getattr(module, "transform", None)
-            if isinstance(tr, torch.Tensor):
-                t = tr
-            elif isinstance(tr, nn.Module):
-                t = tr.matrix() if callable(getattr(tr, "matrix", None)) else getattr(tr, "weight", None)
+            for attr in ("inverse", "transform"):  # aq.calib.transforms.NormTransform keeps T in `inverse`
+                tr = getattr(module, attr, None)
+                if isinstance(tr, torch.Tensor):
+                    t = tr
+                elif isinstance(tr, nn.Module):
+                    t = tr.matrix() if callable(getattr(tr, "matrix", None)) else getattr(tr, "weight", None)
+                if t is not None:
+                    break
         if t is None:
             raise ValueError(f"cannot read the transform of {type(module).__name__} (see aq.patch.split_norm)")
         return norm, t.detach()
@@ -300,6 +303,82 @@ class QuantEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, wbits={self.bits}, group={self.group_size}"
 
 
+class FusedProjections(nn.Module):
+    """Sibling projections of one input (q/k/v, gate/up) as one kernel call: their packed weights concatenated along
+    N. Each sibling is replaced by a ``ProjectionSlice`` that returns its columns of the shared output, computed once
+    per input tensor."""
+
+    def __init__(self, linear: nn.Module, names: list[str], sizes: list[int]):
+        super().__init__()
+        self.linear, self.names, self.sizes = linear, names, sizes
+        self._cache = None
+
+    def output(self, x):
+        c = self._cache
+        if c is not None and c[0]() is x and c[1] == x._version:
+            return c[2]
+        y = self.linear(x)
+        self._cache = (weakref.ref(x), x._version, y)
+        return y
+
+    def extra_repr(self):
+        return f"names={self.names}, sizes={self.sizes}"
+
+
+class ProjectionSlice(nn.Module):
+    """Columns [start, end) of a FusedProjections output: stands where one of the fused projections was."""
+
+    def __init__(self, fused: FusedProjections, start: int, end: int):
+        super().__init__()
+        self._fused = [fused]  # a plain list: the fused module is registered once, beside the slices
+        self.start, self.end = start, end
+        self.in_features, self.out_features = fused.linear.in_features, end - start
+
+    def forward(self, x):
+        return self._fused[0].output(x)[..., self.start:self.end]
+
+    def extra_repr(self):
+        return f"columns [{self.start}, {self.end}) of a fused projection"
+
+
+def _concat(mods: list[nn.Module]) -> nn.Module | None:
+    """One module computing the concatenated outputs of `mods` (all W4A16Linear or all W4A4Linear on the same input
+    with the same settings), or None when they cannot be joined."""
+    first = mods[0]
+    if any(type(m) is not type(first) or m.in_features != first.in_features for m in mods):
+        return None
+    dev = first.qweight.device if isinstance(first, W4A16Linear) else first.packed.device
+    biases = [m.bias if m.bias is not None else None for m in mods]
+    bias = None
+    if any(b is not None for b in biases):
+        ref = next(b for b in biases if b is not None)
+        bias = torch.cat([b if b is not None else ref.new_zeros(m.out_features) for b, m in zip(biases, mods)])
+    if isinstance(first, W4A16Linear):
+        if any((m.bits, m.group_size, m.dtype) != (first.bits, first.group_size, first.dtype)
+               or m.out_features % k4a16.ROW_BLOCK for m in mods):
+            return None
+        N = sum(m.out_features for m in mods)
+        p = k4a16.PackedWeight(torch.cat([m.qweight for m in mods]), torch.cat([m.scales for m in mods], 1),
+                               torch.cat([m.zeros for m in mods], 1), first.bits, first.group_size, N,
+                               first.in_features)
+        return W4A16Linear(p, bias).to(dev)
+    if isinstance(first, W4A4Linear):
+        if any((m.wbits, m.abits, m.w_symmetric, m.a_symmetric) != (first.wbits, first.abits, first.w_symmetric,
+                                                                     first.a_symmetric) for m in mods):
+            return None
+        sites = {id(m._norm_site[0]) if m._norm_site else None for m in mods}
+        if len(sites) != 1:
+            return None
+        w = k4a4.W4A4Weight(torch.cat([m.packed for m in mods]), torch.cat([m.w_scale for m in mods]),
+                            torch.cat([m.w_zero for m in mods]), torch.cat([m.w_code_sum for m in mods]),
+                            sum(m.out_features for m in mods), first.in_features, first.wbits, first.w_symmetric)
+        out = W4A4Linear(w, bias, first.abits, first.a_symmetric)
+        if first._norm_site:
+            out.attach_norm(first._norm_site[0])
+        return out
+    return None
+
+
 # ------------------------------------------------------------------------------------------------------------ patching
 def _rtn_codes(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool):
     scale, zero = primitives.choose_qparams(w, bits, group_size, symmetric)
@@ -362,12 +441,16 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 @torch.no_grad()
 def patch_model(model: nn.Module, cfg: QuantConfig | None = None, *, lm_head: bool = False, embeddings: bool = False,
-                fuse_norm: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
+                fuse_norm: bool = True, norm_kernel: bool = True, fuse_projections: bool = True,
+                dtype: torch.dtype | None = None) -> nn.Module:
     """Replace the quantized linears (and norms, see the module doc) of `model` in place by kernel-backed modules.
 
     cfg: needed only to quantize plain nn.Linear modules (round-to-nearest) and lm_head / embeddings; a calibrated
-    model's FakeQuantLinear modules carry their own settings. dtype: storage dtype of scales / compute dtype of the
-    W4A16 kernel (fp16 or bf16; default the model's dtype when it is one of those, else bf16).
+    model's FakeQuantLinear modules carry their own settings. fuse_norm: fold the norms feeding W4A4 linears into
+    their activation quantization. norm_kernel: every other decoder norm (and the final norm) runs aq's one-kernel
+    norm (aq.kernels.norm) instead of the framework's composite one. fuse_projections: q/k/v (and gate/up) run as one
+    kernel call on concatenated weights. dtype: storage dtype of scales / compute dtype of the W4A16 kernel (fp16 or
+    bf16; default the model's dtype when it is one of those, else bf16).
     """
     arch = models.arch_of(model)
     mdt = _model_dtype(model)
@@ -394,7 +477,11 @@ def patch_model(model: nn.Module, cfg: QuantConfig | None = None, *, lm_head: bo
         norm, t = split_norm(mod)
         cons = [new.get(c) for c in consumers]
         form = transform_form(t)
-        if all(isinstance(c, W4A4Linear) for c in cons) and fuse_norm and form != "full":
+        h = t.shape[-1] if form == "blockdiag" else 16
+        if form == "blockdiag" and (h < 16 or h & (h - 1)):
+            warnings.warn(f"{site}: block-diagonal blocks of {h} (not a power of two >= 16) have no fused kernel; "
+                          "the transform stays a separate einsum after the norm")
+        elif all(isinstance(c, W4A4Linear) for c in cons) and fuse_norm and form != "full":
             d = DeferredNorm(norm, t).to(norm.weight.device)
             _set(model, site, d)
             for c in cons:
@@ -403,6 +490,27 @@ def patch_model(model: nn.Module, cfg: QuantConfig | None = None, *, lm_head: bo
             _set(model, site, FusedNorm(norm, t).to(norm.weight.device))
         elif form == "full":
             warnings.warn(f"{site}: a full transform stays a dense matmul after the norm ({TRANSFORM_FORMS['full']})")
+        elif norm_kernel and t is None and new and _fusable_norm(mod):
+            _set(model, site, FusedNorm(mod).to(mod.weight.device))
+    if norm_kernel and new:
+        fn = model.get_submodule(arch.final_norm)
+        if _fusable_norm(fn):
+            _set(model, arch.final_norm, FusedNorm(fn).to(fn.weight.device))
+    if fuse_projections:
+        for _, consumers in _norm_sites(model):
+            mods = [new.get(c) for c in consumers]
+            if len(mods) < 2 or any(m is None for m in mods):
+                continue
+            cat = _concat(mods)
+            if cat is None:
+                continue
+            fused = FusedProjections(cat, [c.rsplit(".", 1)[-1] for c in consumers], [m.out_features for m in mods])
+            parent = consumers[0].rpartition(".")[0]
+            model.get_submodule(parent).register_module("aq_fused_" + "_".join(fused.names), fused)
+            start = 0
+            for c, m in zip(consumers, mods):
+                _set(model, c, ProjectionSlice(fused, start, start + m.out_features))
+                start += m.out_features
     if lm_head:
         head = model.get_output_embeddings()
         if isinstance(head, nn.Linear):
@@ -416,6 +524,14 @@ def patch_model(model: nn.Module, cfg: QuantConfig | None = None, *, lm_head: bo
     return model
 
 
+def _fusable_norm(m: nn.Module) -> bool:
+    try:
+        norm_params(m)
+    except ValueError:
+        return False
+    return True
+
+
 def _name_of(model: nn.Module, module: nn.Module) -> str:
     for n, m in model.named_modules():
         if m is module:
@@ -425,7 +541,8 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
 
 def patched_summary(model: nn.Module) -> dict[str, int]:
     """Counts of the patched module types in a model (for logs and tests)."""
-    kinds = (W4A16Linear, W4A4Linear, FusedNorm, DeferredNorm, QuantEmbedding, FakeQuantLinear, TransformedNorm)
+    kinds = (W4A16Linear, W4A4Linear, FusedNorm, DeferredNorm, QuantEmbedding, FakeQuantLinear, TransformedNorm,
+             FusedProjections, ProjectionSlice)
     out = {k.__name__: 0 for k in kinds}
     for m in model.modules():
         for k in kinds:
