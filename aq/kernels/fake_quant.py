@@ -332,10 +332,7 @@ def fake_quant(x: torch.Tensor, bits: int, group_size: int | None = None, symmet
 
 def round_ste(v: torch.Tensor) -> torch.Tensor:
     """torch.round in the forward pass, identity in the backward pass (straight-through estimator).
-
-    Written round(v) + (v - v.detach()) so that the value is exactly torch.round(v) on every device (v - v is 0).
-    The form v + (round(v) - v).detach(), exact in IEEE arithmetic on paper, gave fake-quant values ~1e-6 off
-    aq.primitives.fake_quant on an H100 (2026-11-22; cause not pinned down)."""
+    Value: round(v) + (v - v) = round(v) exactly."""
     return torch.round(v).detach() + (v - v.detach())
 
 
