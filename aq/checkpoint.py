@@ -1,38 +1,41 @@
-"""Quantized checkpoints: what ``python -m aq.calibrate --out DIR`` writes, and how it is loaded back.
+"""Quantized checkpoints: what `python -m aq.calibrate --out DIR` writes, and how it is loaded back.
 
-Format (version 1)
-==================
-A checkpoint is a folder::
+## Format (version 1)
 
-    DIR/
-      config.json            the base model's Hugging Face config (model.config.to_json_file)
-      model.safetensors      every tensor (below)
-      quant_config.json      the manifest: format, version, QuantConfig, per-layer settings, integrity; written LAST
-      tokenizer files        optional (tokenizer.json, tokenizer_config.json, ...) when a tokenizer was given
+A checkpoint is a folder:
 
-Tensors in ``model.safetensors`` (names are the model's module names, e.g. ``model.layers.0.self_attn.q_proj``):
+```
+DIR/
+  config.json            the base model's Hugging Face config (model.config.to_json_string)
+  model.safetensors      every tensor (below)
+  quant_config.json      the manifest: format, version, QuantConfig, per-layer settings, integrity; written LAST
+  tokenizer files        optional (tokenizer.json, tokenizer_config.json, ...) when a tokenizer was given
+```
 
-- For each quantized linear ``L`` (a FakeQuantLinear of the calibrated model), with N outputs, K inputs, wbits b and
+Tensors in `model.safetensors` (names are the model's module names, e.g. `model.layers.0.self_attn.q_proj`):
+
+- For each quantized linear `L` (a FakeQuantLinear of the calibrated model), with N outputs, K inputs, wbits b and
   group size g (g = K when quantized per output channel):
 
   | tensor | dtype | shape | meaning |
   |---|---|---|---|
-  | ``L.qweight`` | uint8 | [N, K * c / 8] | the integer codes q in [0, 2^b - 1], packed along K: c = 2 bits per code for b = 2, 4 for b = 3, 4, 8 for b = 5..8; code k of row n sits in byte k // (8 / c) at bit offset c * (k % (8 / c)) (lowest bits first) |
-  | ``L.scale`` | float32 | [N, K / g] | the scale s of each group, exactly as calibration produced it |
-  | ``L.zero`` | uint8 | [N, K / g] | the integer zero point z of each group |
-  | ``L.bias`` | model dtype | [N] | present when the layer has a bias (calibration's shifts are merged into it) |
+  | `L.qweight` | uint8 | [N, K * c / 8] | the integer codes q in [0, 2^b - 1], packed along K: c = 2 bits per code for b = 2, 4 for b = 3, 4, 8 for b = 5..8; code k of row n sits in byte k // (8 / c) at bit offset c * (k % (8 / c)) (lowest bits first) |
+  | `L.scale` | float32 | [N, K / g] | the scale s of each group, exactly as calibration produced it |
+  | `L.zero` | uint8 | [N, K / g] | the integer zero point z of each group |
+  | `L.bias` | model dtype | [N] | present when the layer has a bias (calibration's shifts are merged into it) |
 
   The weight is w = (q - z) * s, per group of g consecutive input columns. Activation bits (abits; 16 = weight-only)
   and the rest of the layer's settings are in the manifest.
 - For each norm that carries a transform left after calibration (a norm-side A^-1 that could not be folded), at norm
-  site ``S``: ``S.norm.<param>`` (the norm's own parameters) and ``S.transform`` (float32): [K] for a diagonal,
+  site `S`: `S.norm.<param>` (the norm's own parameters) and `S.transform` (float32): [K] for a diagonal,
   [K / h, h, h] for a block-diagonal (output block b = input block b @ T[b]) or [K, K] for a full matrix, always
   right-multiplied: norm_out @ T.
 - Every other tensor of the model's state dict (embeddings, norms, lm_head, ...) under its own name, in its own dtype.
-  Tensors shared by several names (tied embeddings) are stored once; the manifest's ``aliases`` maps the other names.
+  Tensors shared by several names (tied embeddings) are stored once; the manifest's `aliases` maps the other names.
 
-``quant_config.json``::
+`quant_config.json`:
 
+```
     {"format": "aq-checkpoint", "version": 1,
      "quant_config": {"wbits": 4, "abits": 16, "group_size": 64, "symmetric": false, "mode": "rtn", ...},
      "base_model": "smollm2", "model_type": "llama", "architectures": ["LlamaForCausalLM"], "dtype": "float32",
@@ -42,14 +45,15 @@ Tensors in ``model.safetensors`` (names are the model's module names, e.g. ``mod
      "qkv_abits": {"model.layers.0.self_attn": 4, ...},     # attention inputs quantized per token and head
      "aliases": {"lm_head.weight": "model.embed_tokens.weight"},
      "tensors": {"file": "model.safetensors", "bytes": 123456789, "sha256": "..."}}
+```
 
-Loading
-=======
-``load_checkpoint(DIR)`` builds the model from ``config.json`` (no base weights needed: the checkpoint holds every
+## Loading
+
+`load_checkpoint(DIR)` builds the model from `config.json` (no base weights needed: the checkpoint holds every
 tensor), puts back each quantized linear as a FakeQuantLinear (the fake-quantized model calibration produced: same
 codes, same fp32 scales), each norm transform as aq.patch.TransformedNorm and the Q/K/V activation bits of attention
-modules (aq.calib.attention), and with ``patch=True`` hands the model to
-aq.patch.patch_model (kernel-backed modules). ``load_checkpoint(DIR, model=m)`` loads into an existing model of the
+modules (aq.calib.attention), and with `patch=True` hands the model to aq.patch.patch_model (kernel-backed modules).
+`load_checkpoint(DIR, model=m)` loads into an existing model of the
 same architecture instead, after checking that its config and every linear's shape match.
 Refused with a clear message: a folder without a manifest (e.g. a write that did not finish), an unknown format or
 version, a tensors file whose size or sha256 differs from the manifest (truncated or altered), missing or unexpected

@@ -55,33 +55,38 @@ def main():
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--tasks", default=",".join(data.ZEROSHOT_TASKS))
     ap.add_argument("--out", type=Path, default=None, help="path without suffix: writes .md and .json")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--batch-tokens", type=int, default=16384, help="zero-shot tokens per forward")
     args = ap.parse_args()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = args.device
+    dtype = getattr(torch, args.dtype)
     zs = [t for t in args.tasks.split(",") if t]
     t0 = time.time()
-    fp, tok = models.load_model(args.model, torch.bfloat16, dev)
+    fp, tok = models.load_model(args.model, dtype, dev)
     print(f"loaded {args.model} in {time.time() - t0:.0f}s", flush=True)
     wt = data.eval_tokens(tok, "wikitext2")
     res = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "date": str(datetime.date.today()),
-           "model": args.model, "dtype": "bfloat16", "limit": args.limit, "rows": {}, "equivalence": {}}
+           "model": args.model, "dtype": args.dtype, "limit": args.limit,
+           "eval_windows": args.eval_windows, "rows": {}, "equivalence": {}}
 
     def ev(m, label):
         t = time.time()
         r = aq_eval.evaluate(m, tok, list(PPL) + zs, seqlen=args.seqlen, eval_windows=args.eval_windows, ppl_batch=8,
-                            limit=args.limit, batch_tokens=16384, label=label)
+                            limit=args.limit, batch_tokens=args.batch_tokens, label=label)
         r["seconds"] = time.time() - t
         print(label, json.dumps({k: v for k, v in r.items() if k != "zeroshot"}),
               {t_: round(100 * v["acc"], 2) for t_, v in r.get("zeroshot", {}).items()}, flush=True)
         return r
 
-    res["rows"]["FP (bf16)"] = ev(fp, "FP")
+    res["rows"][f"FP ({args.dtype})"] = ev(fp, "FP")
     for setting, ckpt in (("W4A16g64", args.ckpt_w4a16), ("W4A4", args.ckpt_w4a4)):
         try:
             t = time.time()
             if ckpt:
                 from aq.checkpoint import load_checkpoint
 
-                fq = load_checkpoint(ckpt, device=dev, dtype=torch.bfloat16)
+                fq = load_checkpoint(ckpt, device=dev, dtype=dtype)
                 name = f"AffineQuant {setting}"
             else:
                 cfg = aq_eval._parse_setting(setting)
@@ -107,11 +112,12 @@ def main():
             res["equivalence"][setting] = {"error": f"{type(e).__name__}: {e}"}
 
     lines = [f"# SmolLM2-135M-Instruct: FP vs W4A16g64 vs W4A4 on aq's kernels", "",
-             f"{res['gpu']}, {res['date']}, bf16 model (`{args.model}`), perplexity over all 2048-token windows of "
-             f"WikiText-2 test and held-out C4 (docs 800-999); zero-shot: lm-eval-style log-likelihood scoring of the "
+             f"{res['gpu']}, {res['date']}, {args.dtype} model (`{args.model}`), perplexity over "
+             + (f"the first {args.eval_windows}" if args.eval_windows else "all")
+             + f" {args.seqlen}-token windows of WikiText-2 test and held-out C4 (docs 800-999); zero-shot: lm-eval-style log-likelihood scoring of the "
              f"first {args.limit} examples of each task (acc_norm for PIQA, ARC, HellaSwag; acc for BoolQ, "
              "WinoGrande), in %.", "", aq_eval.format_table(res["rows"]), "",
-             "Equivalence of each patched model with the fake-quantized model it was made from (bf16): relative logit "
+             f"Equivalence of each patched model with the fake-quantized model it was made from ({args.dtype}): relative logit "
              f"error ||patched - fake|| / ||fake|| over the first {args.logit_windows} WikiText-2 windows, and "
              "perplexities.", "", "| model | logit rel. err | fake-quant WikiText-2 / C4 | patched WikiText-2 / C4 |",
              "|---|---|---|---|"]

@@ -60,7 +60,7 @@ def test_load_into_a_given_model_and_patched(tmp_path):
     m = load_checkpoint(tmp_path / "ck", model=into)
     assert m is into and torch.equal(logits(fq), logits(m))
     pm = load_checkpoint(tmp_path / "ck", patch=True)
-    assert patched_summary(pm)["W4A4Linear"] == 14 and isinstance(pm.model.layers[0].mlp.up_proj, W4A4Linear)
+    assert patched_summary(pm)["W4A4Linear"] == 8 and isinstance(pm.model.layers[0].mlp.down_proj, W4A4Linear)
     ref = logits(fq)
     assert ((logits(pm) - ref).norm() / ref.norm()) < 1e-5
 
