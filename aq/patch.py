@@ -181,6 +181,27 @@ class W4A16Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, wbits={self.bits}, group={g}"
 
 
+class _SharedResult:
+    """One result computed from an input tensor and handed to each of `n` consumers once (q, k and v reading one
+    fused output, or one set of activation codes). The entry is dropped once every consumer has read it, and a
+    consumer that comes back for the same input starts a new round, so nothing computed in an earlier call (e.g. the
+    warm-up before a CUDA-graph capture, with the same static input) is ever reused."""
+
+    def __init__(self):
+        self.entry = None  # (weakref to the input, its version, key, result, readers so far)
+
+    def get(self, x, key, reader, n: int, compute):
+        e = self.entry
+        if (e is not None and e[0]() is x and e[1] == x._version and e[2] == key and reader not in e[4]):
+            e[4].add(reader)
+            if len(e[4]) >= n:
+                self.entry = None
+            return e[3]
+        out = compute()
+        self.entry = (weakref.ref(x), x._version, key, out, {reader}) if n > 1 else None
+        return out
+
+
 class DeferredNorm(nn.Module):
     """Stands where a norm was, in a weight-activation model whose norm is fused into the activation quantization of
     the linears it feeds: returns its input unchanged; ``quantized(x, bits)`` (called by those linears) quantizes
@@ -193,7 +214,8 @@ class DeferredNorm(nn.Module):
         self.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
         self.bias = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False)
         self.register_buffer("transform", None if transform is None else transform.detach().float().clone())
-        self._cache = None  # (weakref to the input, its version, bits, symmetric, QuantizedActivation)
+        self._share = _SharedResult()  # the codes of one input, handed to each consumer once
+        self.consumers = 0  # set by W4A4Linear.attach_norm
 
     def forward(self, x):
         return x
@@ -204,14 +226,10 @@ class DeferredNorm(nn.Module):
                            self.eps, None)
         return y if self.transform is None else apply_transform(y, self.transform)
 
-    def quantized(self, x, bits: int, symmetric: bool = False) -> k4a4.QuantizedActivation:
-        c = self._cache
-        if c is not None and c[0]() is x and c[1] == x._version and c[2] == (bits, symmetric):
-            return c[3]
-        a = k4a4.quantize_activation(x, bits, symmetric, norm=self.kind, norm_weight=self.weight,
-                                     norm_bias=self.bias, norm_eps=self.eps, transform=self.transform)
-        self._cache = (weakref.ref(x), x._version, (bits, symmetric), a)
-        return a
+    def quantized(self, x, bits: int, symmetric: bool = False, reader: object = None) -> k4a4.QuantizedActivation:
+        return self._share.get(x, (bits, symmetric), reader, self.consumers, lambda: k4a4.quantize_activation(
+            x, bits, symmetric, norm=self.kind, norm_weight=self.weight, norm_bias=self.bias, norm_eps=self.eps,
+            transform=self.transform))
 
     def extra_repr(self):
         t = "" if self.transform is None else f", transform={transform_form(self.transform)}"
@@ -239,11 +257,14 @@ class W4A4Linear(nn.Module):
                                self.in_features, self.wbits, self.w_symmetric)
 
     def attach_norm(self, site: DeferredNorm) -> None:
+        if self._norm_site:
+            self._norm_site[0].consumers -= 1
         self._norm_site[:] = [site]
+        site.consumers += 1
 
     def forward(self, x):
         if self._norm_site:
-            a = self._norm_site[0].quantized(x, self.abits, self.a_symmetric)
+            a = self._norm_site[0].quantized(x, self.abits, self.a_symmetric, reader=id(self))
         else:
             a = k4a4.quantize_activation(x, self.abits, self.a_symmetric)
         bias = None if self.bias is None else self.bias.to(x.dtype if x.dtype in HALF else torch.float32)
@@ -311,15 +332,10 @@ class FusedProjections(nn.Module):
     def __init__(self, linear: nn.Module, names: list[str], sizes: list[int]):
         super().__init__()
         self.linear, self.names, self.sizes = linear, names, sizes
-        self._cache = None
+        self._share = _SharedResult()
 
-    def output(self, x):
-        c = self._cache
-        if c is not None and c[0]() is x and c[1] == x._version:
-            return c[2]
-        y = self.linear(x)
-        self._cache = (weakref.ref(x), x._version, y)
-        return y
+    def output(self, x, reader: object = None):
+        return self._share.get(x, None, reader, len(self.sizes), lambda: self.linear(x))
 
     def extra_repr(self):
         return f"names={self.names}, sizes={self.sizes}"
@@ -335,7 +351,7 @@ class ProjectionSlice(nn.Module):
         self.in_features, self.out_features = fused.linear.in_features, end - start
 
     def forward(self, x):
-        return self._fused[0].output(x)[..., self.start:self.end]
+        return self._fused[0].output(x, reader=self.start)[..., self.start:self.end]
 
     def extra_repr(self):
         return f"columns [{self.start}, {self.end}) of a fused projection"
@@ -374,7 +390,11 @@ def _concat(mods: list[nn.Module]) -> nn.Module | None:
                             sum(m.out_features for m in mods), first.in_features, first.wbits, first.w_symmetric)
         out = W4A4Linear(w, bias, first.abits, first.a_symmetric)
         if first._norm_site:
-            out.attach_norm(first._norm_site[0])
+            site = first._norm_site[0]
+            for m in mods:  # the fused module replaces them as the site's consumer
+                site.consumers -= 1
+                m._norm_site.clear()
+            out.attach_norm(site)
         return out
     return None
 

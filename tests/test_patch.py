@@ -164,3 +164,27 @@ def test_patched_modules_move_with_the_model_and_run_the_reference_on_cpu(monkey
     assert isinstance(pm.model.layers[0].mlp.down_proj, W4A16Linear)
     assert not any(isinstance(m, W4A4Linear) for m in pm.modules())
     assert isinstance(pm.model.norm, FusedNorm)  # the norm kernel's torch reference runs here
+
+
+@pytest.mark.parametrize("abits,fuse_projections", [(16, True), (4, True), (4, False)])
+def test_shared_results_are_never_reused_across_calls(abits, fuse_projections):
+    """q/k/v share one computation per call; a second call on the same input tensor object (as a CUDA-graph capture
+    after its warm-up, with static input buffers) must compute again and see the current weights."""
+    cfg = QuantConfig(wbits=4, abits=abits, group_size=32 if abits == 16 else None)
+    pm = patch_model(quantize_rtn(tiny_llama(), cfg), fuse_projections=fuse_projections)
+    att = pm.model.layers[0].self_attn
+    x = torch.randn(1, 3, 64)
+    if abits < 16:
+        site = pm.model.layers[0].input_layernorm
+        assert isinstance(site, DeferredNorm) and site.consumers == (1 if fuse_projections else 3)
+    with torch.no_grad():
+        first = [att.q_proj(x), att.k_proj(x), att.v_proj(x)]
+        if fuse_projections:
+            lin = att.q_proj._fused[0].linear
+        else:
+            lin = att.k_proj
+        buf = lin.scales if abits == 16 else lin.w_scale
+        buf.mul_(2)  # change the weights in place; the input object stays the same
+        again = [att.q_proj(x), att.k_proj(x), att.v_proj(x)]
+    changed = [not torch.allclose(a, b) for a, b in zip(first, again)]
+    assert changed == ([True, True, True] if fuse_projections else [False, True, False])
