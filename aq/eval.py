@@ -1,7 +1,16 @@
-"""Evaluation: perplexity with the GPTQ / OmniQuant / AffineQuant protocol.
+"""Evaluation: perplexity with the GPTQ / OmniQuant / AffineQuant protocol, zero-shot accuracy, `python -m aq.eval`.
 
 Perplexity: the evaluation text's tokens are cut into non-overlapping windows of `seqlen` (2048) tokens (the tail that
 does not fill a window is dropped); ppl = exp(mean over windows of the mean next-token cross-entropy in each window).
+
+Zero-shot (PIQA, ARC-easy, ARC-challenge, BoolQ, HellaSwag, WinoGrande; examples from aq.data.load_zeroshot): each
+option is a (context, continuation) pair scored by the summed log-probability of the continuation's tokens, as lm-eval
+scores multiple choice: acc takes the option of highest log-likelihood, acc_norm divides each by the option's length
+in characters first. WinoGrande is partial scoring: the same continuation after each filled-in context.
+
+    python -m aq.eval --model smollm2                          # FP
+    python -m aq.eval --model smollm2 --rtn W4A16g64 --patch  # round-to-nearest, run on aq's kernels
+    python -m aq.eval --checkpoint runs/aq_w4a4 --patch        # a calibrated checkpoint (aq.checkpoint)
 """
 from __future__ import annotations
 
@@ -200,7 +209,7 @@ def _parse_setting(s: str):
     m = re.fullmatch(r"[wW](\d)[aA](\d+)(?:[gG](\d+))?", s)
     if not m:
         raise ValueError(f"setting {s!r} is not of the form W<bits>A<bits>[g<group>], e.g. W4A16g64 or W4A4")
-    return QuantConfig(wbits=int(m[1]), abits=int(m[2]), group_size=int(m[3]) if m[3] else None)
+    return QuantConfig(wbits=int(m[1]), abits=int(m[2]), group_size=int(m[3]) if m[3] else None, mode="rtn")
 
 
 def build_parser():
@@ -247,7 +256,8 @@ def load_for_eval(args):
 
         man = read_manifest(args.checkpoint)
         model = load_checkpoint(args.checkpoint, device=args.device, dtype=dtype)
-        label = f"{man['quant_config'].get('mode', 'q').upper()} " + _label(man["quant_config"])
+        mode = man["quant_config"].get("mode", "")
+        label = f"{_MODE_NAMES.get(mode, mode)} " + _label(man["quant_config"])
         if (Path(args.checkpoint) / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 
@@ -271,6 +281,9 @@ def load_for_eval(args):
         patch_model(model)
         label += " (aq kernels)"
     return model, tok, args.label or label
+
+
+_MODE_NAMES = {"rtn": "RTN", "omniquant": "OmniQuant", "affinequant": "AffineQuant"}
 
 
 def _label(qc: dict) -> str:

@@ -185,7 +185,7 @@ def run_variant(model, batches, prompt: int, gen: int, reps: int) -> dict:
         print(f"  batch {B}: prefill {t_pre:.2f} ms ({out[B]['prefill_tok_s']:.0f} tok/s), "
               f"decode {t_dec:.3f} ms ({out[B]['decode_tok_s']:.1f} tok/s), of which linears {t_lin:.3f} ms",
               flush=True)
-        del h
+        h = None  # free this batch's cache before the next
         gc.collect()
         torch.cuda.empty_cache()
     return out

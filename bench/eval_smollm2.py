@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aq import data, eval as aq_eval, models  # noqa: E402
 from aq.calib.rtn import quantize_rtn  # noqa: E402
-from aq.config import QuantConfig  # noqa: E402
 from aq.patch import patch_model, patched_summary  # noqa: E402
 
 PPL = ("wikitext2", "c4")
@@ -111,7 +110,7 @@ def main():
             traceback.print_exc()
             res["equivalence"][setting] = {"error": f"{type(e).__name__}: {e}"}
 
-    lines = [f"# SmolLM2-135M-Instruct: FP vs W4A16g64 vs W4A4 on aq's kernels", "",
+    lines = ["# SmolLM2-135M-Instruct: FP vs W4A16g64 vs W4A4 on aq's kernels", "",
              f"{res['gpu']}, {res['date']}, {args.dtype} model (`{args.model}`), perplexity over "
              + (f"the first {args.eval_windows}" if args.eval_windows else "all")
              + f" {args.seqlen}-token windows of WikiText-2 test and held-out C4 (docs 800-999); zero-shot: lm-eval-style log-likelihood scoring of the "

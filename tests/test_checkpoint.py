@@ -128,3 +128,17 @@ def test_saving_a_model_without_quantized_linears_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no FakeQuantLinear"):
         save_checkpoint(tiny_llama(), QuantConfig(), tmp_path / "ck")
     assert not (tmp_path / "ck" / MANIFEST).exists()
+
+
+def test_eval_cli_reads_a_checkpoint(tmp_path, data_dir):
+    from aq import eval as aq_eval
+
+    cfg = QuantConfig(wbits=4, abits=4, group_size=None, mode="rtn")
+    fq = quantize_rtn(tiny_llama(), cfg)
+    save_checkpoint(fq, cfg, tmp_path / "ck", tokenizer=make_tokenizer(tmp_path))
+    args = ["--checkpoint", str(tmp_path / "ck"), "--tasks", "wikitext2", "--seqlen", "64", "--eval-windows", "2",
+            "--device", "cpu", "--dtype", "float32"]
+    fake = aq_eval.main(args)
+    patched = aq_eval.main(args + ["--patch"])
+    assert fake["setting"] == "RTN W4A4" and patched["setting"] == "RTN W4A4 (aq kernels)"
+    assert patched["perplexity"]["wikitext2"] == pytest.approx(fake["perplexity"]["wikitext2"], rel=1e-4)

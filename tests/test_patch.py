@@ -12,7 +12,7 @@ from aq.patch import (DeferredNorm, FusedNorm, QuantEmbedding, TransformedNorm, 
 from aq.primitives import fake_quant
 from tests.conftest import tiny_llama, tiny_opt
 
-IDS = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
 
 
 def rel(a, b):
@@ -130,15 +130,15 @@ def test_lm_head_and_embeddings_on_request_and_generate():
         for m in (ref_model.lm_head, ref_model.model.embed_tokens):
             m.weight.copy_(fake_quant(m.weight.float(), 4, 32))
     assert rel(logits(ref_model), logits(pm)) < 2e-2  # bf16 logits of ~0.1 on a random model: rounding-level
-    out = pm.generate(IDS[:1, :5], max_new_tokens=4, do_sample=False)
-    assert out.shape == (1, 9)
+    out = pm.generate(IDS[:1, :5], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 8)
 
 
 def test_generate_matches_the_fake_quant_model():
     fq = quantize_rtn(tiny_llama(), QuantConfig(wbits=4, abits=4, group_size=None))
     pm = patch_model(copy.deepcopy(fq))
-    a = fq.generate(IDS[:1, :6], max_new_tokens=6, do_sample=False)
-    b = pm.generate(IDS[:1, :6], max_new_tokens=6, do_sample=False)
+    a = fq.generate(IDS[:1, :6], max_new_tokens=4, do_sample=False)
+    b = pm.generate(IDS[:1, :6], max_new_tokens=4, do_sample=False)
     assert torch.equal(a, b)
 
 
