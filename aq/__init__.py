@@ -1,10 +1,17 @@
 """aq: AffineQuant post-training quantization of LLMs, run on Triton kernels.
 
-Public API (kept small): QuantConfig, load_model, quantize_rtn. See README.md for the map of the package.
+Public API (kept small; README.md maps the package):
+- QuantConfig: the plain dataclass describing a run (bits, group size, mode, schedule).
+- load_model: a causal LM by path, .gguf file, hub id or "smollm2" (the default), with its tokenizer.
+- quantize_rtn: round-to-nearest fake quantization (the baseline).
+- save_checkpoint / load_checkpoint: the safetensors checkpoint format (docs/checkpoint.md).
+- patch_model: replace quantized linears (and the norms before them) by modules running aq's Triton kernels.
 """
 from aq.calib.rtn import quantize_rtn
+from aq.checkpoint import load_checkpoint, save_checkpoint
 from aq.config import QuantConfig
 from aq.models import load_model
+from aq.patch import patch_model
 
-__all__ = ["QuantConfig", "load_model", "quantize_rtn"]
+__all__ = ["QuantConfig", "load_model", "quantize_rtn", "save_checkpoint", "load_checkpoint", "patch_model"]
 __version__ = "0.1.0"
