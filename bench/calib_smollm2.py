@@ -133,6 +133,7 @@ def main():
     ap.add_argument("--norm-variants", default="full,diagonal", help="--norm-transform values compared on W4A16g64")
     ap.add_argument("--rtn", action="store_true", help="also rerun the RTN rows")
     ap.add_argument("--deadline-s", type=float, default=540, help="stop unfinished workers after this many seconds")
+    ap.add_argument("--parallel", type=int, default=0, help="at most this many workers at once (0: all)")
     ap.add_argument("--eval-windows", type=int, default=None)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--step-probe", action="store_true", help="first time the training step of layer 0 per form")
@@ -153,12 +154,16 @@ def main():
                                                           or args.rtn]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1",
            "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
-    procs = {}
-    for n in names:
+    procs, queue = {}, list(names)
+
+    def start(n):
         wb = int(runs[n][runs[n].index("--wbits") + 1])
         epochs = args.epochs * (2 if wb <= 2 else 1)
         cmd = [sys.executable, "-m", "aq.calibrate", "--model", str(model_dir), *runs[n], "--nsamples",
-               str(args.nsamples), "--epochs", str(epochs), "--out", str(args.work / n), "--skip-fp", "--no-progress"]
+               str(args.nsamples), "--epochs", str(epochs), "--out", str(args.work / n), "--skip-fp", "--no-progress",
+               # 2 windows per forward: the fp32 logits of 8 x 2048 tokens x 49k vocab (3 GiB, plus their copy) made
+               # the evaluations of 14 concurrent workers run out of GPU memory in the first full run
+               "--eval-batch", "2"]
         if args.eval_windows:
             cmd += ["--eval-windows", str(args.eval_windows)]
         if args.resume and (args.work / n / "ckpt" / "run.json").is_file():
@@ -167,13 +172,21 @@ def main():
         f = open(args.work / n / "log.txt", "a")
         procs[n] = (subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                      start_new_session=True), f)
-    log(f"{len(procs)} workers started")
-    while any(p.poll() is None for p, _ in procs.values()):
+
+    limit = args.parallel or len(queue)
+    while queue and len(procs) < limit:
+        start(queue.pop(0))
+    log(f"{len(procs)} workers started, {len(queue)} queued")
+    while queue or any(p.poll() is None for p, _ in procs.values()):
+        while queue and sum(p.poll() is None for p, _ in procs.values()) < limit:
+            start(queue.pop(0))
         if time.time() - t0 > args.deadline_s:
             for n, (p, _) in procs.items():
                 if p.poll() is None:
                     log(f"deadline: stopping {n}")
                     os.killpg(p.pid, signal.SIGTERM)
+            for n in queue:
+                log(f"deadline: {n} never started")
             time.sleep(3)
             break
         time.sleep(5)
@@ -188,8 +201,13 @@ def main():
 
 
 def _progress(n: str, work: Path) -> str:
+    """What an unfinished run got to: calibrated layers, or the error that stopped it."""
     ck = work / n / "ckpt"
-    return f"{len(list(ck.glob('layer_*.pt')))} layers" if ck.is_dir() else "-"
+    lg = work / n / "log.txt"
+    text = lg.read_text() if lg.is_file() else ""
+    err = next((ln for ln in reversed(text.splitlines()) if "Error" in ln), None)
+    layers = f"{len(list(ck.glob('layer_*.pt')))} layers" if ck.is_dir() else "-"
+    return f"{layers}; {err.split(':')[0]}" if err else layers
 
 
 def aggregate(args, names: list[str]) -> None:

@@ -10,6 +10,16 @@ from aq.primitives import dequantize, fake_quant
 from tests.conftest import tiny_llama, tiny_opt
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine torch's thread pool spinning against
+    other processes made these tests 40x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
 def test_rtn_quantizes_every_linear_but_lm_head(make):
     model = make()
@@ -114,3 +124,46 @@ def test_rtn_on_the_default_model_first_window(monkeypatch):
     q = aq_eval.perplexity(model, ids, 2048, max_windows=1)
     # measured on this window (CPU): FP 15.15, RTN W4A16g64 19.86 (the full-set H100 run gives 21.61 / 28.55)
     assert fp == pytest.approx(15.15, abs=0.05) and q == pytest.approx(19.86, abs=0.1)
+
+
+def test_cli_affinequant_default_short_schedule_then_resume(tiny_model_dir, data_dir, tmp_path, capsys, monkeypatch):
+    """No schedule flags on a CPU: the short schedule, said so; a second run with --resume repeats nothing and gives the
+    same perplexity; a second run without --resume refuses to write over the checkpoints."""
+    monkeypatch.setenv("AQ_BACKEND", "torch")
+    out = tmp_path / "run"
+    argv = ["--model", str(tiny_model_dir), "--eval-windows", "1", "--out", str(out), "--no-progress"]
+    res = calibrate.main(argv)
+    text = capsys.readouterr().out
+    assert "no GPU: short calibration schedule (8 segments x 512 tokens, 2 epochs)" in text
+    assert "| AffineQuant W4A16g64 |" in text and "layer 2/2: loss" in text
+    assert res["config"]["mode"] == "affinequant" and res["short_cpu_schedule"] and res["epochs"] == 2
+    assert [r["steps"] for r in res["layers"]] == [16, 16]
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["layer_000.pt", "layer_001.pt", "run.json"]
+    again = calibrate.main(argv + ["--resume", "--skip-fp"])
+    assert again["resumed_layers"] == 2 and "resumed from layer_001.pt" in capsys.readouterr().out
+    assert again["perplexity"]["AffineQuant W4A16g64"] == res["perplexity"]["AffineQuant W4A16g64"]
+    with pytest.raises(SystemExit) as e:
+        calibrate.main(argv)
+    assert "pass --resume" in str(e.value)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--calib-data", "missing.jsonl"], "data file missing.jsonl does not exist"),
+    (["--norm-transform", "block:48"], "norm block 48 does not divide the hidden size 64"),
+    (["--resume"], "--resume needs --out"),
+    (["--epochs", "0"], "epochs must be a positive integer"),
+])
+def test_cli_calibration_settings_fail_before_any_work(argv, msg, tiny_model_dir, data_dir):
+    with pytest.raises(SystemExit) as e:
+        calibrate.main(["--model", str(tiny_model_dir), *argv])
+    assert msg in str(e.value)
+
+
+def test_cli_unknown_architecture_fails_clearly(tmp_path, data_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(d)
+    with pytest.raises(SystemExit) as e:
+        calibrate.main(["--model", str(d)])
+    assert "unsupported architecture 'gpt2'" in str(e.value)

@@ -52,6 +52,7 @@ def _is_instability(e: Exception) -> bool:
 class LayerLog:
     index: int
     loss_init: float = math.nan  # loss of the initial transforms on the first probe_segments segments
+    loss_probe: float = math.nan  # loss of the trained transforms on the same segments (compare with loss_init)
     loss: float = math.nan       # mean training loss of the last epoch
     margin: float = 1.0          # smallest dominance margin of the merged transforms
     margin_min: float = 1.0      # smallest margin seen during training
@@ -65,8 +66,8 @@ class LayerLog:
 
     def line(self, n_layers: int) -> str:
         ev = f" [{'; '.join(self.events)}]" if self.events else ""
-        return (f"layer {self.index + 1}/{n_layers}: loss {self.loss:.4g} (initial {self.init} transforms "
-                f"{self.loss_init:.4g} on {self.probe_segments} segments), "
+        return (f"layer {self.index + 1}/{n_layers}: loss {self.loss:.4g}, on {self.probe_segments} probe segments "
+                f"{self.loss_init:.4g} -> {self.loss_probe:.4g} (init {self.init}), "
                 f"margin {self.margin:.3f} (min {self.margin_min:.3f}), {self.form}, lr x{self.lr_scale:g}, "
                 f"{self.steps} steps, {self.seconds:.1f}s{ev}")
 
@@ -381,6 +382,7 @@ def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Te
             log.form, log.lr_scale, log.margin_min, log.steps = form, lr_scale, 1.0, 0
             log.loss = _train(calib, q_buf, fp_buf, kwargs, cfg, epochs, lr_scale, gen, amp,
                               f"layer {i + 1}/{n_layers}", progress, log)
+            log.loss_probe = _probe_loss(calib, q_buf, fp_buf, kwargs, probe, amp)
             qlayer = calib.merged(fp_layer)
             log.margin = calib.margin()
             if not _finite_layer(qlayer):
