@@ -24,6 +24,7 @@ import torch
 from aq import data, eval as aq_eval, models
 from aq.calib.loop import calibrate, check_calibratable
 from aq.calib.rtn import quantize_rtn
+from aq.checkpoint import save_checkpoint
 from aq.config import DEFAULT_NORM_BLOCK, DEFAULT_NORM_TRANSFORM, MODES, NORM_TRANSFORMS, QuantConfig
 
 CPU_EVAL_WINDOWS = 4  # without a GPU the default run evaluates this many 2048-token windows per dataset
@@ -101,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "transforms, clipping and targets stay float32")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration segments and the sample order")
     g.add_argument("--out", type=Path, default=None,
-                   help="folder for results.json and the per-layer checkpoints (ckpt/)")
+                   help="folder for the quantized checkpoint (docs/checkpoint.md), results.json and the per-layer "
+                        "calibration checkpoints (ckpt/)")
     g.add_argument("--resume", action="store_true", help="continue the calibration checkpointed in --out")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     e = p.add_argument_group("evaluation")
@@ -192,6 +194,9 @@ def main(argv: list[str] | None = None) -> dict:
     qtime = time.time() - t1
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     _say(f"{cfg.mode} {cfg.label}: {qtime:.1f}s" + (f", peak GPU memory {peak:.2f} GiB" if peak is not None else ""))
+    if args.out:
+        save_checkpoint(model, cfg, args.out, tokenizer=tok, base_model=args.model)
+        _say(f"quantized checkpoint written to {args.out} (format: docs/checkpoint.md)")
     name = f"{MODE_NAMES[cfg.mode]} {cfg.label}"
     rows[name] = aq_eval.perplexities(model, tok, eval_sets, eval_seqlen, windows, batch, cfg.label)
     print()

@@ -74,6 +74,14 @@ def test_cli_rtn_end_to_end(tiny_model_dir, data_dir, tmp_path, capsys):
     assert all(1 < v < 1e6 for r in (fp, q) for v in r.values())
     assert q["wikitext2"] != fp["wikitext2"]
     assert res["perplexity"] == saved["perplexity"]
+    # --out also holds the quantized checkpoint; it loads back to the same perplexity
+    from aq import data, load_checkpoint
+    from aq.eval import perplexity
+    from transformers import AutoTokenizer
+
+    loaded = load_checkpoint(out)
+    toks = data.eval_tokens(AutoTokenizer.from_pretrained(str(out)), "wikitext2")
+    assert perplexity(loaded, toks, 64, 3) == pytest.approx(q["wikitext2"], rel=1e-5)
 
 
 @pytest.mark.parametrize("argv,msg", [
