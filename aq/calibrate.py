@@ -27,9 +27,9 @@ from aq.calib.rtn import quantize_rtn
 from aq.checkpoint import save_checkpoint
 from aq.config import DEFAULT_NORM_BLOCK, DEFAULT_NORM_TRANSFORM, MODES, NORM_TRANSFORMS, QuantConfig
 
-CPU_EVAL_WINDOWS = 4  # without a GPU the default run evaluates this many 2048-token windows per dataset
+CPU_EVAL_WINDOWS = 2  # without a GPU the default run evaluates this many 2048-token windows per dataset
 EVAL_SEQLEN = 2048
-CPU_SCHEDULE = {"nsamples": 8, "seqlen": 512, "epochs": 2}  # the short schedule used without a GPU
+CPU_SCHEDULE = {"nsamples": 4, "seqlen": 256, "epochs": 2}  # the short schedule used without a GPU
 GPU_SCHEDULE = {"nsamples": 128, "seqlen": 2048}           # the paper's
 MODE_NAMES = {"rtn": "RTN", "omniquant": "OmniQuant", "affinequant": "AffineQuant"}
 

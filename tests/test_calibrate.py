@@ -142,10 +142,10 @@ def test_cli_affinequant_default_short_schedule_then_resume(tiny_model_dir, data
     argv = ["--model", str(tiny_model_dir), "--eval-windows", "1", "--out", str(out), "--no-progress"]
     res = calibrate.main(argv)
     text = capsys.readouterr().out
-    assert "no GPU: short calibration schedule (8 segments x 512 tokens, 2 epochs)" in text
+    assert "no GPU: short calibration schedule (4 segments x 256 tokens, 2 epochs)" in text
     assert "| AffineQuant W4A16g64 |" in text and "layer 2/2: loss" in text
     assert res["config"]["mode"] == "affinequant" and res["short_cpu_schedule"] and res["epochs"] == 2
-    assert [r["steps"] for r in res["layers"]] == [16, 16]
+    assert [r["steps"] for r in res["layers"]] == [8, 8]
     assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["layer_000.pt", "layer_001.pt", "run.json"]
     again = calibrate.main(argv + ["--resume", "--skip-fp"])
     assert again["resumed_layers"] == 2 and "resumed from layer_001.pt" in capsys.readouterr().out
