@@ -274,13 +274,12 @@ def rebuild_layer(fp_layer: nn.Module, spec: dict, state: dict) -> nn.Module:
 
 @torch.no_grad()
 def _probe_loss(calib: LayerCalib, q_buf, fp_buf, kwargs, idx: list[int], amp) -> float:
+    """Mean per-segment MSE over the probe segments, in one batched forward (the layer kwargs broadcast over the
+    batch): each transform is inverted once instead of once per segment."""
     calib.refresh()
-    total = 0.0
-    for j in idx:
-        with _autocast(q_buf, amp):
-            out = calib(q_buf[j:j + 1], **kwargs)
-        total += F.mse_loss(out.float(), fp_buf[j:j + 1]).item()
-    return total / len(idx)
+    with _autocast(q_buf, amp):
+        out = calib(q_buf[idx], **kwargs)
+    return F.mse_loss(out.float(), fp_buf[idx]).item()
 
 
 def _autocast(t: torch.Tensor, amp: torch.dtype | None):
