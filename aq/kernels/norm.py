@@ -37,18 +37,24 @@ def _check(x, norm, weight, bias, transform):
     if bias is not None and (norm != "layer" or tuple(bias.shape) != (K,)):
         raise ValueError(f"a norm bias needs norm='layer' and shape [{K}]")
     if transform is not None:
-        if transform.dim() == 1:
-            if transform.shape[0] != K:
-                raise ValueError(f"a diagonal transform must have shape [{K}], got {tuple(transform.shape)}")
-        elif transform.dim() == 3:
-            nb, h, h2 = transform.shape
-            if h != h2 or nb * h != K:
-                raise ValueError(f"a block-diagonal transform must be [K // h, h, h] with K={K}, got "
-                                 f"{tuple(transform.shape)}")
-            if h < 16 or h & (h - 1):
-                raise ValueError(f"block-diagonal transform blocks must be a power of two >= 16, got h={h}")
-        else:
-            raise ValueError(f"transform must be [K] or [K // h, h, h], got shape {tuple(transform.shape)}")
+        check_transform(transform, K)
+
+
+def check_transform(transform: torch.Tensor, K: int) -> None:
+    """A norm-side transform the kernels apply: diagonal [K] or block-diagonal [K // h, h, h], h a power of two >= 16."""
+    if transform.dim() == 1:
+        if transform.shape[0] != K:
+            raise ValueError(f"a diagonal transform must have shape [{K}], got {tuple(transform.shape)}")
+    elif transform.dim() == 3:
+        nb, h, h2 = transform.shape
+        if h != h2 or nb * h != K:
+            raise ValueError(f"a block-diagonal transform must have shape [K // h, h, h] with K={K}, "
+                             f"got {tuple(transform.shape)}")
+        if h < 16 or h & (h - 1):
+            raise ValueError(f"block-diagonal transform blocks must be a power of two >= 16, got h={h}")
+    else:
+        raise ValueError(f"transform must be [K] (diagonal) or [K // h, h, h] (block-diagonal), "
+                         f"got shape {tuple(transform.shape)}")
 
 
 def norm_transform_reference(x, norm="rms", weight=None, bias=None, eps=1e-6, transform=None):

@@ -68,6 +68,7 @@ import triton.language as tl
 
 from aq import backend, primitives
 from aq.kernels import tuned
+from aq.kernels.norm import check_transform
 
 __all__ = [
     "W4A4Weight", "QuantizedActivation", "pack_w4a4_weight", "unpack_w4a4_codes", "quantize_activation",
@@ -245,19 +246,7 @@ def _check_act_args(x, bits, norm, norm_weight, norm_bias, transform):
             raise ValueError(f"norm_bias must have shape [{K}], got {tuple(norm_bias.shape)}")
     if transform is not None:
         _check_float(transform, "transform")
-        if transform.dim() == 1:
-            if transform.shape[0] != K:
-                raise ValueError(f"a diagonal transform must have shape [{K}], got {tuple(transform.shape)}")
-        elif transform.dim() == 3:
-            nb, h, h2 = transform.shape
-            if h != h2 or nb * h != K:
-                raise ValueError(f"a block-diagonal transform must have shape [K // h, h, h] with K={K}, "
-                                 f"got {tuple(transform.shape)}")
-            if h < 16 or h & (h - 1):
-                raise ValueError(f"block-diagonal transform blocks must be a power of two >= 16, got h={h}")
-        else:
-            raise ValueError(f"transform must be [K] (diagonal) or [K // h, h, h] (block-diagonal), "
-                             f"got shape {tuple(transform.shape)}")
+        check_transform(transform, K)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
