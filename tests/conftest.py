@@ -45,6 +45,16 @@ def tiny_opt(vocab=300, **kw):
     return OPTForCausalLM(OPTConfig(**cfg)).eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread, for modules of tiny-model tests: on a shared 2-core machine torch's thread pool spinning
+    against other processes made them ~40x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     """A saved tiny GQA LLaMA with its tokenizer, loadable by path."""

@@ -10,14 +10,7 @@ from aq.primitives import dequantize, fake_quant
 from tests.conftest import tiny_llama, tiny_opt
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine torch's thread pool spinning against
-    other processes made these tests 40x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
