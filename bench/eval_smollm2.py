@@ -57,6 +57,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--batch-tokens", type=int, default=16384, help="zero-shot tokens per forward")
+    ap.add_argument("--skip-fp", action="store_true", help="do not evaluate the FP model")
     args = ap.parse_args()
     dev = args.device
     dtype = getattr(torch, args.dtype)
@@ -78,7 +79,8 @@ def main():
               {t_: round(100 * v["acc"], 2) for t_, v in r.get("zeroshot", {}).items()}, flush=True)
         return r
 
-    res["rows"][f"FP ({args.dtype})"] = ev(fp, "FP")
+    if not args.skip_fp:
+        res["rows"][f"FP ({args.dtype})"] = ev(fp, "FP")
     for setting, ckpt in (("W4A16g64", args.ckpt_w4a16), ("W4A4", args.ckpt_w4a4)):
         try:
             t = time.time()
