@@ -38,7 +38,7 @@ from aq.calib.rtn import FakeQuantLinear
 from aq.config import QuantConfig
 from aq.kernels import w4a4 as k4a4
 from aq.kernels import w4a16 as k4a16
-from aq.kernels.norm import norm_transform
+from aq.kernels.norm import apply_transform, norm_transform
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -63,20 +63,6 @@ def transform_form(t: torch.Tensor | None) -> str | None:
     if t.dim() == 2 and t.shape[0] == t.shape[1]:
         return "full"
     raise ValueError(f"a norm transform must be [K], [K // h, h, h] or [K, K], got shape {tuple(t.shape)}")
-
-
-def apply_transform(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """y @ T for T diagonal [K], block-diagonal [K // h, h, h] or full [K, K]; float32 arithmetic, y's dtype out."""
-    form = transform_form(t)
-    yf, tf = y.float(), t.float()
-    if form == "diagonal":
-        out = yf * tf
-    elif form == "blockdiag":
-        nb, h, _ = tf.shape
-        out = torch.einsum("...bi,bij->...bj", yf.reshape(*yf.shape[:-1], nb, h), tf).reshape(yf.shape)
-    else:
-        out = yf @ tf
-    return out.to(y.dtype)
 
 
 class TransformedNorm(nn.Module):

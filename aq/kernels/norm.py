@@ -66,13 +66,21 @@ def norm_transform_reference(x, norm="rms", weight=None, bias=None, eps=1e-6, tr
     if bias is not None:
         y = y + bias.float()
     if transform is not None:
-        t = transform.float()
-        if t.dim() == 1:
-            y = y * t
-        else:
-            nb, h, _ = t.shape
-            y = torch.einsum("...bi,bij->...bj", y.reshape(*y.shape[:-1], nb, h), t).reshape(y.shape)
+        y = apply_transform(y, transform)
     return y.to(x.dtype)
+
+
+def apply_transform(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """y @ T for T diagonal [K], block-diagonal [K // h, h, h] or full [K, K]; float32 arithmetic, y's dtype out."""
+    yf, tf = y.float(), t.float()
+    if tf.dim() == 1:
+        out = yf * tf
+    elif tf.dim() == 3:
+        nb, h, _ = tf.shape
+        out = torch.einsum("...bi,bij->...bj", yf.reshape(*yf.shape[:-1], nb, h), tf).reshape(yf.shape)
+    else:
+        out = yf @ tf
+    return out.to(y.dtype)
 
 
 @triton.jit

@@ -68,7 +68,7 @@ import triton.language as tl
 
 from aq import backend, primitives
 from aq.kernels import tuned
-from aq.kernels.norm import check_transform
+from aq.kernels.norm import apply_transform, check_transform
 
 __all__ = [
     "W4A4Weight", "QuantizedActivation", "pack_w4a4_weight", "unpack_w4a4_codes", "quantize_activation",
@@ -202,12 +202,7 @@ def _normed_reference(x, norm, norm_weight, norm_bias, norm_eps, transform):
         if norm_bias is not None:
             y = y + norm_bias.float()
     if transform is not None:
-        t = transform.float()
-        if t.dim() == 1:
-            y = y * t
-        else:
-            nb, h, _ = t.shape
-            y = torch.einsum("...bi,bij->...bj", y.reshape(*y.shape[:-1], nb, h), t).reshape(y.shape)
+        y = apply_transform(y, transform)
     return y
 
 
