@@ -7,7 +7,7 @@
     python -m aq.calibrate --out runs/w4 ; python -m aq.calibrate --out runs/w4 --resume   # continue a killed run
 
 Calibration follows the paper: N random segments of the calibration data (C4 calibration docs by default), 20 epochs
-(40 for 2-bit weights), AdamW lr 5e-3 (transforms) / 1e-2 (clipping), batch of one segment. Without a GPU the default
+(40 for 2-bit weights), AdamW lr 5e-3 (transforms) / 1e-2 (clipping), batch of one segment (--batch-size). Without a GPU the default
 is a short schedule that finishes in minutes (it says so); pass --nsamples/--seqlen/--epochs to choose.
 """
 from __future__ import annotations
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seqlen", type=int, default=None,
                    help=f"tokens per calibration segment and per evaluation window (default {EVAL_SEQLEN}; "
                         f"calibration segments of {CPU_SCHEDULE['seqlen']} without a GPU)")
+    g.add_argument("--batch-size", type=int, default=1,
+                   help="calibration segments per optimizer step (the paper: 1); larger batches take fewer, cheaper "
+                        "steps per epoch (at SmolLM2 size a step is bound by launches, not by its arithmetic)")
     g.add_argument("--calib-data", default="c4", help="calibration data: c4 (its calibration docs), wikitext2 (train "
                                                       "split, hub only) or a .txt/.json/.jsonl file")
     g.add_argument("--alpha-sf", type=float, default=None,
@@ -97,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-lwc", action="store_true", help="no learnable weight clipping")
     g.add_argument("--shifts", choices=("auto", "on", "off"), default="auto",
                    help="learnable shifts (auto: weight-activation runs, where the producer has a bias)")
+    g.add_argument("--down-transform", choices=("auto", "on", "off"), default="auto",
+                   help="a learnable diagonal transform between up_proj's rows and down_proj's columns (not in the "
+                        "paper; folded into both weights, no inference cost; LLaMA-family). auto: on in "
+                        "weight-activation runs, where down_proj's input is quantized per token")
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="autocast of the layer's forward during training (auto: bf16 on GPU, off on CPU); the "
                         "transforms, clipping and targets stay float32")
@@ -138,8 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
             wbits=args.wbits, abits=args.abits, group_size=group, symmetric=args.symmetric, mode=args.mode,
             norm_transform=form, norm_block=block or DEFAULT_NORM_BLOCK, alpha_sf=args.alpha_sf, lwc=not args.no_lwc,
             shifts={"auto": None, "on": True, "off": False}[args.shifts],
+            down_transform={"auto": None, "on": True, "off": False}[args.down_transform],
             epochs=args.epochs if args.epochs is not None else sched["epochs"],
             nsamples=args.nsamples or sched["nsamples"], seqlen=args.seqlen or sched["seqlen"],
+            batch_size=args.batch_size,
             calib_data=args.calib_data, lr_transform=args.lr_transform, lr_clip=args.lr_clip, seed=args.seed)
         eval_sets = [s for s in args.eval_data.split(",") if s]
         for s in eval_sets + ([cfg.calib_data] if cfg.mode != "rtn" else []):

@@ -27,10 +27,14 @@ class QuantConfig:
     alpha_sf: float | None = None  # stability factor; None = by model size and bits (aq.calib.transforms.auto_alpha_sf)
     lwc: bool = True             # learnable weight clipping
     shifts: bool | None = None   # learnable shifts; None = weight-activation runs where the producer has a bias
+    # a learnable diagonal transform between up_proj's rows and down_proj's columns (not in the paper; exact for
+    # SwiGLU, folded into both weights); None = weight-activation runs, where down_proj's input is quantized per token
+    down_transform: bool | None = None
     # schedule
     epochs: int | None = None    # None = 20 (40 for 2-bit weights), the paper's schedule
     nsamples: int = 128
     seqlen: int = 2048
+    batch_size: int = 1          # segments per optimizer step (the paper: 1)
     calib_data: str = "c4"
     lr_transform: float = 5e-3
     lr_clip: float = 1e-2
@@ -52,7 +56,7 @@ class QuantConfig:
             raise ValueError(f"alpha_sf (stability factor) must be in [0, 1], got {self.alpha_sf}")
         if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
             raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
-        for name in ("nsamples", "seqlen"):
+        for name in ("nsamples", "seqlen", "batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -70,6 +74,13 @@ class QuantConfig:
         if self.epochs is not None:
             return self.epochs
         return 40 if self.wbits <= 2 else 20
+
+    @property
+    def down_on(self) -> bool:
+        """Whether the up -> down diagonal transform is used (trained modes only)."""
+        if self.mode == "rtn":
+            return False
+        return self.down_transform if self.down_transform is not None else not self.weight_only
 
     @property
     def norm_form(self) -> str:

@@ -34,6 +34,9 @@ class Arch:
     final_norm: str          # from the top model
     embed: str               # token embedding, from the top model
     rope: bool               # rotary embeddings on q/k (restricts the q/k transform)
+    # the mlp_in linear whose output reaches mlp_out's input linearly (SwiGLU's up: silu(g) * u), so a diagonal
+    # transform can sit between its rows and mlp_out's columns (QuantConfig.down_transform); None: no such transform
+    mlp_up: str | None = None
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -44,7 +47,7 @@ LLAMA = Arch(
     layers="model.layers", attn_norm="input_layernorm",
     q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
     mlp_norm="post_attention_layernorm", mlp_in=("mlp.gate_proj", "mlp.up_proj"), mlp_out="mlp.down_proj",
-    final_norm="model.norm", embed="model.embed_tokens", rope=True,
+    final_norm="model.norm", embed="model.embed_tokens", rope=True, mlp_up="mlp.up_proj",
 )
 OPT = Arch(
     layers="model.decoder.layers", attn_norm="self_attn_layer_norm",

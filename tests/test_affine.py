@@ -72,6 +72,24 @@ def test_dominance_margin_is_relative_and_checked_inverse_is_float64():
         assert torch.allclose(inv, ref, rtol=1e-6, atol=1e-7)
 
 
+def test_unchecked_inverse_reports_failure_in_its_margin_without_raising():
+    """inverse_with_margin (the calibration step's path: no host synchronization) returns the same inverse and margin
+    as checked_inverse on a good matrix, and a margin <= 0 (never an exception) on bad ones."""
+    g = torch.Generator().manual_seed(5)
+    for d, block, band in [(40, None, None), (40, 8, None), (40, None, 1)]:
+        A = (torch.eye(d) * 2 + torch.rand(d, d, generator=g) / d) * AF.affine_mask(d, band, block, 1.0)
+        inv, margin = AF.inverse_with_margin(A, block, band)
+        ref_inv, ref_margin = AF.checked_inverse(A, "x", block, band)
+        assert torch.equal(inv, ref_inv) and torch.is_tensor(margin) and float(margin) == pytest.approx(ref_margin)
+    assert float(AF.inverse_with_margin(torch.tensor([[1.0, 1.0], [0.0, 1.0]]))[1]) <= 0  # not dominant
+    assert float(AF.inverse_with_margin(torch.ones(3, 3))[1]) == float("-inf")             # singular
+    assert float(AF.inverse_with_margin(torch.full((2, 2), float("nan")))[1]) == float("-inf")
+    x = torch.randn(3, 8, generator=g)
+    y, m = AF.masked_inverse_act(x, torch.eye(8) * 2 + 0.01 * torch.rand(8, 8, generator=g), band=3,
+                                 return_margin=True, check=False)
+    assert torch.is_tensor(m) and float(m) > 0 and torch.isfinite(y).all()
+
+
 def test_checked_inverse_errors_name_the_layer():
     with pytest.raises(ValueError, match="layers.7.A_up.*not strictly diagonally dominant"):
         AF.checked_inverse(torch.tensor([[1.0, 1.0], [0.0, 1.0]]), "layers.7.A_up")

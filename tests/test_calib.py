@@ -12,7 +12,7 @@ import torch
 from aq import models
 from aq.calib import loop
 from aq.calib.layer import LayerCalib
-from aq.calib.rtn import FakeQuantLinear
+from aq.calib.rtn import FakeQuantLinear, quantize_rtn
 from aq.calib.transforms import MIN_MARGIN, NormTransform, auto_alpha_sf, band_at
 from aq.config import QuantConfig
 from aq.primitives import dequantize
@@ -55,7 +55,7 @@ def test_random_transforms_with_quantization_off_keep_the_logits(make, mode, for
     """The proof of the algebra (incl. GQA on the tiny LLaMA, RoPE, shifts on OPT): random transforms on every layer,
     quantization off; both the training path and the merged model match the original logits in fp32."""
     model = make()
-    cfg = QuantConfig(mode=mode, norm_transform=form, norm_block=16)
+    cfg = QuantConfig(mode=mode, norm_transform=form, norm_block=16, down_transform=True)
     arch, geo = models.arch_of(model), models.geometry(model)
     ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
     ref = model(ids).logits
@@ -67,6 +67,7 @@ def test_random_transforms_with_quantization_off_keep_the_logits(make, mode, for
         shifts = {} if arch.rope else {"attn": torch.zeros(64), "mlp": torch.zeros(64), "vo": torch.zeros(kvd)}
         c = LayerCalib(layers[i], arch, geo, cfg, norm_form=cfg.norm_form, head_affine=mode == "affinequant",
                        alpha=0.7, quantize=False, shifts=shifts)
+        assert (c.t_down is not None) == (arch.mlp_up is not None)
         _randomize(c, g)
         c.set_epoch(3, 4)  # the last epoch: full band
         c.refresh()
@@ -146,8 +147,6 @@ def test_calibrated_model_is_in_the_handed_on_form(make, cfg, torch_backend):
 def test_calibration_beats_round_to_nearest(torch_backend):
     """W2g16 on the tiny OPT: the calibrated model's logits are closer to the FP ones than RTN's, and AffineQuant's
     closer than OmniQuant's (transforms stay strictly diagonally dominant throughout)."""
-    from aq.calib.rtn import quantize_rtn
-
     seg = _segments(8)
     ref = tiny_opt()(seg).logits
     err = {"rtn": float((quantize_rtn(tiny_opt(), QuantConfig(wbits=2, group_size=16))(seg).logits - ref).pow(2).mean())}
@@ -167,6 +166,25 @@ def test_triton_kernels_end_to_end_interpreted():
     res = loop.calibrate(model, _segments(2, 16), cfg, progress=False, say=lambda s: None)
     assert res["layers"][0]["steps"] == 2 and res["layers"][0]["form"] == "block"
     assert torch.isfinite(model(_segments(1, 16)).logits).all()
+
+
+def test_batched_steps_and_down_transform(torch_backend):
+    """batch_size segments per step (ceil(N / B) steps per epoch); W4A4 with the up -> down transform trains, keeps
+    it positive and folds it into up_proj's rows and down_proj's columns (nothing of it left at inference)."""
+    seg = _segments(5)
+    ref = tiny_llama()(seg).logits
+    cfg = QuantConfig(mode="affinequant", wbits=4, abits=4, group_size=None, epochs=2, batch_size=2)
+    assert cfg.down_on and not QuantConfig(wbits=4).down_on and not QuantConfig(abits=4, down_transform=False).down_on
+    model = tiny_llama()
+    res = loop.calibrate(model, seg, cfg, progress=False, say=lambda s: None)
+    assert all(r["steps"] == 2 * 3 and r["form"] == "diagonal" for r in res["layers"])
+    layer = models.decoder_layers(model)[0]
+    assert isinstance(layer.mlp.up_proj, FakeQuantLinear) and isinstance(layer.mlp.down_proj, FakeQuantLinear)
+    rtn = quantize_rtn(tiny_llama(), QuantConfig(wbits=4, abits=4, group_size=None))
+    err = float((model(seg).logits - ref).pow(2).mean())
+    assert err < float((rtn(seg).logits - ref).pow(2).mean())
+    with pytest.raises(ValueError, match="batch_size"):
+        QuantConfig(batch_size=0)
 
 
 def test_checkpoint_resume_gives_the_same_result(tmp_path, torch_backend):

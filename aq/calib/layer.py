@@ -8,7 +8,10 @@ then the activation side of its transform). So LLaMA, Mistral, Qwen2 (GQA, q/k/v
 Transforms of a layer (ALGORITHM.md, "Where the transforms sit"):
   A_qkv: norm before attention -> q, k, v (columns)      A_up: norm before the MLP -> gate/up or fc1 (columns)
   A_vo:  v rows (inverse) -> o columns, per kv head      A_qk: q rows / k rows (inverse), per kv head (RoPE-restricted)
-down_proj / fc2 gets learnable clipping only.
+  A_down (QuantConfig.down_transform, not in the paper): diagonal, up_proj rows (inverse) -> down_proj columns;
+         silu(g) * (u / s) = (silu(g) * u) / s, so it folds into both weights at no inference cost. It lets
+         per-token quantization of down_proj's input survive the massive activations of some channels.
+down_proj / fc2 gets learnable clipping (and A_down where enabled).
 """
 from __future__ import annotations
 
@@ -111,6 +114,10 @@ class LayerCalib(nn.Module):
         self.t_mlp = Transform(f"{name}.A_up", d, norm_form, cfg.norm_block, init.get("mlp"), shifts.get("mlp"), alpha)
         self.t_vo = Transform(f"{name}.A_vo", kvd, vo_form, hd, init.get("vo"), shifts.get("vo"), alpha)
         self.t_o = self.t_vo.expanded(geo.groups, hd)
+        self.t_down = None
+        if cfg.down_on and arch.mlp_up is not None:
+            inter = layer.get_submodule(arch.mlp_out).in_features
+            self.t_down = Transform(f"{name}.A_down", inter, "diagonal", init_scale=init.get("down"))
         if arch.rope:
             self.t_qk = RopeTransform(f"{name}.A_qk", geo.kv_heads, hd, geo.groups, head_affine, alpha)
         else:
@@ -136,7 +143,7 @@ class LayerCalib(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------------------
     def transform_params(self) -> list[nn.Parameter]:
-        mods = (self.t_attn, self.t_mlp, self.t_vo, self.t_qk)
+        mods = (self.t_attn, self.t_mlp, self.t_vo, self.t_qk) + ((self.t_down,) if self.t_down is not None else ())
         seen, out = set(), []
         for m in mods:
             for p in m.parameters():
@@ -157,10 +164,16 @@ class LayerCalib(nn.Module):
         for t in (self.t_attn, self.t_mlp, self.t_vo) + ((self.t_qk.t,) if isinstance(self.t_qk, HeadTransform) else ()):
             t.keep_dominant_()
 
-    def margin(self) -> float:
-        """Smallest dominance margin seen at the last inverses (1.0 when every transform is diagonal)."""
+    def margin_tensor(self) -> torch.Tensor:
+        """Smallest dominance margin at the last inverses, as a 0-dim tensor (no host synchronization; 1.0 when every
+        transform is diagonal; -inf when an inverse failed)."""
         ts = [self.t_attn, self.t_mlp, self.t_vo] + ([self.t_qk.t] if isinstance(self.t_qk, HeadTransform) else [])
-        return min(t.margin for t in ts)
+        dev = next(self.parameters()).device
+        return torch.stack([torch.as_tensor(t.margin, dtype=torch.float64, device=dev) for t in ts]).min()
+
+    def margin(self) -> float:
+        """margin_tensor as a float."""
+        return float(self.margin_tensor())
 
     def _spec(self, names: list[str]) -> QuantSpec | None:
         cfg = self.cfg
@@ -205,6 +218,15 @@ class LayerCalib(nn.Module):
         out.update(self._consume(self.t_o, [(a.o, wo, bo)], exact))
         out.update(self._consume(self.t_mlp, [(n, *O[n]) for n in a.mlp_in], exact))
         wd, bd = O[a.mlp_out]
+        td = self.t_down
+        if td is not None:
+            # up rows / s after their (row-wise, hence scale-invariant for s > 0) fake quantization; down columns * s
+            # before it. merged() checks s > 0, which makes the two orders agree.
+            s = td.s.detach().double() if exact else td.s
+            wu, bu = out[a.mlp_up]
+            out[a.mlp_up] = (wu / s.unsqueeze(1).to(wu.dtype), None if bu is None else bu / s.to(bu.dtype))
+            out[a.mlp_out] = (td.weight(wd, exact, None if exact else self._spec([a.mlp_out])), bd)
+            return out
         if not exact and self.quantize:
             spec = self._spec([a.mlp_out])
             wd = fake_quant_ste(wd, spec.bits, spec.group_size, spec.symmetric, spec.u, spec.l)
@@ -226,6 +248,9 @@ class LayerCalib(nn.Module):
         """A copy of fp_layer with the transforms merged for good: FakeQuantLinear (with the learned clipping's
         scale / zero) for every linear, diagonal norm transforms folded into the norm, others as NormTransform."""
         cfg, a = self.cfg, self.arch
+        if self.t_down is not None and not bool((self.t_down.s > 0).all()):
+            raise ValueError(f"{self.t_down.name}: a diagonal scale is zero or negative (the up rows' quantization is "
+                             "invariant to positive scales only)")
         new = copy.deepcopy(fp_layer)
         for n, (w, b) in self.effective(exact=True).items():
             lin = fp_layer.get_submodule(n)

@@ -188,9 +188,11 @@ def _init_scales(stats: _ChannelStats, layer: nn.Module, arch: models.Arch, geo:
                  shifts: dict[str, bool]) -> tuple[dict, dict]:
     """SmoothQuant-style initial scales s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) for A_qkv, A_up and A_vo (the
     activation range taken after the shift, when there is one), and shifts (max + min) / 2 where enabled."""
-    consumers = {"attn": [arch.q, arch.k, arch.v], "mlp": list(arch.mlp_in), "vo": [arch.o]}
+    consumers = {"attn": [arch.q, arch.k, arch.v], "mlp": list(arch.mlp_in), "vo": [arch.o], "down": [arch.mlp_out]}
     init, shift = {}, {}
     for key, names in consumers.items():
+        if key not in stats.amax:  # a transform this run does not use
+            continue
         w_amax = torch.stack([layer.get_submodule(n).weight.detach().float().abs().amax(0) for n in names]).amax(0)
         cmax, cmin = stats.cmax[key], stats.cmin[key]
         if shifts.get(key):
@@ -295,27 +297,34 @@ def _train(calib: LayerCalib, q_buf, fp_buf, kwargs, cfg: QuantConfig, epochs: i
         return math.nan
     dev = q_buf.device
     opt = torch.optim.AdamW(groups, weight_decay=0.0, **({"fused": True} if dev.type == "cuda" else {}))
-    N = q_buf.shape[0]
+    N, B = q_buf.shape[0], cfg.batch_size
     epoch_loss = math.nan
     bar = tqdm(range(epochs), desc=bar_desc, leave=False, disable=not progress, dynamic_ncols=True)
     for epoch in bar:
         calib.set_epoch(epoch, epochs)
+        # loss and dominance margin stay on the device within an epoch: one host synchronization per epoch
         total = torch.zeros((), device=dev)
-        for j in torch.randperm(N, generator=gen).tolist():
+        margin_min = torch.ones((), dtype=torch.float64, device=dev)
+        for idx in torch.randperm(N, generator=gen).split(B):
             calib.refresh()
+            idx = idx.to(dev)
             with _autocast(q_buf, amp):
-                out = calib(q_buf[j:j + 1], **kwargs)
-            loss = F.mse_loss(out.float(), fp_buf[j:j + 1])
+                out = calib(q_buf[idx], **kwargs)
+            loss = F.mse_loss(out.float(), fp_buf[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             calib.keep_dominant_()
-            total += loss.detach()
-            log.margin_min = min(log.margin_min, calib.margin())
+            total += loss.detach() * idx.numel()
+            margin_min = torch.minimum(margin_min, calib.margin_tensor())
             log.steps += 1
-        epoch_loss = total.item() / N
+        epoch_loss, margin = total.item() / N, float(margin_min)
+        log.margin_min = min(log.margin_min, margin)
         if not math.isfinite(epoch_loss):
             raise _Unstable(f"non-finite loss in epoch {epoch + 1}")
+        if not margin > 0:  # an inverse failed or a transform lost dominance in this epoch (keep_dominant_ prevents it)
+            raise _Unstable(f"a transform was not strictly diagonally dominant in epoch {epoch + 1} "
+                            f"(relative margin {margin:.3e})")
         bar.set_postfix(loss=f"{epoch_loss:.4g}", band=getattr(calib.t_attn, "band", 1))
     return epoch_loss
 
@@ -347,8 +356,10 @@ def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Te
                      for k, n in (("attn", arch.attn_norm), ("mlp", arch.mlp_norm))}
     shifts = {"attn": shifts_on and norm_has_bias["attn"], "mlp": shifts_on and norm_has_bias["mlp"],
               "vo": shifts_on and fp_layer.get_submodule(arch.v).bias is not None}
-    stats = _ChannelStats({"attn": fp_layer.get_submodule(arch.q), "mlp": fp_layer.get_submodule(arch.mlp_in[0]),
-                           "vo": fp_layer.get_submodule(arch.o)})
+    watched = {"attn": arch.q, "mlp": arch.mlp_in[0], "vo": arch.o}
+    if cfg.down_on and arch.mlp_up is not None:
+        watched["down"] = arch.mlp_out
+    stats = _ChannelStats({k: fp_layer.get_submodule(n) for k, n in watched.items()})
     try:
         propagate(fp_layer, fp_buf, kwargs, batch)  # fp_buf: FP inputs -> FP outputs (the training targets)
     finally:

@@ -76,7 +76,7 @@ class Transform(nn.Module):
             self.A = nn.Parameter(torch.diag(init))
         self.shift = None if shift is None else nn.Parameter(shift.detach().float().clone())
         self.band = self.block  # full band unless the schedule says otherwise (set_epoch)
-        self.margin = 1.0       # dominance margin of T at the last inverse (1 for a diagonal)
+        self.margin = 1.0       # dominance margin of T at the last inverse (1 for a diagonal; a device tensor in training)
         self._mask, self._mask_key = None, None
 
     @property
@@ -135,8 +135,10 @@ class Transform(nn.Module):
             return x.double() @ self.inverse64()
         if self.form == "diagonal":
             return x / self.s.to(x.dtype)
+        # unchecked (no host synchronization per step): the margin stays a device tensor, checked by the training
+        # loop once an epoch; keep_dominant_ keeps it >= MIN_MARGIN anyway
         y, self.margin = AF.masked_inverse_act(x, self.A, self.band, self._block_arg, self.alpha, self.name,
-                                               gemm=GEMM, return_margin=True)
+                                               gemm=GEMM, return_margin=True, check=False)
         return y
 
     def weight(self, w: torch.Tensor, exact: bool = False, quant: QuantSpec | None = None) -> torch.Tensor:
@@ -290,7 +292,7 @@ class HeadTransform(nn.Module):
         Aq = self.q_side._rep(t.A)
         q = AF.masked_weight(wq.T, Aq.T, t.band, t._block_arg, t.alpha, gemm=GEMM).T   # W_q^T (A*M)
         k, t.margin = AF.masked_inverse_act(wk.T, t.A.T, t.band, t._block_arg, t.alpha, t.name, gemm=GEMM,
-                                            return_margin=True)                          # W_k^T (A*M)^-T
+                                            return_margin=True, check=False)             # W_k^T (A*M)^-T
         return q, k.T
 
 

@@ -63,14 +63,45 @@ def _check_square(A: torch.Tensor, d: int, what: str) -> None:
 # dominance and inverse
 # ---------------------------------------------------------------------------------------------------------------------
 
-def dominance_margin(A_masked: torch.Tensor) -> float:
-    """min over rows of (|a_ii| - sum_{j != i} |a_ij|) / |a_ii|, in float64: > 0 iff strictly diagonally dominant."""
+def _margin_tensor(A_masked: torch.Tensor) -> torch.Tensor:
+    """dominance_margin as a 0-dim float64 tensor on A's device (no host synchronization)."""
     a = A_masked.detach().double().abs()
     diag = a.diagonal()
     off = a.sum(1) - diag
     rel = (diag - off) / diag  # diag 0 -> -inf (or nan for an all-zero row, treated below)
     rel = torch.where(diag > 0, rel, torch.full_like(rel, float("-inf")))
-    return float(rel.min()) if rel.numel() else 1.0
+    return rel.min() if rel.numel() else torch.ones((), dtype=torch.float64, device=a.device)
+
+
+def dominance_margin(A_masked: torch.Tensor) -> float:
+    """min over rows of (|a_ii| - sum_{j != i} |a_ij|) / |a_ii|, in float64: > 0 iff strictly diagonally dominant."""
+    return float(_margin_tensor(A_masked))
+
+
+def inverse_with_margin(A_masked: torch.Tensor, block: int | None = None,
+                        band: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inverse of A_masked in its dtype, computed in float64; dominance margin as a 0-dim tensor), without a host
+    synchronization: nothing is checked, but the margin is -inf when the inversion failed or is not finite, so one
+    later check of the margin (> 0) covers both. The training loop uses this every step and checks once an epoch;
+    checked_inverse is the same computation checked at once. Structure hints as in checked_inverse."""
+    d = A_masked.shape[0]
+    margin = _margin_tensor(A_masked)
+    a64 = A_masked.detach().double()
+    if band == 1:
+        inv = torch.diag(1.0 / a64.diagonal())
+        info = None
+    elif block is not None and block < d:
+        nb = d // block
+        blocks = a64.reshape(nb, block, nb, block).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [nb, h, h]
+        inv_b, info = torch.linalg.inv_ex(blocks)
+        inv = torch.block_diag(*inv_b) if nb > 1 else inv_b[0]
+    else:
+        inv, info = torch.linalg.inv_ex(a64)
+    bad = ~torch.isfinite(inv).all()
+    if info is not None:
+        bad = bad | (info != 0).any()
+    margin = torch.where(bad, torch.full_like(margin, float("-inf")), margin)
+    return inv.to(A_masked.dtype), margin
 
 
 def checked_inverse(A_masked: torch.Tensor, name: str = "", block: int | None = None,
@@ -83,29 +114,17 @@ def checked_inverse(A_masked: torch.Tensor, name: str = "", block: int | None = 
     label = name or "affine transform"
     if A_masked.dim() != 2 or A_masked.shape[0] != A_masked.shape[1]:
         raise ValueError(f"{label}: transform must be a square matrix, got shape {tuple(A_masked.shape)}")
+    d = A_masked.shape[0]
+    if band != 1 and block is not None and block < d and d % block:
+        raise ValueError(f"{label}: block {block} does not divide d={d}")
     margin = dominance_margin(A_masked)
     if not margin > 0:
         raise ValueError(f"{label}: transform is not strictly diagonally dominant (relative margin {margin:.3e}); "
                          "it may be singular: lower the learning rate or grow the mask band more slowly")
-    d = A_masked.shape[0]
-    a64 = A_masked.detach().double()
-    if band == 1:
-        inv = torch.diag(1.0 / a64.diagonal())
-        ok = True
-    elif block is not None and block < d:
-        if d % block:
-            raise ValueError(f"{label}: block {block} does not divide d={d}")
-        nb = d // block
-        blocks = a64.reshape(nb, block, nb, block).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [nb, h, h]
-        inv_b, info = torch.linalg.inv_ex(blocks)
-        inv = torch.block_diag(*inv_b) if nb > 1 else inv_b[0]
-        ok = bool((info == 0).all())
-    else:
-        inv, info = torch.linalg.inv_ex(a64)
-        ok = bool((info == 0).all())
-    if not ok or not bool(torch.isfinite(inv).all()):
+    inv, checked = inverse_with_margin(A_masked, block, band)
+    if not float(checked) > 0:
         raise ValueError(f"{label}: transform is singular (dominance margin {margin:.3e})")
-    return inv.to(A_masked.dtype), margin
+    return inv, margin
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -779,22 +798,28 @@ def masked_weight(w: torch.Tensor, A: torch.Tensor, band: int | None = None, blo
 
 
 def masked_inverse_act(x: torch.Tensor, A: torch.Tensor, band: int | None = None, block: int | None = None,
-                       alpha: float = 1.0, name: str = "", gemm: str | None = None, return_margin: bool = False):
+                       alpha: float = 1.0, name: str = "", gemm: str | None = None, return_margin: bool = False,
+                       check: bool = True):
     """x @ (A*M)^-1 for an activation x [..., d]; the inverse in float64 after the dominance check (ValueError naming
     `name` otherwise). Differentiable w.r.t. x and A. Output in x's dtype. return_margin: also return the relative
-    dominance margin (see dominance_margin)."""
+    dominance margin (see dominance_margin).
+
+    check=False (the calibration step): no check and no host synchronization; the margin comes back as a 0-dim tensor
+    that is -inf when the inverse failed (inverse_with_margin), for the caller to check later."""
     d = x.shape[-1]
     _check_square(A, d, "masked_inverse_act")
     bnd, blk = _norm_structure(d, band, block)
     if backend.choose(x, A) != backend.TRITON:
-        y = masked_inverse_act_reference(x, A, band, block, alpha, name)
+        y = masked_inverse_act_reference(x, A, band, block, alpha, name)  # checks (raises) whatever `check` says
         if return_margin:
-            return y, dominance_margin(A.detach() * affine_mask(d, band, block, alpha, device=A.device))
+            m = _margin_tensor(A.detach() * affine_mask(d, band, block, alpha, device=A.device))
+            return y, (float(m) if check else m)
         return y
     path = _gemm_path(x.numel() // d, d, bnd, blk, x.device, gemm)
     path = "dense" if path == "blocked" else path
     Am = A.detach() * _mask(d, bnd, blk, alpha, A.device)
-    inv, margin = checked_inverse(Am, name, blk if blk < d else None, bnd)
+    structure = (blk if blk < d else None, bnd)
+    inv, margin = checked_inverse(Am, name, *structure) if check else inverse_with_margin(Am, *structure)
     y = _MaskedInverseAct.apply(_rows(x), A, inv, bnd, blk, float(alpha), path).reshape(x.shape)
     return (y, margin) if return_margin else y
 
