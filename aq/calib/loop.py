@@ -58,7 +58,7 @@ class LayerLog:
     margin_min: float = 1.0      # smallest margin seen during training
     seconds: float = 0.0
     steps: int = 0
-    init: str = ""               # "smoothquant" or "identity"
+    init: str = ""               # "smoothquant", "identity" or "smoothquant, identity down"
     probe_segments: int = 0      # segments the initial transforms were compared on
     lr_scale: float = 1.0
     form: str = ""               # norm-side form actually used ("full", "block", "diagonal") or "rtn"
@@ -305,9 +305,8 @@ def _train(calib: LayerCalib, q_buf, fp_buf, kwargs, cfg: QuantConfig, epochs: i
         # loss and dominance margin stay on the device within an epoch: one host synchronization per epoch
         total = torch.zeros((), device=dev)
         margin_min = torch.ones((), dtype=torch.float64, device=dev)
-        for idx in torch.randperm(N, generator=gen).split(B):
+        for idx in torch.randperm(N, generator=gen).to(dev).split(B):
             calib.refresh()
-            idx = idx.to(dev)
             with _autocast(q_buf, amp):
                 out = calib(q_buf[idx], **kwargs)
             loss = F.mse_loss(out.float(), fp_buf[idx])
@@ -382,6 +381,8 @@ def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Te
             build = lambda ini: LayerCalib(fp_layer, arch, geo, cfg, norm_form=form, head_affine=affine, alpha=alpha,
                                            init=ini, shifts=shift, name=f"layers.{i}")  # noqa: E731
             candidates = {"smoothquant": init, "identity": None}
+            if "down" in init:  # A_down's SmoothQuant start helps only at layers with massive down_proj inputs
+                candidates["smoothquant, identity down"] = {k: v for k, v in init.items() if k != "down"}
             losses = {k: _probe_loss(build(v), q_buf, fp_buf, kwargs, probe, amp) for k, v in candidates.items()}
             finite = {k: v for k, v in losses.items() if math.isfinite(v)}
             if not finite:
