@@ -99,7 +99,8 @@ def main():
                                                           or args.rtn]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1",
            "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
-    procs, queue = {}, list(names)
+    # with --resume, runs that already finished (results.json written) are not started again
+    procs, queue = {}, [n for n in names if not (args.resume and (args.work / n / "results.json").is_file())]
 
     def start(n):
         wb = int(runs[n][runs[n].index("--wbits") + 1])

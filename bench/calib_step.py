@@ -47,7 +47,7 @@ def one_layer_model(dev):
 
 def _sync(dev):
     if dev.type == "cuda":
-        _sync(dev)
+        torch.cuda.synchronize()
 
 
 def time_case(name, kw, batch, nseg, seqlen, dev):

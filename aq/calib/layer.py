@@ -168,9 +168,11 @@ class LayerCalib(nn.Module):
         """Smallest dominance margin at the last inverses, as a 0-dim tensor (no host synchronization; 1.0 when every
         transform is diagonal; -inf when an inverse failed)."""
         ts = [self.t_attn, self.t_mlp, self.t_vo] + ([self.t_qk.t] if isinstance(self.t_qk, HeadTransform) else [])
-        ms = [t.margin for t in ts if torch.is_tensor(t.margin)]  # diagonal transforms keep the float 1.0
+        dev = next(self.parameters()).device
+        # tensors in training (no copy here), floats after merging (inverse64); diagonal transforms have margin 1
+        ms = [torch.as_tensor(t.margin, dtype=torch.float64, device=dev) for t in ts if t.form != "diagonal"]
         if not ms:
-            return torch.ones((), dtype=torch.float64, device=next(self.parameters()).device)
+            return torch.ones((), dtype=torch.float64, device=dev)
         return torch.stack(ms).min() if len(ms) > 1 else ms[0]
 
     def margin(self) -> float:

@@ -360,12 +360,14 @@ def fake_quant_ste_reference(x: torch.Tensor, bits: int, group_size: int | None 
     qmax = 2**bits - 1
     if symmetric:
         amax = torch.maximum(xmax.abs(), xmin.abs())
-        scale = (amax / (2 ** (bits - 1) - 1)).clamp(min=primitives.SCALE_EPS)
+        # tensor divisors, as in aq.primitives: torch on CUDA turns division by a Python scalar into a multiply by
+        # its reciprocal, 1 ulp off the IEEE division the kernels (and the CPU) compute
+        scale = (amax / torch.full_like(amax, 2 ** (bits - 1) - 1)).clamp(min=primitives.SCALE_EPS)
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
         xmin = xmin.clamp(max=0)
         xmax = xmax.clamp(min=0)
-        scale = ((xmax - xmin) / qmax).clamp(min=primitives.SCALE_EPS)
+        scale = ((xmax - xmin) / torch.full_like(xmax, qmax)).clamp(min=primitives.SCALE_EPS)
         zero = round_ste(-xmin / scale)
     s = scale.unsqueeze(-1)
     z = zero.unsqueeze(-1)
