@@ -72,14 +72,6 @@ class LayerLog:
                 f"{self.steps} steps, {self.seconds:.1f}s{ev}")
 
 
-def use_deterministic() -> None:
-    """Bitwise-reproducible training on a GPU (same seed, same device -> same model): torch's deterministic algorithms
-    (among them the attention backward without atomic accumulation) and a fixed cuBLAS workspace. aq's own kernels
-    in the calibration path use no atomics. Call before the first CUDA work of the process."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # checks
 # ---------------------------------------------------------------------------------------------------------------------
