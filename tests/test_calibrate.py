@@ -148,7 +148,18 @@ def test_cli_affinequant_default_short_schedule_then_resume(tiny_model_dir, data
     assert "pass --resume" in str(e.value)
 
 
+def test_cli_batch_size_and_down_transform_reach_the_run(tiny_model_dir, data_dir, monkeypatch):
+    """--batch-size 3 over 4 segments: 2 steps per epoch; --down-transform on in a weight-only run is recorded."""
+    monkeypatch.setenv("AQ_BACKEND", "torch")
+    res = calibrate.main(["--model", str(tiny_model_dir), "--eval-windows", "1", "--no-progress", "--skip-fp",
+                          "--mode", "omniquant", "--batch-size", "3", "--down-transform", "on", "--epochs", "1",
+                          "--nsamples", "4", "--seqlen", "64"])
+    assert res["config"]["batch_size"] == 3 and res["config"]["down_transform"] is True
+    assert [r["steps"] for r in res["layers"]] == [2, 2]
+
+
 @pytest.mark.parametrize("argv,msg", [
+    (["--batch-size", "0"], "batch_size must be a positive integer"),
     (["--calib-data", "missing.jsonl"], "data file missing.jsonl does not exist"),
     (["--norm-transform", "block:48"], "norm block 48 does not divide the hidden size 64"),
     (["--resume"], "--resume needs --out"),
