@@ -32,6 +32,7 @@ EVAL_SEQLEN = 2048
 CPU_SCHEDULE = {"nsamples": 4, "seqlen": 256, "epochs": 2}  # the short schedule used without a GPU
 GPU_SCHEDULE = {"nsamples": 128, "seqlen": 2048}           # the paper's
 MODE_NAMES = {"rtn": "RTN", "omniquant": "OmniQuant", "affinequant": "AffineQuant"}
+AUTO_ON_OFF = {"auto": None, "on": True, "off": False}  # choices of --shifts and --down-transform -> QuantConfig
 
 
 def _group_size(s: str) -> int | str | None:
@@ -98,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-transform", type=float, default=5e-3, help="AdamW learning rate of the transforms and shifts")
     g.add_argument("--lr-clip", type=float, default=1e-2, help="AdamW learning rate of the clipping logits")
     g.add_argument("--no-lwc", action="store_true", help="no learnable weight clipping")
-    g.add_argument("--shifts", choices=("auto", "on", "off"), default="auto",
+    g.add_argument("--shifts", choices=tuple(AUTO_ON_OFF), default="auto",
                    help="learnable shifts (auto: weight-activation runs, where the producer has a bias)")
-    g.add_argument("--down-transform", choices=("auto", "on", "off"), default="auto",
+    g.add_argument("--down-transform", choices=tuple(AUTO_ON_OFF), default="auto",
                    help="a learnable diagonal transform between up_proj's rows and down_proj's columns (not in the "
                         "paper; folded into both weights, no inference cost; LLaMA-family). auto: on in "
                         "weight-activation runs, where down_proj's input is quantized per token")
@@ -144,8 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = QuantConfig(
             wbits=args.wbits, abits=args.abits, group_size=group, symmetric=args.symmetric, mode=args.mode,
             norm_transform=form, norm_block=block or DEFAULT_NORM_BLOCK, alpha_sf=args.alpha_sf, lwc=not args.no_lwc,
-            shifts={"auto": None, "on": True, "off": False}[args.shifts],
-            down_transform={"auto": None, "on": True, "off": False}[args.down_transform],
+            shifts=AUTO_ON_OFF[args.shifts], down_transform=AUTO_ON_OFF[args.down_transform],
             epochs=args.epochs if args.epochs is not None else sched["epochs"],
             nsamples=args.nsamples or sched["nsamples"], seqlen=args.seqlen or sched["seqlen"],
             batch_size=args.batch_size,

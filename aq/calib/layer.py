@@ -229,8 +229,7 @@ class LayerCalib(nn.Module):
             s = td.s.detach().double() if exact else td.s
             wu, bu = out[a.mlp_up]
             out[a.mlp_up] = (wu / s.unsqueeze(1).to(wu.dtype), None if bu is None else bu / s.to(bu.dtype))
-            out[a.mlp_out] = (td.weight(wd, exact, None if exact else self._spec([a.mlp_out])), bd)
-            return out
+            wd = td.weight(wd, exact)
         if not exact and self.quantize:
             spec = self._spec([a.mlp_out])
             wd = fake_quant_ste(wd, spec.bits, spec.group_size, spec.symmetric, spec.u, spec.l)

@@ -78,14 +78,10 @@ def dominance_margin(A_masked: torch.Tensor) -> float:
     return float(_margin_tensor(A_masked))
 
 
-def inverse_with_margin(A_masked: torch.Tensor, block: int | None = None,
-                        band: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inverse of A_masked in its dtype, computed in float64; dominance margin as a 0-dim tensor), without a host
-    synchronization: nothing is checked, but the margin is -inf when the inversion failed or is not finite, so one
-    later check of the margin (> 0) covers both. The training loop uses this every step and checks once an epoch;
-    checked_inverse is the same computation checked at once. Structure hints as in checked_inverse."""
+def _inverse64(A_masked: torch.Tensor, block: int | None, band: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inverse of A_masked in float64, 0-dim bool tensor: the inversion failed or is not finite); no host sync.
+    Structure hints as in checked_inverse."""
     d = A_masked.shape[0]
-    margin = _margin_tensor(A_masked)
     a64 = A_masked.detach().double()
     if band == 1:
         inv = torch.diag(1.0 / a64.diagonal())
@@ -100,8 +96,18 @@ def inverse_with_margin(A_masked: torch.Tensor, block: int | None = None,
     bad = ~torch.isfinite(inv).all()
     if info is not None:
         bad = bad | (info != 0).any()
-    margin = torch.where(bad, torch.full_like(margin, float("-inf")), margin)
-    return inv.to(A_masked.dtype), margin
+    return inv, bad
+
+
+def inverse_with_margin(A_masked: torch.Tensor, block: int | None = None,
+                        band: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inverse of A_masked in its dtype, computed in float64; dominance margin as a 0-dim tensor), without a host
+    synchronization: nothing is checked, but the margin is -inf when the inversion failed or is not finite, so one
+    later check of the margin (> 0) covers both. The training loop uses this every step and checks once an epoch;
+    checked_inverse does the same inversion checked at once. Structure hints as in checked_inverse."""
+    margin = _margin_tensor(A_masked)
+    inv, bad = _inverse64(A_masked, block, band)
+    return inv.to(A_masked.dtype), torch.where(bad, torch.full_like(margin, float("-inf")), margin)
 
 
 def checked_inverse(A_masked: torch.Tensor, name: str = "", block: int | None = None,
@@ -121,10 +127,10 @@ def checked_inverse(A_masked: torch.Tensor, name: str = "", block: int | None = 
     if not margin > 0:
         raise ValueError(f"{label}: transform is not strictly diagonally dominant (relative margin {margin:.3e}); "
                          "it may be singular: lower the learning rate or grow the mask band more slowly")
-    inv, checked = inverse_with_margin(A_masked, block, band)
-    if not float(checked) > 0:
+    inv, bad = _inverse64(A_masked, block, band)
+    if bool(bad):
         raise ValueError(f"{label}: transform is singular (dominance margin {margin:.3e})")
-    return inv, margin
+    return inv.to(A_masked.dtype), margin
 
 
 # ---------------------------------------------------------------------------------------------------------------------
