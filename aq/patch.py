@@ -129,6 +129,19 @@ def norm_params(norm: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor | None
     raise ValueError(f"unsupported norm module {type(norm).__name__}: aq fuses RMSNorm and LayerNorm")
 
 
+class _NormCopy(nn.Module):
+    """A frozen copy of a norm's parameters (kind, weight, bias, eps) and of the transform that follows it (None,
+    diagonal [d] or block-diagonal [nb, b, b]): what the fused norm kernels read."""
+
+    def __init__(self, norm: nn.Module, transform: torch.Tensor | None = None):
+        super().__init__()
+        kind, w, b, eps = norm_params(norm)
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+        self.bias = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False)
+        self.register_buffer("transform", None if transform is None else transform.detach().float().clone())
+
+
 # ------------------------------------------------------------------------------------------------------------ modules
 class W4A16Linear(nn.Module):
     """y = x · dequant(Wq)ᵀ + b on the fused W4A16 kernel (any wbits 2..8, groups or per channel)."""
@@ -188,18 +201,13 @@ class _SharedResult:
         return out
 
 
-class DeferredNorm(nn.Module):
+class DeferredNorm(_NormCopy):
     """Stands where a norm was, in a weight-activation model whose norm is fused into the activation quantization of
     the linears it feeds: returns its input unchanged; ``quantized(x, bits)`` (called by those linears) quantizes
     norm(x) (and the transform) per token in one kernel, once per input tensor."""
 
     def __init__(self, norm: nn.Module, transform: torch.Tensor | None = None):
-        super().__init__()
-        kind, w, b, eps = norm_params(norm)
-        self.kind, self.eps = kind, eps
-        self.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
-        self.bias = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False)
-        self.register_buffer("transform", None if transform is None else transform.detach().float().clone())
+        super().__init__(norm, transform)
         self._share = _SharedResult()  # the codes of one input, handed to each consumer once
         self.consumers = 0  # set by W4A4Linear.attach_norm
 
@@ -262,18 +270,13 @@ class W4A4Linear(nn.Module):
                f"abits={self.abits}{fused}"
 
 
-class FusedNorm(nn.Module):
+class FusedNorm(_NormCopy):
     """Norm + diagonal or block-diagonal transform in one Triton kernel (weight-only models)."""
 
     def __init__(self, norm: nn.Module, transform: torch.Tensor | None = None):
-        super().__init__()
-        kind, w, b, eps = norm_params(norm)
-        self.kind, self.eps = kind, eps
-        self.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
-        self.bias = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False)
         if transform is not None and transform_form(transform) == "full":
             raise ValueError("FusedNorm takes a diagonal or block-diagonal transform, not a full matrix")
-        self.register_buffer("transform", None if transform is None else transform.detach().float().clone())
+        super().__init__(norm, transform)
 
     def forward(self, x):
         return norm_transform(x, self.kind, self.weight, self.bias, self.eps, self.transform)
