@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from aq import data, eval as aq_eval, models
+from aq import checks, data, eval as aq_eval, models
 from aq.calib.loop import calibrate, check_calibratable
 from aq.calib.rtn import quantize_rtn
 from aq.checkpoint import save_checkpoint
@@ -36,14 +36,18 @@ AUTO_ON_OFF = {"auto": None, "on": True, "off": False}  # choices of --shifts an
 
 
 def _group_size(s: str) -> int | str | None:
-    if s.lower() == "auto":
-        return "auto"
-    if s.lower() in ("none", "channel", "0", "-1"):
-        return None
+    """'auto', 'none' (per output channel: the one spelling) or a positive group size."""
+    if s.lower() in ("auto", "none"):
+        return s.lower() if s.lower() == "auto" else None
     try:
-        return int(s)
+        g = int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"group size must be an integer or 'none', got {s!r}") from None
+        raise argparse.ArgumentTypeError(f"group size must be a positive integer or 'none' (per output channel), "
+                                         f"got {s!r}") from None
+    if g < 1:
+        raise argparse.ArgumentTypeError(f"group size {g} is not a group size: pass 'none' for per output channel "
+                                         "quantization, or a positive group size")
+    return g
 
 
 def _norm_transform(s: str) -> tuple[str, int | None]:
@@ -138,16 +142,20 @@ def main(argv: list[str] | None = None) -> dict:
     form, block = args.norm_transform
     short = on_cpu and args.mode != "rtn" and args.nsamples is None and args.seqlen is None and args.epochs is None
     sched = CPU_SCHEDULE if short else {**GPU_SCHEDULE, "epochs": None}
-    eval_seqlen = args.seqlen or EVAL_SEQLEN
+    eval_seqlen = args.seqlen if args.seqlen is not None else EVAL_SEQLEN
     try:
         if args.resume and args.out is None:
             raise ValueError("--resume needs --out (the folder of the run to continue)")
+        for flag, v in (("--eval-windows", args.eval_windows), ("--eval-batch", args.eval_batch)):
+            if v is not None:
+                checks.positive_int(v, flag)
         cfg = QuantConfig(
             wbits=args.wbits, abits=args.abits, group_size=group, symmetric=args.symmetric, mode=args.mode,
             norm_transform=form, norm_block=block or DEFAULT_NORM_BLOCK, alpha_sf=args.alpha_sf, lwc=not args.no_lwc,
             shifts=AUTO_ON_OFF[args.shifts], down_transform=AUTO_ON_OFF[args.down_transform],
             epochs=args.epochs if args.epochs is not None else sched["epochs"],
-            nsamples=args.nsamples or sched["nsamples"], seqlen=args.seqlen or sched["seqlen"],
+            nsamples=args.nsamples if args.nsamples is not None else sched["nsamples"],
+            seqlen=args.seqlen if args.seqlen is not None else sched["seqlen"],
             batch_size=args.batch_size,
             calib_data=args.calib_data, lr_transform=args.lr_transform, lr_clip=args.lr_clip, seed=args.seed)
         eval_sets = [s for s in args.eval_data.split(",") if s]
@@ -156,6 +164,10 @@ def main(argv: list[str] | None = None) -> dict:
         data.data_dir()
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    defaults = vars(build_parser().parse_args([]))  # parsed, so that typed defaults compare equal
+    given = {k for k, v in vars(args).items() if v != defaults[k]}
+    for msg in checks.ignored_calibration_args(cfg.mode, cfg.weight_only, given):
+        _say(f"warning: {msg}")
     if short:
         _say(f"note: no GPU: short calibration schedule ({cfg.nsamples} segments x {cfg.seqlen} tokens, "
              f"{cfg.total_epochs} epochs) that finishes in minutes; the paper's is 128 x 2048, 20 epochs "
@@ -171,16 +183,19 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         model, tok = models.load_model(args.model, getattr(torch, args.dtype), args.device)
         check_calibratable(model, cfg)
+        checks.check_seqlen(model.config, eval_seqlen, "evaluation window (--seqlen)")
         segments = None
         if cfg.mode != "rtn":
+            checks.check_seqlen(model.config, cfg.seqlen, "calibration segment (--seqlen)")
             segments = data.calib_segments(tok, cfg.calib_data, cfg.nsamples, cfg.seqlen, cfg.seed)
+        eval_tokens = aq_eval.eval_token_sets(tok, eval_sets, eval_seqlen)  # every set holds a window: checked now
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     _say(f"loaded {args.model} ({type(model).__name__}) on {args.device} in {time.time() - t0:.1f}s")
 
     rows: dict[str, dict[str, float]] = {}
     if not args.skip_fp:
-        rows["FP"] = aq_eval.perplexities(model, tok, eval_sets, eval_seqlen, windows, batch, "FP")
+        rows["FP"] = aq_eval.perplexities(model, tok, eval_tokens, eval_seqlen, windows, batch, "FP")
     cuda = not on_cpu and torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
@@ -207,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_checkpoint(model, cfg, args.out, tokenizer=tok, base_model=args.model)
         _say(f"quantized checkpoint written to {args.out} (format: docs/checkpoint.md)")
     name = f"{MODE_NAMES[cfg.mode]} {cfg.label}"
-    rows[name] = aq_eval.perplexities(model, tok, eval_sets, eval_seqlen, windows, batch, cfg.label)
+    rows[name] = aq_eval.perplexities(model, tok, eval_tokens, eval_seqlen, windows, batch, cfg.label)
     print()
     print("| setting | " + " | ".join(eval_sets) + " |")
     print("|---|" + "---|" * len(eval_sets))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from aq.checks import positive_int
 from aq.primitives import check_bits
 
 MODES = ("rtn", "omniquant", "affinequant")
@@ -46,22 +47,20 @@ class QuantConfig:
         check_bits(self.wbits, "wbits")
         if self.abits != 16:
             check_bits(self.abits, "abits")
-        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                                            or self.group_size <= 0):
             raise ValueError(f"group size must be a positive integer or None (per channel), got {self.group_size!r}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}: choose from {', '.join(MODES)}")
         if self.norm_transform not in NORM_TRANSFORMS:
             raise ValueError(f"unknown norm transform {self.norm_transform!r}: choose from {', '.join(NORM_TRANSFORMS)}")
-        if not isinstance(self.norm_block, int) or self.norm_block < 1:
-            raise ValueError(f"norm block must be a positive integer, got {self.norm_block!r}")
+        positive_int(self.norm_block, "norm block")
         if self.alpha_sf is not None and not 0 <= self.alpha_sf <= 1:
             raise ValueError(f"alpha_sf (stability factor) must be in [0, 1], got {self.alpha_sf}")
-        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
-            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
+        if self.epochs is not None:
+            positive_int(self.epochs, "epochs")
         for name in ("nsamples", "seqlen", "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            positive_int(getattr(self, name), name)
         for name in ("lr_transform", "lr_clip"):
             v = getattr(self, name)
             if not v > 0:

@@ -20,12 +20,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from aq import data
+from aq import checks, data
 
 
 @torch.no_grad()
 def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
                batch_size: int = 1, desc: str = "ppl") -> float:
+    config = getattr(model, "config", None)
+    checks.check_seqlen(config, seqlen, "perplexity window (seqlen)")
+    checks.positive_int(batch_size, "batch_size")
+    if max_windows is not None:
+        checks.positive_int(max_windows, "max_windows")
     n = tokens.numel() // seqlen
     if n == 0:
         raise ValueError(f"{tokens.numel()} tokens are fewer than one window of {seqlen}")
@@ -42,13 +47,22 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048, max_windows: int
     return math.exp(total / n)
 
 
-def perplexities(model, tokenizer, names=("wikitext2", "c4"), seqlen: int = 2048, max_windows: int | None = None,
-                 batch_size: int = 1, label: str = "") -> dict[str, float]:
+def eval_token_sets(tokenizer, names, seqlen: int = 2048) -> dict[str, torch.Tensor]:
+    """{name: token ids} of each evaluation text, after checking that each holds at least one window of seqlen
+    (so that a short text is refused before a run spends any time, not after)."""
     out = {}
     for name in names:
-        toks = data.eval_tokens(tokenizer, name)
-        out[name] = perplexity(model, toks, seqlen, max_windows, batch_size, desc=f"{label} {name}".strip())
+        out[name] = data.eval_tokens(tokenizer, name)
+        checks.check_windows(out[name].numel(), seqlen, name)
     return out
+
+
+def perplexities(model, tokenizer, names=("wikitext2", "c4"), seqlen: int = 2048, max_windows: int | None = None,
+                 batch_size: int = 1, label: str = "") -> dict[str, float]:
+    """Perplexity of each set; names: set names or files, or the {name: token ids} of eval_token_sets."""
+    sets = names if isinstance(names, dict) else eval_token_sets(tokenizer, names, seqlen)
+    return {name: perplexity(model, toks, seqlen, max_windows, batch_size, desc=f"{label} {name}".strip())
+            for name, toks in sets.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------- zero-shot
@@ -264,6 +278,9 @@ def load_for_eval(args):
             tok = AutoTokenizer.from_pretrained(args.checkpoint)
         else:
             src = args.model or man.get("base_model") or models.DEFAULT_MODEL
+            if args.model and man.get("base_model") and args.model != man["base_model"]:
+                print(f"warning: the tokenizer comes from --model {args.model}, the checkpoint was made from "
+                      f"{man['base_model']}", flush=True)
             from transformers import AutoTokenizer
 
             s, gguf = models._resolve(src)
@@ -307,13 +324,27 @@ def main(argv: list[str] | None = None) -> dict:
             _parse_setting(args.rtn)
         if args.checkpoint and args.rtn:
             raise ValueError("--checkpoint and --rtn exclude each other")
+        if args.checkpoint and args.model and (Path(args.checkpoint) / "tokenizer_config.json").is_file():
+            raise ValueError(f"--model {args.model} is not used with --checkpoint: the checkpoint holds the model and "
+                             "its tokenizer (--model names the tokenizer only for a checkpoint saved without one); "
+                             "drop --model")
+        checks.positive_int(args.seqlen, "--seqlen")
+        for flag in ("limit", "eval_windows", "ppl_batch", "batch_tokens"):
+            if getattr(args, flag) is not None:
+                checks.positive_int(getattr(args, flag), "--" + flag.replace("_", "-"))
         data.data_dir()
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    ppl_tasks = [t for t in tasks if t not in data.ZEROSHOT_TASKS]
+    for flag, needs, kind in (("limit", tasks != ppl_tasks, "zero-shot"), ("batch_tokens", tasks != ppl_tasks, "zero-shot"),
+                              ("eval_windows", bool(ppl_tasks), "perplexity"), ("ppl_batch", bool(ppl_tasks), "perplexity")):
+        if getattr(args, flag) is not None and not needs:
+            print(f"warning: --{flag.replace('_', '-')} is not used: --tasks has no {kind} task", flush=True)
     on_gpu = torch.device(args.device).type == "cuda"
     t0 = time.time()
     try:
         model, tok, label = load_for_eval(args)
+        checks.check_seqlen(model.config, args.seqlen, "--seqlen")
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print(f"{label}: loaded in {time.time() - t0:.1f}s on {args.device}", flush=True)

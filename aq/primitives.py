@@ -26,9 +26,10 @@ def check_bits(bits: int, what: str = "bits") -> int:
 
 def check_group_size(K: int, group_size: int | None) -> int:
     """Return the effective group size (K for per-row) after checking that it divides K."""
-    if group_size is None or group_size in (0, -1):
+    if group_size is None:
         return K
-    if not isinstance(group_size, int) or group_size <= 0:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        # one spelling of "per row" (None): a 0 or -1 here is a caller's mistake, not a synonym
         raise ValueError(f"group size must be a positive integer or None (per row), got {group_size!r}")
     if K % group_size != 0:
         raise ValueError(f"group size {group_size} does not divide the input dimension K={K}")

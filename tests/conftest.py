@@ -59,7 +59,9 @@ def one_thread():
 def tiny_model_dir(tmp_path):
     """A saved tiny GQA LLaMA with its tokenizer, loadable by path."""
     d = tmp_path / "tiny-llama"
-    tiny_llama().save_pretrained(d)
+    # a context of 2048 (LLaMA's positions have no parameters: same weights as tiny_llama()), so that the CLIs'
+    # default 2048-token evaluation windows fit it
+    tiny_llama(max_position_embeddings=2048).save_pretrained(d)
     make_tokenizer(tmp_path).save_pretrained(d)
     return d
 

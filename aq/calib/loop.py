@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from aq import models
+from aq import checks, models
 from aq.calib.attention import enable_qkv_quant, set_qkv_abits
 from aq.calib.layer import LayerCalib, _parent, _set
 from aq.calib.rtn import FakeQuantLinear, check_model
@@ -435,6 +435,7 @@ def calibrate(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *, ckp
     if cfg.mode == "rtn":
         raise ValueError("calibrate() trains omniquant/affinequant; rtn is aq.calib.rtn.quantize_rtn")
     check_calibratable(model, cfg)
+    checks.check_seqlen(model.config, segments.shape[1], "calibration segment length")
     arch, geo = models.arch_of(model), models.geometry(model)
     layers = models.decoder_layers(model)
     L = len(layers)
