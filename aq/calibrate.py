@@ -1,4 +1,5 @@
-"""python -m aq.calibrate: quantize a causal LM (AffineQuant, OmniQuant or RTN) and report perplexity before and after.
+"""aq.calibrate(model, tokenizer, QuantConfig(...), data=..., out=...): the Python API (this module is callable), and
+python -m aq.calibrate, a thin command line over it: quantize a causal LM (AffineQuant, OmniQuant or RTN) and report perplexity before and after.
 
     python -m aq.calibrate                                   # default model (SmolLM2-135M-Instruct GGUF), AffineQuant W4A16g64
     python -m aq.calibrate --wbits 4 --abits 4               # W4A4: per-channel weights, per-token activations (Q/K/V too)
@@ -17,22 +18,66 @@ import json
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
 
-from aq import checks, data, eval as aq_eval, models
-from aq.calib.loop import calibrate, check_calibratable
+from aq import checks, eval as aq_eval, models
+from aq import data as data_mod  # `data` is also an argument name of the API
+from aq.calib import loop
 from aq.calib.rtn import quantize_rtn
 from aq.checkpoint import save_checkpoint
-from aq.config import DEFAULT_NORM_BLOCK, DEFAULT_NORM_TRANSFORM, MODES, NORM_TRANSFORMS, QuantConfig
+from aq.config import (CPU_SCHEDULE, DEFAULT_NORM_BLOCK, DEFAULT_NORM_TRANSFORM, GPU_SCHEDULE, MODES, NORM_TRANSFORMS,
+                       QuantConfig)
 
 CPU_EVAL_WINDOWS = 2  # without a GPU the default run evaluates this many 2048-token windows per dataset
 EVAL_SEQLEN = 2048
-CPU_SCHEDULE = {"nsamples": 4, "seqlen": 256, "epochs": 2}  # the short schedule used without a GPU
-GPU_SCHEDULE = {"nsamples": 128, "seqlen": 2048}           # the paper's
+AMP = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 MODE_NAMES = {"rtn": "RTN", "omniquant": "OmniQuant", "affinequant": "AffineQuant"}
 AUTO_ON_OFF = {"auto": None, "on": True, "off": False}  # choices of --shifts and --down-transform -> QuantConfig
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def run(model, tokenizer, config: QuantConfig | None = None, data="c4", out: str | os.PathLike | None = None, *,
+        resume: bool = False, amp: str = "auto", model_name: str = "", progress: bool = False, say=print) -> dict:
+    """aq.calibrate with its report: {"config" (resolved), "calib" (the loop's log or None for rtn), "seconds"}."""
+    cfg = (config or QuantConfig()).resolve(model, _device_of(model))
+    on_cpu = _device_of(model).type == "cpu"
+    if amp not in AMP:
+        raise ValueError(f"amp must be one of {', '.join(AMP)}, got {amp!r}")
+    if resume and out is None:
+        raise ValueError("resume needs out (the folder of the run to continue)")
+    loop.check_calibratable(model, cfg)
+    t0 = time.time()
+    info = None
+    if cfg.mode == "rtn":
+        quantize_rtn(model, cfg)
+    else:
+        checks.check_seqlen(model.config, cfg.seqlen, "calibration segment (seqlen)")
+        segments = data_mod.calib_segments(tokenizer, data, cfg.nsamples, cfg.seqlen, cfg.seed)
+        dtype = (torch.bfloat16 if amp == "auto" and not on_cpu else AMP[amp])
+        info = loop.calibrate(model, segments, cfg, ckpt_dir=None if out is None else Path(out) / "ckpt",
+                              resume=resume, model_name=model_name, amp=dtype, batch=1 if on_cpu else 8,
+                              progress=progress, say=say)
+    seconds = time.time() - t0
+    if out is not None:
+        save_checkpoint(model, cfg, out, tokenizer=tokenizer, base_model=model_name or None)
+    return {"config": cfg, "calib": info, "seconds": seconds}
+
+
+def calibrate(model, tokenizer, config: QuantConfig | None = None, data="c4", out: str | os.PathLike | None = None,
+              **kw) -> torch.nn.Module:
+    """Quantize `model` in place with `config` (AffineQuant W4A16g64 by default; every "auto" resolved by
+    QuantConfig.resolve for this model and device) and return it (its linears are FakeQuantLinear modules; run
+    aq.patch_model for the kernels). data: a name or file ("c4", "wikitext2", .txt/.jsonl), a list of texts or token
+    ids (1-D, or [N, T] segments). out: also write the checkpoint there (docs/checkpoint.md). Keywords: resume, amp
+    (auto|bf16|fp16|off), model_name (recorded in the checkpoint), progress, say (a print-like logger)."""
+    run(model, tokenizer, config, data, out, **kw)
+    return model
 
 
 def _group_size(s: str) -> int | str | None:
@@ -136,32 +181,26 @@ def _say(msg: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     on_cpu = torch.device(args.device).type == "cpu"
-    group = args.group_size
-    if group == "auto":
-        group = 64 if args.abits >= 16 else None
     form, block = args.norm_transform
-    short = on_cpu and args.mode != "rtn" and args.nsamples is None and args.seqlen is None and args.epochs is None
-    sched = CPU_SCHEDULE if short else {**GPU_SCHEDULE, "epochs": None}
-    eval_seqlen = args.seqlen if args.seqlen is not None else EVAL_SEQLEN
     try:
         if args.resume and args.out is None:
             raise ValueError("--resume needs --out (the folder of the run to continue)")
         for flag, v in (("--eval-windows", args.eval_windows), ("--eval-batch", args.eval_batch)):
             if v is not None:
                 checks.positive_int(v, flag)
-        cfg = QuantConfig(
-            wbits=args.wbits, abits=args.abits, group_size=group, symmetric=args.symmetric, mode=args.mode,
+        given_cfg = QuantConfig(
+            wbits=args.wbits, abits=args.abits, group_size=args.group_size, symmetric=args.symmetric, mode=args.mode,
             norm_transform=form, norm_block=block or DEFAULT_NORM_BLOCK, alpha_sf=args.alpha_sf, lwc=not args.no_lwc,
             shifts=AUTO_ON_OFF[args.shifts], down_transform=AUTO_ON_OFF[args.down_transform],
-            epochs=args.epochs if args.epochs is not None else sched["epochs"],
-            nsamples=args.nsamples if args.nsamples is not None else sched["nsamples"],
-            seqlen=args.seqlen if args.seqlen is not None else sched["seqlen"],
-            batch_size=args.batch_size,
+            epochs=args.epochs, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
             calib_data=args.calib_data, lr_transform=args.lr_transform, lr_clip=args.lr_clip, seed=args.seed)
+        short = given_cfg.short_schedule(args.device)
+        cfg = given_cfg.resolve(device=args.device)  # alpha_sf is resolved once the model is loaded
+        eval_seqlen = args.seqlen if args.seqlen is not None else EVAL_SEQLEN
         eval_sets = [s for s in args.eval_data.split(",") if s]
         for s in eval_sets + ([cfg.calib_data] if cfg.mode != "rtn" else []):
-            data.check_name(s)
-        data.data_dir()
+            data_mod.check_name(s)
+        data_mod.data_dir()
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     defaults = vars(build_parser().parse_args([]))  # parsed, so that typed defaults compare equal
@@ -182,12 +221,12 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     try:
         model, tok = models.load_model(args.model, getattr(torch, args.dtype), args.device)
-        check_calibratable(model, cfg)
+        loop.check_calibratable(model, cfg)
         checks.check_seqlen(model.config, eval_seqlen, "evaluation window (--seqlen)")
         segments = None
-        if cfg.mode != "rtn":
+        if cfg.mode != "rtn":  # drawn now, so that bad data stops the run before the FP evaluation
             checks.check_seqlen(model.config, cfg.seqlen, "calibration segment (--seqlen)")
-            segments = data.calib_segments(tok, cfg.calib_data, cfg.nsamples, cfg.seqlen, cfg.seed)
+            segments = data_mod.calib_segments(tok, cfg.calib_data, cfg.nsamples, cfg.seqlen, cfg.seed)
         eval_tokens = aq_eval.eval_token_sets(tok, eval_sets, eval_seqlen)  # every set holds a window: checked now
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
@@ -200,26 +239,17 @@ def main(argv: list[str] | None = None) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t1 = time.time()
-    calib_info = None
-    if cfg.mode == "rtn":
-        quantize_rtn(model, cfg)
-    else:
-        amp = {"auto": None if on_cpu else torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16,
-               "off": None}[args.amp]
-        try:
-            calib_info = calibrate(model, segments, cfg, ckpt_dir=None if args.out is None else args.out / "ckpt",
-                                   resume=args.resume, model_name=args.model, amp=amp,
-                                   batch=1 if on_cpu else 8, progress=not args.no_progress, say=_say)
-        except ValueError as e:  # settings / checkpoint mismatches found before the first layer
-            sys.exit(f"error: {e}")
+    try:
+        report = run(model, tok, cfg, segments, args.out, resume=args.resume, amp=args.amp, model_name=args.model,
+                     progress=not args.no_progress, say=_say)
+    except ValueError as e:  # settings / checkpoint mismatches found before the first layer
+        sys.exit(f"error: {e}")
     if cuda:
         torch.cuda.synchronize()
-    qtime = time.time() - t1
+    cfg, calib_info, qtime = report["config"], report["calib"], report["seconds"]
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     _say(f"{cfg.mode} {cfg.label}: {qtime:.1f}s" + (f", peak GPU memory {peak:.2f} GiB" if peak is not None else ""))
     if args.out:
-        save_checkpoint(model, cfg, args.out, tokenizer=tok, base_model=args.model)
         _say(f"quantized checkpoint written to {args.out} (format: docs/checkpoint.md)")
     name = f"{MODE_NAMES[cfg.mode]} {cfg.label}"
     rows[name] = aq_eval.perplexities(model, tok, eval_tokens, eval_seqlen, windows, batch, cfg.label)
@@ -242,6 +272,15 @@ def main(argv: list[str] | None = None) -> dict:
         os.replace(tmp, args.out / "results.json")  # never leave a half-written file
     return result
 
+
+class _CallableModule(types.ModuleType):
+    """aq.calibrate(...) calls the API although aq.calibrate is also this module (python -m aq.calibrate)."""
+
+    def __call__(self, *args, **kwargs):
+        return calibrate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     main()

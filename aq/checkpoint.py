@@ -157,6 +157,7 @@ def _norm_sites(model: nn.Module) -> list[str]:
 def save_checkpoint(model: nn.Module, cfg: QuantConfig, out_dir: str | os.PathLike, tokenizer=None,
                     base_model: str | None = None) -> Path:
     """Write the calibrated (fake-quantized) `model` and its QuantConfig to out_dir (format in the module doc)."""
+    cfg = cfg.resolve(model)
     from safetensors.torch import save_file
 
     from aq.patch import split_norm, transform_form

@@ -1,7 +1,7 @@
 """QuantConfig: the one plain dataclass that describes a quantization run (what to quantize and how to calibrate)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from aq.checks import positive_int
 from aq.primitives import check_bits
@@ -14,6 +14,9 @@ NORM_TRANSFORMS = ("full", "block", "diagonal")
 # within noise of the paper's full form at 1/9 of its inference cost (bench/results/calib_smollm2.md)
 DEFAULT_NORM_TRANSFORM = "block"
 DEFAULT_NORM_BLOCK = 64
+CPU_SCHEDULE = {"nsamples": 4, "seqlen": 256, "epochs": 2}  # the short schedule used without a GPU (minutes on a CPU)
+GPU_SCHEDULE = {"nsamples": 128, "seqlen": 2048}           # the paper's
+AUTO = "auto"
 
 
 @dataclass
@@ -21,7 +24,7 @@ class QuantConfig:
     # what is quantized
     wbits: int = 4
     abits: int = 16              # 16 = activations stay in floating point (weight-only)
-    group_size: int | None = 64  # None = per output channel
+    group_size: int | str | None = AUTO  # None = per output channel; auto = 64 weight-only, per channel otherwise
     symmetric: bool = False
     mode: str = "affinequant"
     # transforms (mode affinequant / omniquant)
@@ -35,8 +38,10 @@ class QuantConfig:
     down_transform: bool | None = None
     # schedule
     epochs: int | None = None    # None = 20 (40 for 2-bit weights), the paper's schedule
-    nsamples: int = 128
-    seqlen: int = 2048
+    # None: the paper's 128 x 2048 (epochs above: 20/40), or the short CPU schedule when resolved for a CPU with all
+    # three of nsamples, seqlen and epochs left None
+    nsamples: int | None = None
+    seqlen: int | None = None
     batch_size: int = 1          # segments per optimizer step (the paper: 1)
     calib_data: str = "c4"
     lr_transform: float = 5e-3
@@ -47,9 +52,10 @@ class QuantConfig:
         check_bits(self.wbits, "wbits")
         if self.abits != 16:
             check_bits(self.abits, "abits")
-        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+        if self.group_size is not None and self.group_size != AUTO and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
                                             or self.group_size <= 0):
-            raise ValueError(f"group size must be a positive integer or None (per channel), got {self.group_size!r}")
+            raise ValueError(f"group size must be a positive integer or None (per channel) or 'auto', "
+                             f"got {self.group_size!r}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}: choose from {', '.join(MODES)}")
         if self.norm_transform not in NORM_TRANSFORMS:
@@ -60,11 +66,41 @@ class QuantConfig:
         if self.epochs is not None:
             positive_int(self.epochs, "epochs")
         for name in ("nsamples", "seqlen", "batch_size"):
-            positive_int(getattr(self, name), name)
+            if getattr(self, name) is not None or name == "batch_size":
+                positive_int(getattr(self, name), name)
         for name in ("lr_transform", "lr_clip"):
             v = getattr(self, name)
             if not v > 0:
                 raise ValueError(f"{name} must be positive, got {v!r}")
+
+    def short_schedule(self, device=None) -> bool:
+        """Whether resolving for `device` picks the short CPU schedule (a trained mode, schedule left unset)."""
+        on_cpu = device is not None and str(device).split(":")[0] == "cpu"
+        return on_cpu and self.mode != "rtn" and self.nsamples is None and self.seqlen is None and self.epochs is None
+
+    def resolve(self, model_or_hidden=None, device=None) -> "QuantConfig":
+        """A copy with every "auto" / None decided, the one place where they are (the API and the CLI both use it).
+        model_or_hidden: the model (or its hidden size) -- alpha_sf depends on it and stays None without one;
+        device: "cpu" picks the short CPU schedule when nsamples, seqlen and epochs are all None. Idempotent."""
+        short = self.short_schedule(device)
+        sched = CPU_SCHEDULE if short else {**GPU_SCHEDULE, "epochs": 40 if self.wbits <= 2 else 20}
+        group = self.group_size
+        if group == AUTO:  # the W4A4 kernel takes per-channel weights; weight-only runs use groups of 64
+            group = 64 if self.weight_only else None
+        alpha = self.alpha_sf
+        if alpha is None and model_or_hidden is not None:
+            from aq.calib.transforms import auto_alpha_sf  # lazy: aq.calib imports this module
+            hidden = model_or_hidden if isinstance(model_or_hidden, int) else _hidden_size(model_or_hidden)
+            alpha = auto_alpha_sf(hidden, self.wbits, self.abits)
+        trained = self.mode != "rtn"
+        return replace(
+            self, group_size=group, alpha_sf=alpha,
+            # shifts: weight-activation runs, where the producer has a bias (the loop skips bias-free producers)
+            shifts=self.shifts if self.shifts is not None else (trained and not self.weight_only),
+            down_transform=self.down_on,
+            epochs=self.epochs if self.epochs is not None else sched["epochs"],
+            nsamples=self.nsamples if self.nsamples is not None else sched["nsamples"],
+            seqlen=self.seqlen if self.seqlen is not None else sched["seqlen"])
 
     @property
     def weight_only(self) -> bool:
@@ -92,8 +128,14 @@ class QuantConfig:
 
     @property
     def label(self) -> str:
-        g = f"g{self.group_size}" if self.group_size else ""
+        group = self.resolve().group_size
+        g = f"g{group}" if group else ""
         return f"W{self.wbits}A{self.abits}{g}"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _hidden_size(model) -> int:
+    from aq import models  # lazy: models imports heavy libraries
+    return models.geometry(model).hidden

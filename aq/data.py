@@ -115,11 +115,25 @@ def eval_tokens(tokenizer, name: str) -> torch.Tensor:
     return _encode(tokenizer, "\n\n".join(load_rows(name, "eval")))
 
 
-def calib_segments(tokenizer, name: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """[nsamples, seqlen] random token windows of the calibration text (rows "\\n\\n"-joined), reproducible by seed."""
-    ids = _encode(tokenizer, "\n\n".join(load_rows(name, "calib")))
+def calib_segments(tokenizer, source, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """[nsamples, seqlen] random token windows of the calibration text, reproducible by seed. source: a data name or
+    file (its calibration rows, "\n\n"-joined), a list of texts ("\n\n"-joined), a 1-D token tensor (windows drawn
+    from it) or a 2-D [N, T] token tensor (used as the segments themselves)."""
+    if isinstance(source, torch.Tensor):
+        if source.dim() == 2:
+            return source.long()
+        if source.dim() != 1:
+            raise ValueError(f"calibration tokens must be 1-D ids or [N, T] segments, got shape {tuple(source.shape)}")
+        ids, what = source.long(), "the calibration token tensor"
+    elif isinstance(source, str):
+        ids, what = _encode(tokenizer, "\n\n".join(load_rows(source, "calib"))), f"calibration data {source!r}"
+    elif isinstance(source, (list, tuple)) and all(isinstance(t, str) for t in source):
+        ids, what = _encode(tokenizer, "\n\n".join(source)), "the calibration texts"
+    else:
+        raise ValueError("calibration data must be a data name or file, a list of texts or a token tensor, "
+                         f"got {type(source).__name__}")
     if ids.numel() <= seqlen:
-        raise ValueError(f"calibration data {name!r} has {ids.numel()} tokens, fewer than one segment of {seqlen}")
+        raise ValueError(f"{what} has {ids.numel()} tokens, fewer than one segment of {seqlen}")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])

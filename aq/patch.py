@@ -461,6 +461,7 @@ def patch_model(model: nn.Module, cfg: QuantConfig | None = None, *, lm_head: bo
     kernel call on concatenated weights. dtype: storage dtype of scales / compute dtype of the W4A16 kernel (fp16 or
     bf16; default the model's dtype when it is one of those, else bf16).
     """
+    cfg = None if cfg is None else cfg.resolve()  # QuantConfig(wbits=4, abits=4): per-channel groups, as W4A4 needs
     arch = models.arch_of(model)
     mdt = _model_dtype(model)
     dtype = dtype or (mdt if mdt in HALF else torch.bfloat16)

@@ -179,3 +179,50 @@ def test_cli_unknown_architecture_fails_clearly(tmp_path, data_dir):
     with pytest.raises(SystemExit) as e:
         calibrate.main(["--model", str(d)])
     assert "unsupported architecture 'gpt2'" in str(e.value)
+
+
+def _checkpoint_tensors(d):
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update({f"{f.name}:{k}": v for k, v in load_file(f).items()})
+    return out
+
+
+def test_api_and_cli_write_identical_checkpoints(tiny_model_dir, data_dir, tmp_path, one_thread):
+    """aq.calibrate and python -m aq.calibrate resolve the same "auto"s (QuantConfig.resolve) and run the same code:
+    same settings and seed -> bit-identical checkpoint tensors and the same recorded config."""
+    import aq
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    args = ["--wbits", "4", "--abits", "4", "--nsamples", "2", "--seqlen", "64", "--epochs", "1", "--seed", "3"]
+    calibrate.main(["--model", str(tiny_model_dir), *args, "--eval-windows", "1", "--skip-fp", "--no-progress",
+                    "--out", str(tmp_path / "cli")])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = QuantConfig(wbits=4, abits=4, nsamples=2, seqlen=64, epochs=1, seed=3)
+    out = aq.calibrate(model, tok, cfg, data="c4", out=tmp_path / "api", model_name=str(tiny_model_dir))
+    assert out is model and isinstance(model.model.layers[0].self_attn.q_proj, FakeQuantLinear)
+    a, b = _checkpoint_tensors(tmp_path / "cli"), _checkpoint_tensors(tmp_path / "api")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    man = [json.loads((tmp_path / d / "quant_config.json").read_text())["quant_config"] for d in ("cli", "api")]
+    assert man[0] == man[1] and man[0]["group_size"] is None  # W4A4: "auto" resolved to per channel
+
+
+def test_resolve_decides_every_auto():
+    r = QuantConfig(wbits=4, abits=4).resolve(tiny_llama(), device="cpu")
+    assert (r.group_size, r.shifts, r.down_transform, r.alpha_sf) == (None, True, True, 0.1)
+    assert (r.nsamples, r.seqlen, r.epochs) == (4, 256, 2)  # the short CPU schedule
+    w = QuantConfig(wbits=2).resolve(64, device="cuda")
+    assert (w.group_size, w.shifts, w.down_transform, w.alpha_sf, w.epochs, w.nsamples, w.seqlen) == \
+        (64, False, False, 0.1, 40, 128, 2048)
+    assert w.resolve(64, device="cuda") == w  # idempotent
+    assert QuantConfig(epochs=3).resolve(device="cpu").nsamples == 128  # a schedule given: no short schedule
+
+
+def test_patch_model_takes_the_default_w4a4_config():
+    import aq
+    m = aq.patch_model(tiny_llama(), QuantConfig(wbits=4, abits=4), fuse_projections=False)  # groups of 64 raised
+    assert type(m.model.layers[0].self_attn.q_proj).__name__ == "W4A4Linear"

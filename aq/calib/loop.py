@@ -30,7 +30,7 @@ from aq import checks, models
 from aq.calib.attention import enable_qkv_quant, set_qkv_abits
 from aq.calib.layer import LayerCalib, _parent, _set
 from aq.calib.rtn import FakeQuantLinear, check_model
-from aq.calib.transforms import NormTransform, auto_alpha_sf
+from aq.calib.transforms import NormTransform
 from aq.config import QuantConfig
 from aq.primitives import check_group_size
 
@@ -78,6 +78,7 @@ class LayerLog:
 
 def check_calibratable(model: nn.Module, cfg: QuantConfig) -> None:
     """Fail before any work on settings the model cannot take (clear messages)."""
+    cfg = cfg.resolve(model)
     check_model(model, cfg)
     if cfg.mode == "rtn":
         return
@@ -350,7 +351,7 @@ def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Te
     t0 = time.time()
     log = LayerLog(index=i)
     dev = fp_buf.device
-    shifts_on = cfg.shifts if cfg.shifts is not None else not cfg.weight_only
+    shifts_on = bool(cfg.shifts)  # resolved by calibrate() (QuantConfig.resolve)
     norm_has_bias = {k: getattr(fp_layer.get_submodule(n), "bias", None) is not None
                      for k, n in (("attn", arch.attn_norm), ("mlp", arch.mlp_norm))}
     shifts = {"attn": shifts_on and norm_has_bias["attn"], "mlp": shifts_on and norm_has_bias["mlp"],
@@ -434,12 +435,13 @@ def calibrate(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *, ckp
     Returns {"layers": [LayerLog as dict], "alpha_sf", "resumed_layers", "seconds"}."""
     if cfg.mode == "rtn":
         raise ValueError("calibrate() trains omniquant/affinequant; rtn is aq.calib.rtn.quantize_rtn")
+    cfg = cfg.resolve(model)
     check_calibratable(model, cfg)
     checks.check_seqlen(model.config, segments.shape[1], "calibration segment length")
     arch, geo = models.arch_of(model), models.geometry(model)
     layers = models.decoder_layers(model)
     L = len(layers)
-    alpha = cfg.alpha_sf if cfg.alpha_sf is not None else auto_alpha_sf(geo.hidden, cfg.wbits, cfg.abits)
+    alpha = cfg.alpha_sf
     if cfg.mode == "omniquant":
         alpha = 0.0  # diagonal transforms only: nothing off the diagonal to scale
     meta = run_config(cfg, model_name, L, alpha, amp)

@@ -64,6 +64,7 @@ def quantizable_linears(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) 
 
 def check_model(model: nn.Module, cfg: QuantConfig) -> None:
     """Fail before any work when the group size does not divide some linear's input dimension."""
+    cfg = cfg.resolve()
     for name, lin in quantizable_linears(model):
         try:
             check_group_size(lin.in_features, cfg.group_size)
@@ -74,6 +75,7 @@ def check_model(model: nn.Module, cfg: QuantConfig) -> None:
 @torch.no_grad()
 def quantize_rtn(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     """Replace every quantizable nn.Linear by a FakeQuantLinear with round-to-nearest weights (in place)."""
+    cfg = cfg.resolve()
     check_model(model, cfg)
     for name, lin in tqdm(quantizable_linears(model), desc=f"RTN {cfg.label}", leave=False):
         parent_name, _, child = name.rpartition(".")
