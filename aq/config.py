@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from aq.checks import positive_int
 from aq.primitives import check_bits
 
-MODES = ("rtn", "omniquant", "affinequant")
+MODES = ("rtn", "gptq", "omniquant", "affinequant")
 # Form of the transforms that follow a norm (A_qkv, A_up) in weight-only affinequant runs. Weight-activation runs and
 # omniquant always use "diagonal" there (it folds into the norm weight; the activations are quantized right after).
 NORM_TRANSFORMS = ("full", "block", "diagonal")
@@ -33,6 +33,7 @@ class QuantConfig:
     norm_transform: str = DEFAULT_NORM_TRANSFORM
     norm_block: int = DEFAULT_NORM_BLOCK  # block size of the "block" form
     alpha_sf: float | None = None  # stability factor; None = by model size and bits (aq.calib.transforms.auto_alpha_sf)
+    act_order: bool = False      # mode gptq: columns in order of decreasing Hessian diagonal
     lwc: bool = True             # learnable weight clipping
     shifts: bool | None = None   # learnable shifts; None = weight-activation runs where the producer has a bias
     # a learnable diagonal transform between up_proj's rows and down_proj's columns (not in the paper; exact for
@@ -93,7 +94,7 @@ class QuantConfig:
     @property
     def down_on(self) -> bool:
         """Whether the up -> down diagonal transform is used (trained modes only)."""
-        if self.mode == "rtn":
+        if self.mode in ("rtn", "gptq"):
             return False
         return self.down_transform if self.down_transform is not None else not self.weight_only
 
