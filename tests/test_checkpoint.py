@@ -13,6 +13,21 @@ from tests.conftest import make_tokenizer, tiny_llama, tiny_opt
 IDS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
+def resign(d, man=None, tensors=None):
+    """Rewrite a checkpoint as a writer that skipped aq's checks would: the manifest (and tensors) given, re-hashed,
+    so that what is refused is the content, not the integrity check."""
+    from safetensors.torch import load_file, save_file
+
+    from aq.checkpoint import FORMAT, VERSION, _body_sha256, _sha256
+
+    man = man if man is not None else json.loads((d / MANIFEST).read_text())
+    tensors = tensors if tensors is not None else load_file(str(d / TENSORS))
+    save_file(tensors, str(d / TENSORS), metadata={"format": FORMAT, "version": str(VERSION),
+                                                   "manifest_sha256": _body_sha256(man)})
+    man["tensors"].update(bytes=(d / TENSORS).stat().st_size, sha256=_sha256(d / TENSORS))
+    (d / MANIFEST).write_text(json.dumps(man))
+
+
 def logits(m):
     with torch.no_grad():
         return m(IDS).logits
@@ -93,6 +108,9 @@ def test_truncated_altered_and_incomplete_checkpoints_are_refused(tmp_path):
     man = json.loads((d / MANIFEST).read_text())
     man["linears"]["model.layers.5.mlp.up_proj"] = dict(man["linears"]["model.layers.0.mlp.up_proj"])
     (d / MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(CheckpointError, match="manifest was edited"):
+        load_checkpoint(d)
+    resign(d, man)
     with pytest.raises(CheckpointError, match="model.layers.5.mlp.up_proj: no such module"):
         load_checkpoint(d)
     man["version"] = 99
@@ -107,19 +125,14 @@ def test_truncated_altered_and_incomplete_checkpoints_are_refused(tmp_path):
 
 
 def test_missing_tensor_is_refused(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    from aq.checkpoint import _sha256
+    from safetensors.torch import load_file
 
     cfg = QuantConfig(wbits=4, abits=16, group_size=32)
     d = tmp_path / "ck"
     save_checkpoint(quantize_rtn(tiny_llama(), cfg), cfg, d)
     t = load_file(str(d / TENSORS))
     del t["model.layers.1.self_attn.k_proj.scale"]
-    save_file(t, str(d / TENSORS))
-    man = json.loads((d / MANIFEST).read_text())
-    man["tensors"].update(bytes=(d / TENSORS).stat().st_size, sha256=_sha256(d / TENSORS))
-    (d / MANIFEST).write_text(json.dumps(man))
+    resign(d, tensors=t)
     with pytest.raises(CheckpointError, match="no tensor 'model.layers.1.self_attn.k_proj.scale'"):
         load_checkpoint(d)
 
@@ -142,3 +155,74 @@ def test_eval_cli_reads_a_checkpoint(tmp_path, data_dir):
     patched = aq_eval.main(args + ["--patch"])
     assert fake["setting"] == "RTN W4A4" and patched["setting"] == "RTN W4A4 (aq kernels)"
     assert patched["perplexity"]["wikitext2"] == pytest.approx(fake["perplexity"]["wikitext2"], rel=1e-4)
+
+
+# ---- issue 16: every file a checkpoint is read from is verified (one test per row of the issue's table)
+def _saved(tmp_path, wbits=4):
+    cfg = QuantConfig(wbits=wbits, abits=16, group_size=32)
+    d = tmp_path / "ck"
+    save_checkpoint(quantize_rtn(tiny_llama(), cfg), cfg, d)
+    return d
+
+
+@pytest.mark.parametrize("field,value", [("rms_norm_eps", 1e-2), ("hidden_act", "gelu")])
+def test_a_config_json_that_disagrees_is_refused_naming_the_field(tmp_path, field, value):
+    d = _saved(tmp_path)
+    c = json.loads((d / "config.json").read_text())
+    c[field] = value
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(CheckpointError, match=f"config.json differs .*{field}: checkpoint .*, config.json {value!r}"):
+        load_checkpoint(d)
+    c = json.loads((d / "config.json").read_text())
+    c[field] = json.loads((d / MANIFEST).read_text())["model_config"][field]
+    c["use_cache"] = not c.get("use_cache")  # a field that does not change the computation: still not the file written
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(CheckpointError, match="not the one written"):
+        load_checkpoint(d)
+
+
+@pytest.mark.parametrize("bits", [2, 8, 3])
+def test_a_manifest_with_other_bits_than_stored_is_refused(tmp_path, bits):
+    d = _saved(tmp_path, wbits=4)
+    man = json.loads((d / MANIFEST).read_text())
+    name = "model.layers.0.self_attn.q_proj"
+    man["linears"][name]["wbits"] = bits
+    (d / MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(CheckpointError, match="manifest was edited"):  # the integrity check
+        load_checkpoint(d)
+    resign(d, man)  # and the content check, for a manifest whose hash was rewritten to match
+    match = "not how the codes were stored" if bits in (2, 8) else "exceed 7"
+    with pytest.raises(CheckpointError, match=f"{name}: .*{match}"):
+        load_checkpoint(d)
+
+
+def test_a_manifest_with_other_groups_than_stored_is_refused(tmp_path):
+    d = _saved(tmp_path)
+    man = json.loads((d / MANIFEST).read_text())
+    man["linears"]["model.layers.0.mlp.down_proj"]["group_size"] = 16
+    resign(d, man)
+    with pytest.raises(CheckpointError, match="down_proj: .*group size disagrees"):
+        load_checkpoint(d)
+
+
+@pytest.mark.parametrize("field,value", [("rope_theta", 1234.0), ("rms_norm_eps", 1e-3), ("hidden_act", "gelu")])
+def test_a_base_model_with_other_computation_fields_is_refused(tmp_path, field, value):
+    d = _saved(tmp_path)
+    into = tiny_llama()
+    if field == "rope_theta":  # transformers 5 keeps it in rope_parameters
+        into.config.rope_parameters = dict(into.config.rope_parameters, rope_theta=value)
+        field = "rope_parameters"
+    else:
+        setattr(into.config, field, value)
+    with pytest.raises(CheckpointError, match=f"another model: {field}: checkpoint"):
+        load_checkpoint(d, model=into)
+    load_checkpoint(d, model=tiny_llama())  # the same config loads
+
+
+def test_format_version_1_is_refused_with_the_reason(tmp_path):
+    d = _saved(tmp_path)
+    man = json.loads((d / MANIFEST).read_text())
+    man["version"] = 1
+    (d / MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(CheckpointError, match="version 1 .*not covered by the integrity check"):
+        load_checkpoint(d)
