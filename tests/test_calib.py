@@ -265,7 +265,7 @@ def test_bad_settings_fail_before_any_work():
         loop.check_calibratable(model, QuantConfig(group_size=48))
     with pytest.raises(ValueError, match="do_layer_norm_before"):
         loop.check_calibratable(tiny_opt(do_layer_norm_before=False), QuantConfig(group_size=16))
-    for kw, msg in [(dict(mode="gptq"), "unknown mode"), (dict(norm_transform="dense"), "unknown norm transform"),
+    for kw, msg in [(dict(mode="bogus"), "unknown mode"), (dict(norm_transform="dense"), "unknown norm transform"),
                     (dict(epochs=0), "epochs"), (dict(alpha_sf=2.0), "alpha_sf"), (dict(lr_clip=0.0), "lr_clip")]:
         with pytest.raises(ValueError, match=msg):
             QuantConfig(**kw)
