@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from aq import checks, models
 from aq.calib.attention import enable_qkv_quant, set_qkv_abits
+from aq.calib.gptq import gptq_round_layer
 from aq.calib.layer import LayerCalib, _parent, _set
 from aq.calib.rtn import FakeQuantLinear, check_model
 from aq.calib.transforms import NormTransform, auto_alpha_sf
@@ -394,7 +395,9 @@ def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Te
             log.loss = _train(calib, q_buf, fp_buf, kwargs, cfg, epochs, lr_scale, gen, amp,
                               f"layer {i + 1}/{n_layers}", progress, log)
             log.loss_probe = _probe_loss(calib, q_buf, fp_buf, kwargs, probe, amp)
-            qlayer = calib.merged(fp_layer)
+            qlayer = calib.merged(fp_layer, unrounded=cfg.rounding == "gptq")
+            if cfg.rounding == "gptq":
+                gptq_round_layer(qlayer, arch, q_buf, kwargs, cfg, batch)
             log.margin = calib.margin()
             if not _finite_layer(qlayer):
                 raise _Unstable("non-finite merged weights")
