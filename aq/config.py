@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from aq.checks import positive_int
 from aq.primitives import check_bits
 
-MODES = ("rtn", "omniquant", "affinequant")
+MODES = ("rtn", "gptq", "omniquant", "affinequant")
 # Form of the transforms that follow a norm (A_qkv, A_up) in weight-only affinequant runs. Weight-activation runs and
 # omniquant always use "diagonal" there (it folds into the norm weight; the activations are quantized right after).
 NORM_TRANSFORMS = ("full", "block", "diagonal")
@@ -14,6 +14,11 @@ NORM_TRANSFORMS = ("full", "block", "diagonal")
 # within noise of the paper's full form at 1/9 of its inference cost (bench/results/calib_smollm2.md)
 DEFAULT_NORM_TRANSFORM = "block"
 DEFAULT_NORM_BLOCK = 64
+# Block-wise reconstruction loss (aq.calib.loss): "mse" is the paper's; "token" weighs every token by its error relative
+# to its own size (what the next RMSNorm sees), so the attention-sink token no longer owns the loss.
+LOSSES = ("mse", "token")
+# Rotation of the residual stream folded into the weights before calibration (aq.calib.rotation).
+ROTATIONS = ("none", "hadamard", "random")
 
 
 @dataclass
@@ -28,6 +33,7 @@ class QuantConfig:
     norm_transform: str = DEFAULT_NORM_TRANSFORM
     norm_block: int = DEFAULT_NORM_BLOCK  # block size of the "block" form
     alpha_sf: float | None = None  # stability factor; None = by model size and bits (aq.calib.transforms.auto_alpha_sf)
+    act_order: bool = False      # mode gptq: columns in order of decreasing Hessian diagonal
     lwc: bool = True             # learnable weight clipping
     shifts: bool | None = None   # learnable shifts; None = weight-activation runs where the producer has a bias
     # a learnable diagonal transform between up_proj's rows and down_proj's columns (not in the paper; exact for
@@ -41,6 +47,9 @@ class QuantConfig:
     calib_data: str = "c4"
     lr_transform: float = 5e-3
     lr_clip: float = 1e-2
+    loss: str = "mse"            # aq.calib.loss.layer_loss kind
+    sink_weight: float = 1.0     # weight of position 0 in the "token" loss
+    rotate: str = "none"         # residual-stream rotation before calibration (aq.calib.rotation)
     seed: int = 0
 
     def __post_init__(self):
@@ -61,6 +70,12 @@ class QuantConfig:
             positive_int(self.epochs, "epochs")
         for name in ("nsamples", "seqlen", "batch_size"):
             positive_int(getattr(self, name), name)
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}: choose from {', '.join(LOSSES)}")
+        if self.rotate not in ROTATIONS:
+            raise ValueError(f"unknown rotation {self.rotate!r}: choose from {', '.join(ROTATIONS)}")
+        if not self.sink_weight >= 0:
+            raise ValueError(f"sink weight must be >= 0, got {self.sink_weight!r}")
         for name in ("lr_transform", "lr_clip"):
             v = getattr(self, name)
             if not v > 0:
@@ -79,7 +94,7 @@ class QuantConfig:
     @property
     def down_on(self) -> bool:
         """Whether the up -> down diagonal transform is used (trained modes only)."""
-        if self.mode == "rtn":
+        if self.mode in ("rtn", "gptq"):
             return False
         return self.down_transform if self.down_transform is not None else not self.weight_only
 
