@@ -226,10 +226,31 @@ def _init_scales(stats: _ChannelStats, layer: nn.Module, arch: models.Arch, geo:
 # checkpoints
 # ---------------------------------------------------------------------------------------------------------------------
 
+PAUSE_ENV = "AQ_TEST_PAUSE_WRITE"
+
+
+def _test_pause(stage: str, path: Path, tmp: Path) -> None:
+    """Test hook for tests/test_resume.py, which SIGKILLs a run at a known point of a checkpoint write: with
+    AQ_TEST_PAUSE_WRITE=<stage>:<file name>, the write of that file stops at `stage` (mid: the temporary file cut to
+    half its bytes, as a kill during the write leaves it; after: the file renamed into place), drops a
+    <file>.paused marker and sleeps until killed. Unset (always, outside that test) it does nothing."""
+    if os.environ.get(PAUSE_ENV) != f"{stage}:{path.name}":
+        return
+    if stage == "mid":
+        with open(tmp, "r+b") as f:
+            f.truncate(tmp.stat().st_size // 2)
+    path.with_name(path.name + ".paused").touch()
+    while True:
+        time.sleep(1)
+
+
 def _atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary name, then rename: a kill leaves either the old state or the whole new file."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
+    _test_pause("mid", path, tmp)
     os.replace(tmp, path)
+    _test_pause("after", path, tmp)
 
 
 def _atomic_json(obj, path: Path) -> None:
