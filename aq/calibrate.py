@@ -26,7 +26,8 @@ from aq.calib.loop import calibrate, check_calibratable
 from aq.calib.gptq import quantize_gptq
 from aq.calib.rtn import quantize_rtn
 from aq.checkpoint import save_checkpoint
-from aq.config import DEFAULT_NORM_BLOCK, DEFAULT_NORM_TRANSFORM, MODES, NORM_TRANSFORMS, ROUNDINGS, QuantConfig
+from aq.config import (DEFAULT_NORM_BLOCK, DEFAULT_NORM_TRANSFORM, LOSSES, MODES, NORM_TRANSFORMS, ROTATIONS, ROUNDINGS,
+                       QuantConfig)
 
 CPU_EVAL_WINDOWS = 2  # without a GPU the default run evaluates this many 2048-token windows per dataset
 EVAL_SEQLEN = 2048
@@ -118,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="autocast of the layer's forward during training (auto: bf16 on GPU, off on CPU); the "
                         "transforms, clipping and targets stay float32")
+    g.add_argument("--loss", choices=LOSSES, default="mse",
+                   help="block-wise loss: mse (the paper's; on SmolLM2 the attention-sink token owns it) or token "
+                        "(each token's error relative to its size, as the next norm sees it)")
+    g.add_argument("--sink-weight", type=float, default=1.0,
+                   help="weight of position 0 (the attention-sink token) in the token loss")
+    g.add_argument("--rotate", choices=ROTATIONS, default="none",
+                   help="rotate the residual stream before quantizing (exact in full precision, RMSNorm models): "
+                        "hadamard (with random signs from --seed) or random orthogonal; spreads outlier channels")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration segments and the sample order")
     g.add_argument("--out", type=Path, default=None,
                    help="folder for the quantized checkpoint (docs/checkpoint.md), results.json and the per-layer "
@@ -161,12 +170,14 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = QuantConfig(
             wbits=args.wbits, abits=args.abits, group_size=group, symmetric=args.symmetric, mode=args.mode,
             norm_transform=form, norm_block=block or DEFAULT_NORM_BLOCK, alpha_sf=args.alpha_sf, lwc=not args.no_lwc,
-            act_order=args.act_order, rounding=args.rounding, shifts=AUTO_ON_OFF[args.shifts], down_transform=AUTO_ON_OFF[args.down_transform],
+            act_order=args.act_order, rounding=args.rounding, shifts=AUTO_ON_OFF[args.shifts],
+            down_transform=AUTO_ON_OFF[args.down_transform],
             epochs=args.epochs if args.epochs is not None else sched["epochs"],
             nsamples=args.nsamples if args.nsamples is not None else sched["nsamples"],
             seqlen=args.seqlen if args.seqlen is not None else sched["seqlen"],
             batch_size=args.batch_size,
-            calib_data=args.calib_data, lr_transform=args.lr_transform, lr_clip=args.lr_clip, seed=args.seed)
+            calib_data=args.calib_data, lr_transform=args.lr_transform, lr_clip=args.lr_clip,
+            loss=args.loss, sink_weight=args.sink_weight, rotate=args.rotate, seed=args.seed)
         eval_sets = [s for s in args.eval_data.split(",") if s]
         for s in eval_sets + ([cfg.calib_data] if cfg.mode != "rtn" else []):
             data.check_name(s)
@@ -175,6 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"error: {e}")
     defaults = vars(build_parser().parse_args([]))  # parsed, so that typed defaults compare equal
     given = {k for k, v in vars(args).items() if v != defaults[k]}
+    if cfg.rotate != "none":
+        given.discard("seed")  # the seed also draws the rotation's signs, rtn included
     for msg in checks.ignored_calibration_args(cfg.mode, cfg.weight_only, given):
         _say(f"warning: {msg}")
     if short:

@@ -51,7 +51,7 @@ _TRAINING_ARGS = {"epochs": "--epochs", "nsamples": "--nsamples", "calib_data": 
                   "batch_size": "--batch-size", "alpha_sf": "--alpha-sf", "lr_transform": "--lr-transform",
                   "lr_clip": "--lr-clip", "no_lwc": "--no-lwc", "shifts": "--shifts",
                   "down_transform": "--down-transform", "norm_transform": "--norm-transform", "amp": "--amp",
-                  "resume": "--resume", "seed": "--seed"}
+                  "resume": "--resume", "seed": "--seed", "loss": "--loss", "sink_weight": "--sink-weight"}
 
 
 def ignored_calibration_args(mode: str, weight_only: bool, given: set[str]) -> list[str]:
@@ -64,6 +64,8 @@ def ignored_calibration_args(mode: str, weight_only: bool, given: set[str]) -> l
             if dest in given:
                 out.append(f"{flag} is not used with --mode rtn (round-to-nearest does not train)")
         return out
+    if "sink_weight" in given and "loss" not in given:
+        out.append("--sink-weight is not used with the mse loss: it weighs position 0 in --loss token")
     if mode == "omniquant" and "alpha_sf" in given:
         out.append("--alpha-sf is not used with --mode omniquant (its transforms are diagonal)")
     if "norm_transform" in given and (mode != "affinequant" or not weight_only):

@@ -16,6 +16,11 @@ ROUNDINGS = ("rtn", "gptq")
 # within noise of the paper's full form at 1/9 of its inference cost (bench/results/calib_smollm2.md)
 DEFAULT_NORM_TRANSFORM = "block"
 DEFAULT_NORM_BLOCK = 64
+# Block-wise reconstruction loss (aq.calib.loss): "mse" is the paper's; "token" weighs every token by its error relative
+# to its own size (what the next RMSNorm sees), so the attention-sink token no longer owns the loss.
+LOSSES = ("mse", "token")
+# Rotation of the residual stream folded into the weights before calibration (aq.calib.rotation).
+ROTATIONS = ("none", "hadamard", "random")
 
 
 @dataclass
@@ -45,6 +50,9 @@ class QuantConfig:
     calib_data: str = "c4"
     lr_transform: float = 5e-3
     lr_clip: float = 1e-2
+    loss: str = "mse"            # aq.calib.loss.layer_loss kind
+    sink_weight: float = 1.0     # weight of position 0 in the "token" loss
+    rotate: str = "none"         # residual-stream rotation before calibration (aq.calib.rotation)
     seed: int = 0
 
     def __post_init__(self):
@@ -70,6 +78,12 @@ class QuantConfig:
             positive_int(self.epochs, "epochs")
         for name in ("nsamples", "seqlen", "batch_size"):
             positive_int(getattr(self, name), name)
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}: choose from {', '.join(LOSSES)}")
+        if self.rotate not in ROTATIONS:
+            raise ValueError(f"unknown rotation {self.rotate!r}: choose from {', '.join(ROTATIONS)}")
+        if not self.sink_weight >= 0:
+            raise ValueError(f"sink weight must be >= 0, got {self.sink_weight!r}")
         for name in ("lr_transform", "lr_clip"):
             v = getattr(self, name)
             if not v > 0:

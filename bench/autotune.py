@@ -17,9 +17,11 @@ import argparse
 import concurrent.futures as cf
 import datetime
 import json
+import math
 import multiprocessing as mp
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,8 +29,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 L2_ROTATE_BYTES = 160 << 20  # rotate weight copies until this many bytes: ~3x the H100's 50 MB L2
 
@@ -103,6 +103,7 @@ MODELS = {  # linear shapes (K, N) of each model, as in the issue
     "llama2-7b": [(4096, 4096), (4096, 11008), (11008, 4096)],
     "llama3-8b": [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)],
     "smollm2": [(576, 576), (576, 192), (576, 1536), (1536, 576)],
+    "qwen2.5-0.5b": [(896, 896), (896, 128), (896, 4864), (4864, 896)],
 }
 DEFAULT_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 
@@ -135,6 +136,14 @@ class W4A16(Family):
 
     def buckets(self, args) -> list[int]:
         return [int(b) for b in args.buckets.split(",")] if args.buckets else DEFAULT_BUCKETS
+
+    def seed(self, problem: dict, M: int) -> dict:
+        """What aq runs today for this problem on this GPU (its tuned entry, else the nearest tuned neighbour of the
+        shipped tables): the centre of the pruned search."""
+        from aq.kernels import w4a16 as W
+
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        return W.fallback_config(M, problem["N"], problem["K"], problem["bits"], problem["group"], gpu_name(), sms)
 
     def key(self, problem: dict) -> str:
         from aq.kernels import w4a16 as W
@@ -287,18 +296,61 @@ def precompile(fam: Family, work: list, jobs: int) -> dict:
     return {_compile_key(*f[:3]) for f in failed}
 
 
-def tune_family(fam: Family, args) -> tuple[dict, list]:
+def config_distance(a: dict, b: dict) -> float:
+    """How far two configs are apart: a kernel change costs most, then each differing option, numeric knobs by their
+    log2 ratio (block 64 vs 128 is one step, split 4 vs 9 a bit more)."""
+    if a.get("kernel") != b.get("kernel"):
+        return 100.0
+    d = 0.0
+    for k in set(a) | set(b):
+        if k == "us":
+            continue
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, bool) or isinstance(y, bool) or not isinstance(x, (int, float)) \
+                or not isinstance(y, (int, float)):
+            d += 0 if x == y else 1.0
+        else:
+            d += abs(math.log2(max(x, 1) / max(y, 1)))
+    return d
+
+
+def prune(fam: Family, problems: list, buckets: list, budget_s: float, per_candidate_s: float) -> dict:
+    """Per (problem key, M): the candidates to time, nearest the family's seed config first, as many as the budget
+    allows (the seed itself always leads, so a bucket never ends worse than what aq runs untuned)."""
+    n_pm = len(problems) * len(buckets)
+    keep = max(2, int(budget_s / max(n_pm * per_candidate_s, 1e-9))) if budget_s else None
+    plan = {}
+    for p in problems:
+        for M in buckets:
+            cands = fam.candidates(p, M)
+            seed = fam.seed(p, M) if hasattr(fam, "seed") else None
+            if seed is not None:
+                cands = [seed] + sorted((c for c in cands if c != seed), key=lambda c: config_distance(c, seed))
+            plan[(fam.key(p), M)] = cands if keep is None else cands[:keep]
+    return plan
+
+
+def tune_family(fam: Family, args, budget_s: float = 0.0, on_shape=None) -> tuple[dict, list]:
+    """on_shape(table): called after each shape, so a run cut short (timeout) keeps what it finished."""
     problems, buckets = fam.problems(args), fam.buckets(args)
-    work = [(p, M, c) for p in problems for M in buckets for c in fam.candidates(p, M)]
-    print(f"[{fam.name}] {len(problems)} shapes x {len(buckets)} buckets: {len(work)} candidates", flush=True)
+    t_start = time.time()
+    # compile runs on --jobs processes, ~2 s per kernel; timing ~0.1-0.3 s per candidate: one candidate costs about
+    # 2 / jobs + 0.25 s of wall time (measured on the H100 run); the rest of the budget is the timing loop's deadline
+    plan = prune(fam, problems, buckets, budget_s, 2.0 / max(args.jobs, 1) + 0.25)
+    work = [(p, M, c) for p in problems for M in buckets for c in plan[(fam.key(p), M)]]
+    print(f"[{fam.name}] {len(problems)} shapes x {len(buckets)} buckets: {len(work)} candidates"
+          + (f" (pruned to the seed's neighbourhood for a {budget_s:.0f}s budget)" if budget_s else ""), flush=True)
     bad = precompile(fam, work, args.jobs) if args.jobs > 1 else set()
     table, log, state = {}, [], {}
     t0 = time.time()
+    deadline = t_start + budget_s if budget_s else math.inf
     for problem in problems:
         key = fam.key(problem)
         for M in buckets:
             best = None
-            for cfg in fam.candidates(problem, M):
+            for i, cfg in enumerate(plan[(key, M)]):
+                if i > 0 and time.time() > deadline:
+                    break  # out of budget: keep the best so far (the seed at least)
                 if _compile_key(problem, M, cfg) in bad:
                     continue
                 try:
@@ -318,14 +370,16 @@ def tune_family(fam: Family, args) -> tuple[dict, list]:
                 table.setdefault(key, {})[str(M)] = dict(best[1], us=round(best[0], 2))
                 print(f"  {key:>18} M={M:<5} {best[0]:9.1f} us  {json.dumps(best[1])}", flush=True)
         torch.cuda.empty_cache()
+        if on_shape is not None and key in table:
+            on_shape(table)
     print(f"[{fam.name}] timed in {time.time() - t0:.0f}s", flush=True)
     return table, log
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", default=",".join(FAMILIES))
-    ap.add_argument("--models", default="llama2-7b,llama3-8b,smollm2")
+    ap.add_argument("--family", default=",".join([*FAMILIES, "w4a4"]), help="w4a16 and/or w4a4")
+    ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--shapes", default="", help="K x N list (e.g. 4096x14336,14336x4096) instead of --models")
     ap.add_argument("--groups", default="128", help="comma list of group sizes, 'ch' = per channel")
     ap.add_argument("--bits", type=int, default=4)
@@ -335,6 +389,12 @@ def main(argv=None):
     ap.add_argument("--max-err", type=float, default=2e-2)
     ap.add_argument("--out", default="", help="config file to merge into (default: the package's file for this GPU)")
     ap.add_argument("--log", default="", help="write every candidate's time here (JSON)")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="bound on total wall time (s): the search is pruned to each bucket's seed neighbourhood "
+                         "(what aq runs now: tuned entry or nearest tuned neighbour) and stops timing at the deadline; "
+                         "w4a4 gets its share through bench/w4a4.py sweep --budget. 0: the full search")
+    ap.add_argument("--w4a4-out", default="bench/results/w4a4-sweep", help="folder for the w4a4 sweep's tables")
+    ap.add_argument("--w4a4-share", type=float, default=0.25, help="fraction of --budget-s for the w4a4 sweep")
     args = ap.parse_args(argv)
 
     from aq.kernels import tuned
@@ -343,18 +403,37 @@ def main(argv=None):
     meta = dict(gpu=gpu_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                 triton=__import__("triton").__version__)
     logs = {}
-    for name in args.family.split(","):
+    names = args.family.split(",")
+    t_main = time.time()
+    w4a4 = "w4a4" in names
+    names = [n for n in names if n != "w4a4"]
+    own = args.budget_s * (1 - args.w4a4_share) if w4a4 else args.budget_s  # seconds for the families here
+    for i, name in enumerate(names):
         fam = FAMILIES[name]
-        table, log = tune_family(fam, args)
-        entry = dict(tuned.tuned(name, gpu_name()) or {}) if not args.out else {}
-        entry.update(table)
+        left = own - (time.time() - t_main)
+        base = dict(tuned.tuned(name, gpu_name()) or {}) if not args.out else {}
         out.parent.mkdir(parents=True, exist_ok=True)
-        tuned.write_tuned(name, gpu_name(), entry, meta, out)
-        logs[name] = log
-    print(f"wrote {out}")
-    if args.log:
-        Path(args.log).write_text(json.dumps(dict(meta=meta, logs=logs)) + "\n")
 
+        def write(table, name=name, base=base):
+            tuned.write_tuned(name, gpu_name(), {**base, **table}, meta, out)
+
+        table, log = tune_family(fam, args, max(left / (len(names) - i), 30.0) if args.budget_s else 0.0, write)
+        write(table)
+        logs[name] = log
+        print(f"wrote {out}")
+        if args.log:
+            Path(args.log).write_text(json.dumps(dict(meta=meta, logs=logs)) + "\n")
+    if w4a4:  # its sweep lives in bench/w4a4.py (per M bucket, shape-independent configs); it stops starting buckets
+        # at its budget, buckets not reached keep the shipped defaults (the H100 winners)
+        share = max(args.budget_s - (time.time() - t_main), 20.0) if args.budget_s else 240
+        cmd = [sys.executable, str(ROOT / "bench" / "w4a4.py"), "sweep", "--budget", f"{share:.0f}",
+               "--out", args.w4a4_out] + ([] if args.out else ["--write"])  # an explicit --out: package file untouched
+        print("[w4a4]", " ".join(cmd), flush=True)
+        t = time.time()
+        rc = subprocess.run(cmd, env=dict(os.environ)).returncode
+        print(f"[w4a4] sweep exit {rc} after {time.time() - t:.0f}s", flush=True)
+        if rc:
+            raise SystemExit(rc)
 
 if __name__ == "__main__":
     main()

@@ -172,10 +172,14 @@ def quantize_gptq(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *,
     for layer in layers:
         for n in arch.linears:
             check_group_size(layer.get_submodule(n).in_features, cfg.group_size)
+    if cfg.rotate != "none":  # QuaRot-style: GPTQ on the rotated model (same function in full precision)
+        from aq.calib.rotation import rotate_residual
+        rotate_residual(model, cfg.rotate, cfg.seed)
     buf, layer_kwargs = capture(model, segments, batch)
     say(f"GPTQ {cfg.label}: {len(layers)} layers, {segments.shape[0]} x {segments.shape[1]} tokens, damp {damp}, "
         f"block {BLOCK}, {'act-order, ' if cfg.act_order else ''}"
-        f"{'static' if cfg.act_order or cfg.group_size is None else groups} groups")
+        f"{'static' if cfg.act_order or cfg.group_size is None else groups} groups"
+        + (f", {cfg.rotate} rotation" if cfg.rotate != "none" else ""))
     for i, layer in enumerate(tqdm(layers, desc=f"GPTQ {cfg.label}", leave=False, disable=not progress)):
         _sequential(layer, arch, buf, layer_kwargs[i], batch,
                     lambda lin, H: gptq_linear(lin, H, cfg, damp=damp, groups=groups))

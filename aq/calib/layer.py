@@ -179,6 +179,20 @@ class LayerCalib(nn.Module):
         """margin_tensor as a float."""
         return float(self.margin_tensor())
 
+    @torch.no_grad()
+    def offdiag_share(self) -> float:
+        """Share of the absolute mass of the matrix transforms (final mask) that lies off the diagonal: how much the
+        affine part learned beyond OmniQuant's scales (0 when every transform is diagonal)."""
+        ts = [self.t_attn, self.t_mlp, self.t_vo] + ([self.t_qk.t] if isinstance(self.t_qk, HeadTransform) else [])
+        off = total = 0.0
+        for t in ts:
+            if t.form == "diagonal":
+                continue
+            m = t.matrix64().abs()
+            off += float(m.sum() - m.diagonal().sum())
+            total += float(m.sum())
+        return off / total if total else 0.0
+
     def _spec(self, names: list[str]) -> QuantSpec | None:
         cfg = self.cfg
         if not self.quantize:

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -30,6 +29,8 @@ from aq import checks, models
 from aq.calib.attention import enable_qkv_quant, set_qkv_abits
 from aq.calib.gptq import gptq_round_layer
 from aq.calib.layer import LayerCalib, _parent, _set
+from aq.calib.loss import layer_loss, position0_share
+from aq.calib.rotation import rotate_residual
 from aq.calib.rtn import FakeQuantLinear, check_model
 from aq.calib.transforms import NormTransform, auto_alpha_sf
 from aq.config import QuantConfig
@@ -63,6 +64,9 @@ class LayerLog:
     probe_segments: int = 0      # segments the initial transforms were compared on
     lr_scale: float = 1.0
     form: str = ""               # norm-side form actually used ("full", "block", "diagonal") or "rtn"
+    pos0_init: float = math.nan   # share of the plain squared error at position 0, initial transforms (probe segments)
+    pos0_probe: float = math.nan  # the same after training
+    offdiag: float = 0.0          # off-diagonal share of the norm-side transforms' mass after training (0: diagonal)
     events: list = field(default_factory=list)
 
     def line(self, n_layers: int) -> str:
@@ -223,10 +227,31 @@ def _init_scales(stats: _ChannelStats, layer: nn.Module, arch: models.Arch, geo:
 # checkpoints
 # ---------------------------------------------------------------------------------------------------------------------
 
+PAUSE_ENV = "AQ_TEST_PAUSE_WRITE"
+
+
+def _test_pause(stage: str, path: Path, tmp: Path) -> None:
+    """Test hook for tests/test_resume.py, which SIGKILLs a run at a known point of a checkpoint write: with
+    AQ_TEST_PAUSE_WRITE=<stage>:<file name>, the write of that file stops at `stage` (mid: the temporary file cut to
+    half its bytes, as a kill during the write leaves it; after: the file renamed into place), drops a
+    <file>.paused marker and sleeps until killed. Unset (always, outside that test) it does nothing."""
+    if os.environ.get(PAUSE_ENV) != f"{stage}:{path.name}":
+        return
+    if stage == "mid":
+        with open(tmp, "r+b") as f:
+            f.truncate(tmp.stat().st_size // 2)
+    path.with_name(path.name + ".paused").touch()
+    while True:
+        time.sleep(1)
+
+
 def _atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary name, then rename: a kill leaves either the old state or the whole new file."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
+    _test_pause("mid", path, tmp)
     os.replace(tmp, path)
+    _test_pause("after", path, tmp)
 
 
 def _atomic_json(obj, path: Path) -> None:
@@ -276,13 +301,14 @@ def rebuild_layer(fp_layer: nn.Module, spec: dict, state: dict) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def _probe_loss(calib: LayerCalib, q_buf, fp_buf, kwargs, idx: list[int], amp) -> float:
-    """Mean per-segment MSE over the probe segments, in one batched forward (the layer kwargs broadcast over the
-    batch): each transform is inverted once instead of once per segment."""
+def _probe_loss(calib: LayerCalib, q_buf, fp_buf, kwargs, idx: list[int], amp, cfg: QuantConfig) -> tuple[float, float]:
+    """(the training loss over the probe segments, the share of plain squared error at position 0), in one batched
+    forward (the layer kwargs broadcast over the batch): each transform is inverted once instead of once per segment."""
     calib.refresh()
     with _autocast(q_buf, amp):
         out = calib(q_buf[idx], **kwargs)
-    return F.mse_loss(out.float(), fp_buf[idx]).item()
+    target = fp_buf[idx]
+    return layer_loss(out, target, cfg.loss, cfg.sink_weight).item(), position0_share(out, target)
 
 
 def _autocast(t: torch.Tensor, amp: torch.dtype | None):
@@ -310,7 +336,7 @@ def _train(calib: LayerCalib, q_buf, fp_buf, kwargs, cfg: QuantConfig, epochs: i
             calib.refresh()
             with _autocast(q_buf, amp):
                 out = calib(q_buf[idx], **kwargs)
-            loss = F.mse_loss(out.float(), fp_buf[idx])
+            loss = layer_loss(out, fp_buf[idx], cfg.loss, cfg.sink_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -384,17 +410,19 @@ def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Te
             candidates = {"smoothquant": init, "identity": None}
             if "down" in init:  # A_down's SmoothQuant start helps only at layers with massive down_proj inputs
                 candidates["smoothquant, identity down"] = {k: v for k, v in init.items() if k != "down"}
-            losses = {k: _probe_loss(build(v), q_buf, fp_buf, kwargs, probe, amp) for k, v in candidates.items()}
-            finite = {k: v for k, v in losses.items() if math.isfinite(v)}
+            probed = {k: _probe_loss(build(v), q_buf, fp_buf, kwargs, probe, amp, cfg) for k, v in candidates.items()}
+            finite = {k: v[0] for k, v in probed.items() if math.isfinite(v[0])}
             if not finite:
                 raise _Unstable("non-finite loss at the initial transforms")
-            log.init = min(finite, key=finite.get)
-            log.loss_init = finite[log.init]
+            # ties (equal losses) go to the first candidate in order, never to noise
+            log.init = min(finite, key=lambda k: (finite[k], list(candidates).index(k)))
+            log.loss_init, log.pos0_init = probed[log.init]
             calib = build(candidates[log.init])
             log.form, log.lr_scale, log.margin_min, log.steps = form, lr_scale, 1.0, 0
             log.loss = _train(calib, q_buf, fp_buf, kwargs, cfg, epochs, lr_scale, gen, amp,
                               f"layer {i + 1}/{n_layers}", progress, log)
-            log.loss_probe = _probe_loss(calib, q_buf, fp_buf, kwargs, probe, amp)
+            log.loss_probe, log.pos0_probe = _probe_loss(calib, q_buf, fp_buf, kwargs, probe, amp, cfg)
+            log.offdiag = calib.offdiag_share()
             qlayer = calib.merged(fp_layer, unrounded=cfg.rounding == "gptq")
             if cfg.rounding == "gptq":
                 gptq_round_layer(qlayer, arch, q_buf, kwargs, cfg, batch)
@@ -463,12 +491,16 @@ def calibrate(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *, ckp
         _atomic_json(meta, run_json)
     if cfg.abits < 16:
         enable_qkv_quant(model)
+    if cfg.rotate != "none":  # deterministic from the seed, so a resumed run rotates the same way
+        rotate_residual(model, cfg.rotate, cfg.seed)
 
     t0 = time.time()
     inps, layer_kwargs = capture(model, segments, batch)
     fp_buf, q_buf = inps, inps.clone()
     say(f"calibrating {L} layers: {cfg.mode} {cfg.label}, {segments.shape[0]} x {segments.shape[1]} tokens, "
-        f"{cfg.total_epochs} epochs, alpha_sf {alpha:g}, norm transform {cfg.norm_form}"
+        f"{cfg.total_epochs} epochs, alpha_sf {alpha:g}, norm transform {cfg.norm_form}, loss {cfg.loss}"
+        + (f" (sink weight {cfg.sink_weight:g})" if cfg.loss == "token" and cfg.sink_weight != 1 else "")
+        + (f", {cfg.rotate} rotation" if cfg.rotate != "none" else "")
         + (f" (block {cfg.norm_block})" if cfg.norm_form == "block" else "")
         + (f", {str(amp).replace('torch.', '')} autocast" if amp is not None else ""))
 

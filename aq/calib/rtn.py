@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from aq.calib.rotation import rotate_residual
 from aq.config import QuantConfig
 from aq.kernels.fake_quant import fake_quant
 from aq.primitives import check_group_size, choose_qparams, dequantize, quantize
@@ -75,6 +76,8 @@ def check_model(model: nn.Module, cfg: QuantConfig) -> None:
 def quantize_rtn(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     """Replace every quantizable nn.Linear by a FakeQuantLinear with round-to-nearest weights (in place)."""
     check_model(model, cfg)
+    if cfg.rotate != "none":
+        rotate_residual(model, cfg.rotate, cfg.seed)
     for name, lin in tqdm(quantizable_linears(model), desc=f"RTN {cfg.label}", leave=False):
         parent_name, _, child = name.rpartition(".")
         fq = FakeQuantLinear.from_linear(lin, cfg.wbits, cfg.group_size, cfg.abits, cfg.symmetric)

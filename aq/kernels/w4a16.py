@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import torch
 import triton
@@ -596,19 +597,68 @@ def heuristic_config(M: int, N: int, K: int, bits: int, group_size: int, num_sms
     return dict(kernel="dequant", block_n=16, block_kw=max(2, 512 // e), half_dq=True, num_warps=4)
 
 
+def adapt_config(cfg: dict, src_key: str, src_bucket: int, M: int, N: int, K: int, bits: int, group_size: int,
+                 num_sms: int, donor_sms: int) -> dict:
+    """A tuned config moved to a neighbouring problem: block shapes kept (they are what transfers between shapes), the
+    split-K count re-derived so the grid fills the GPU as many times over as it did on the tuned problem, and options
+    the new shape cannot take dropped (K step over K, folding across a group boundary)."""
+    _, _, sK, sN = (int(v) for v in src_key.split(":"))
+    e = 32 // container_bits(bits)
+    kw = K // e
+    out = {k: v for k, v in cfg.items() if k != "us"}
+    if out["kernel"] == "dequant":
+        out["block_kw"] = min(out["block_kw"], 1 << max(kw.bit_length() - 1, 1))
+        return out
+    bkw = min(out["block_kw"], 1 << max(kw.bit_length() - 1, 1))
+    if out["kernel"] == "mma" and not out.get("join", True):
+        bkw = max(bkw, 16)
+    out["block_kw"] = bkw
+    bm, bn = out.get("block_m", 1), out["block_n"]
+    tiles = lambda m, n: (triton.cdiv(m, bm) if out["kernel"] == "mma" else m) * triton.cdiv(n, bn)  # noqa: E731
+    waves = tiles(src_bucket, sN) * cfg.get("split_k", 1) / donor_sms  # how often the tuned grid filled the GPU
+    split = round(waves * num_sms / tiles(M, N))
+    out["split_k"] = max(1, min(split, triton.cdiv(kw, 2 * bkw)))
+    if out.get("fold") and group_size % (bkw * e):
+        out["fold"] = False
+    return out
+
+
+def fallback_config(M: int, N: int, K: int, bits: int, group_size: int, device_name: str, num_sms: int,
+                    exclude: str | None = None) -> dict:
+    """The config for an untuned (shape, M) or GPU: the nearest tuned shape and M bucket of this GPU's table (or the
+    closest shipped GPU's), by K, N and M in log space, adapted to this problem (adapt_config); heuristic_config only
+    when no table holds this container width. See aq.kernels.tuned for why there is no tuning at first call."""
+    donor = tuned.donor_table(FAMILY, device_name, num_sms)
+    if donor:
+        table, _, donor_sms = donor
+        hit = tuned.nearest_shape([k for k in table if k != exclude], container_bits(bits), group_size, K, N, m_bucket(M),
+                                  lambda k: [int(b) for b in table[k]])
+        if hit:
+            key, b = hit
+            return adapt_config(table[key][str(b)], key, b, M, N, K, bits, group_size, num_sms, donor_sms)
+    return heuristic_config(M, N, K, bits, group_size, num_sms)
+
+
 @functools.lru_cache(maxsize=4096)
 def _select(device_index: int, bits: int, group_size: int, K: int, N: int, M: int) -> dict:
-    entry = _tuned_table(device_index).get(shape_key(bits, group_size, K, N))
+    # AQ_FALLBACK (read once per problem, for measurements): "nearest" hides the problem's own tuned entry, so the
+    # fallback is timed on tuned shapes; "heuristic" also bypasses the neighbour search (the generic rule)
+    mode = os.environ.get("AQ_FALLBACK", "").lower()
+    key = shape_key(bits, group_size, K, N)
+    entry = _tuned_table(device_index).get(key) if mode not in ("nearest", "heuristic") else None
     cfg = entry.get(str(m_bucket(M))) if entry else None
     if cfg:
         return cfg
     sms = torch.cuda.get_device_properties(device_index).multi_processor_count
-    return heuristic_config(M, N, K, bits, group_size, sms)
+    if mode == "heuristic":
+        return heuristic_config(M, N, K, bits, group_size, sms)
+    return fallback_config(M, N, K, bits, group_size, torch.cuda.get_device_name(device_index), sms,
+                           exclude=key if mode == "nearest" else None)
 
 
 def select_config(M: int, p: PackedWeight, x: torch.Tensor) -> dict:
     """The one place that picks the kernel and its config for a call (by M): the tuned table of this GPU
-    (aq/kernels/configs/<gpu>.json, bucket = next power of two of M), else heuristic_config.
+    (aq/kernels/configs/<gpu>.json, bucket = next power of two of M), else fallback_config (nearest tuned neighbour).
     Do not mutate the result."""
     if x.device.type == "cuda":
         idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
