@@ -330,7 +330,8 @@ def prune(fam: Family, problems: list, buckets: list, budget_s: float, per_candi
     return plan
 
 
-def tune_family(fam: Family, args, budget_s: float = 0.0) -> tuple[dict, list]:
+def tune_family(fam: Family, args, budget_s: float = 0.0, on_shape=None) -> tuple[dict, list]:
+    """on_shape(table): called after each shape, so a run cut short (timeout) keeps what it finished."""
     problems, buckets = fam.problems(args), fam.buckets(args)
     t_start = time.time()
     # compile runs on --jobs processes, ~2 s per kernel; timing ~0.1-0.3 s per candidate: one candidate costs about
@@ -369,6 +370,8 @@ def tune_family(fam: Family, args, budget_s: float = 0.0) -> tuple[dict, list]:
                 table.setdefault(key, {})[str(M)] = dict(best[1], us=round(best[0], 2))
                 print(f"  {key:>18} M={M:<5} {best[0]:9.1f} us  {json.dumps(best[1])}", flush=True)
         torch.cuda.empty_cache()
+        if on_shape is not None and key in table:
+            on_shape(table)
     print(f"[{fam.name}] timed in {time.time() - t0:.0f}s", flush=True)
     return table, log
 
@@ -402,27 +405,35 @@ def main(argv=None):
     logs = {}
     names = args.family.split(",")
     t_main = time.time()
-    if "w4a4" in names:  # its sweep lives in bench/w4a4.py (per M bucket, shape-independent configs)
-        share = args.budget_s * args.w4a4_share if args.budget_s else 240
-        cmd = [sys.executable, str(ROOT / "bench" / "w4a4.py"), "sweep", "--budget", str(share),
+    w4a4 = "w4a4" in names
+    names = [n for n in names if n != "w4a4"]
+    own = args.budget_s * (1 - args.w4a4_share) if w4a4 else args.budget_s  # seconds for the families here
+    for i, name in enumerate(names):
+        fam = FAMILIES[name]
+        left = own - (time.time() - t_main)
+        base = dict(tuned.tuned(name, gpu_name()) or {}) if not args.out else {}
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+        def write(table, name=name, base=base):
+            tuned.write_tuned(name, gpu_name(), {**base, **table}, meta, out)
+
+        table, log = tune_family(fam, args, max(left / (len(names) - i), 30.0) if args.budget_s else 0.0, write)
+        write(table)
+        logs[name] = log
+        print(f"wrote {out}")
+        if args.log:
+            Path(args.log).write_text(json.dumps(dict(meta=meta, logs=logs)) + "\n")
+    if w4a4:  # its sweep lives in bench/w4a4.py (per M bucket, shape-independent configs); it stops starting buckets
+        # at its budget, buckets not reached keep the shipped defaults (the H100 winners)
+        share = max(args.budget_s - (time.time() - t_main), 20.0) if args.budget_s else 240
+        cmd = [sys.executable, str(ROOT / "bench" / "w4a4.py"), "sweep", "--budget", f"{share:.0f}",
                "--out", args.w4a4_out] + ([] if args.out else ["--write"])  # an explicit --out: package file untouched
         print("[w4a4]", " ".join(cmd), flush=True)
+        t = time.time()
         rc = subprocess.run(cmd, env=dict(os.environ)).returncode
-        print(f"[w4a4] sweep exit {rc} after {time.time() - t_main:.0f}s", flush=True)
-        names.remove("w4a4")
-    for name in names:
-        fam = FAMILIES[name]
-        left = args.budget_s - (time.time() - t_main) if args.budget_s else 0.0
-        table, log = tune_family(fam, args, max(left / max(len(names), 1), 30.0) if args.budget_s else 0.0)
-        entry = dict(tuned.tuned(name, gpu_name()) or {}) if not args.out else {}
-        entry.update(table)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tuned.write_tuned(name, gpu_name(), entry, meta, out)
-        logs[name] = log
-    print(f"wrote {out}")
-    if args.log:
-        Path(args.log).write_text(json.dumps(dict(meta=meta, logs=logs)) + "\n")
-
+        print(f"[w4a4] sweep exit {rc} after {time.time() - t:.0f}s", flush=True)
+        if rc:
+            raise SystemExit(rc)
 
 if __name__ == "__main__":
     main()

@@ -83,6 +83,10 @@ class Checker:
         self.device, self.quick = device, quick
         self.rng = random.Random(seed)
         self.cases: list[dict] = []
+        self.deadline = math.inf  # per family, set by main from --budget-s
+
+    def out_of_time(self) -> bool:
+        return time.time() > self.deadline
 
     def gen(self):
         return torch.Generator().manual_seed(self.rng.randrange(1 << 30))
@@ -128,6 +132,8 @@ def check_fake_quant(c: Checker, n: int):
     from aq.kernels import fake_quant as FQ
 
     for i in range(n):
+        if i and c.out_of_time():
+            break
         rng = c.rng
         g = c.gen()
         group = rng.choice([None, 16, 32, 64, 128])
@@ -174,6 +180,8 @@ def check_affine(c: Checker, n: int):
     from aq.kernels import affine as AF
 
     for i in range(n):
+        if i and c.out_of_time():
+            break
         rng, g = c.rng, c.gen()
         d = rng.choice([64, 96, 128] if c.quick else [64, 96, 128, 192, 256, 384])
         band = rng.choice([None, 1, 5, 17, d // 2])
@@ -235,6 +243,8 @@ def check_norm(c: Checker, n: int):
     from aq.kernels.norm import norm_transform
 
     for i in range(n):
+        if i and c.out_of_time():
+            break
         rng, g = c.rng, c.gen()
         norm, form = rng.choice(["rms", "layer"]), rng.choice([None, "diagonal", "blockdiag"])
         h = rng.choice([16, 32, 64])
@@ -296,6 +306,8 @@ def check_w4a16(c: Checker, n: int):
     from aq.kernels import w4a16 as W
 
     for i in range(n):
+        if i and c.out_of_time():
+            break
         rng, g = c.rng, c.gen()
         bits = rng.choice([4, 4, 4, 2, 3, 8])
         group = rng.choice([32, 64, 128, 128, None])
@@ -329,6 +341,8 @@ def check_w4a4(c: Checker, n: int):
     from aq.kernels import w4a4 as Q
 
     for i in range(n):
+        if i and c.out_of_time():
+            break
         rng, g = c.rng, c.gen()
         K = _ragged(rng, 32, 256 if c.quick else 4200, 2 if rng.random() < 0.8 else 1)
         N = _ragged(rng, 8, 100 if c.quick else 2100)
@@ -418,6 +432,8 @@ def check_patch(c: Checker, n: int):
     from aq.patch import W4A4Linear, W4A16Linear, patch_model
 
     for i in range(n):
+        if i and c.out_of_time():
+            break
         rng, g = c.rng, c.gen()
         K = _ragged(rng, 64, 192 if c.quick else 2048, 64)
         N = _ragged(rng, 8, 96 if c.quick else 1500)
@@ -481,6 +497,9 @@ def main(argv=None) -> int:
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--scale", type=float, default=1.0, help="multiply the number of cases per family")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="bound on wall time: each family gets an even share and stops drawing new cases after it "
+                         "(at least one case each; compile time dominates on a cold cache). 0: no bound")
     ap.add_argument("--device", default="", help="cuda (default when present) or cpu (needs TRITON_INTERPRET=1)")
     args = ap.parse_args(argv)
 
@@ -497,13 +516,17 @@ def main(argv=None) -> int:
     print(f"check_gpu on {gpu}", flush=True)
     t_all = time.time()
     per_family = {}
-    for name in args.families.split(","):
+    names = args.families.split(",")
+    for i, name in enumerate(names):
         if name not in FAMILIES:
             ap.error(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
+        if args.budget_s:
+            c.deadline = t_all + args.budget_s * (i + 1) / len(names)
         t0, n0 = time.time(), len(c.cases)
         FAMILIES[name](c, max(1, round(counts[name] * args.scale)))
         mine = c.cases[n0:]
-        per_family[name] = dict(cases=len(mine), failed=sum(not k["ok"] for k in mine), s=round(time.time() - t0, 1))
+        per_family[name] = dict(cases=len(mine), failed=sum(not k["ok"] for k in mine), s=round(time.time() - t0, 1),
+                                cut_by_budget=c.out_of_time())
         print(f"[{name}] {len(mine)} cases, {per_family[name]['failed']} failed, {per_family[name]['s']}s",
               flush=True)
     failed = [k for k in c.cases if not k["ok"]]

@@ -57,3 +57,28 @@ def test_fallback_configs_run_and_are_correct_under_the_interpreter():
         y = W.w4a16_linear_triton(x, p, None, cfg)
         ref = W.w4a16_linear_reference(x, p)
         assert ((y.float() - ref.float()).norm() / ref.float().norm()) < 1e-2, (M, cfg)
+
+
+def test_autotune_budget_prunes_around_the_seed():
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("autotune", Path(__file__).parents[1] / "bench" / "autotune.py")
+    at = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(at)
+    fam = at.W4A16()
+    fam.seed = lambda p, M: W.fallback_config(M, p["N"], p["K"], p["bits"], p["group"], H100, 132)
+    args = argparse.Namespace(shapes="", models=",".join(at.MODELS), groups="128", bits=4, buckets="1,16,128,4096")
+    problems, buckets = fam.problems(args), fam.buckets(args)
+    assert {(p["K"], p["N"]) for p in problems} >= {(896, 4864), (4864, 896), (576, 1536), (14336, 4096)}
+    full = at.prune(fam, problems, buckets, 0, 0.5)
+    small = at.prune(fam, problems, buckets, 60, 0.5)
+    n = len(problems) * len(buckets)
+    assert sum(map(len, small.values())) <= max(2, 60 // (n * 0.5)) * n < sum(map(len, full.values()))
+    for (key, M), cands in small.items():
+        p = next(p for p in problems if fam.key(p) == key)
+        seed = fam.seed(p, M)
+        assert cands[0] == seed  # the seed is always timed, so tuning never ends worse than the fallback
+        d = [at.config_distance(c, seed) for c in cands]
+        assert d == sorted(d)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from aq import checks, models
 from aq.calib.attention import enable_qkv_quant, set_qkv_abits
+from aq.calib.gptq import gptq_round_layer
 from aq.calib.layer import LayerCalib, _parent, _set
 from aq.calib.loss import layer_loss, position0_share
 from aq.calib.rotation import rotate_residual
@@ -227,10 +228,31 @@ def _init_scales(stats: _ChannelStats, layer: nn.Module, arch: models.Arch, geo:
 # checkpoints
 # ---------------------------------------------------------------------------------------------------------------------
 
+PAUSE_ENV = "AQ_TEST_PAUSE_WRITE"
+
+
+def _test_pause(stage: str, path: Path, tmp: Path) -> None:
+    """Test hook for tests/test_resume.py, which SIGKILLs a run at a known point of a checkpoint write: with
+    AQ_TEST_PAUSE_WRITE=<stage>:<file name>, the write of that file stops at `stage` (mid: the temporary file cut to
+    half its bytes, as a kill during the write leaves it; after: the file renamed into place), drops a
+    <file>.paused marker and sleeps until killed. Unset (always, outside that test) it does nothing."""
+    if os.environ.get(PAUSE_ENV) != f"{stage}:{path.name}":
+        return
+    if stage == "mid":
+        with open(tmp, "r+b") as f:
+            f.truncate(tmp.stat().st_size // 2)
+    path.with_name(path.name + ".paused").touch()
+    while True:
+        time.sleep(1)
+
+
 def _atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary name, then rename: a kill leaves either the old state or the whole new file."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
+    _test_pause("mid", path, tmp)
     os.replace(tmp, path)
+    _test_pause("after", path, tmp)
 
 
 def _atomic_json(obj, path: Path) -> None:
@@ -402,7 +424,9 @@ def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Te
                               f"layer {i + 1}/{n_layers}", progress, log)
             log.loss_probe, log.pos0_probe = _probe_loss(calib, q_buf, fp_buf, kwargs, probe, amp, cfg)
             log.offdiag = calib.offdiag_share()
-            qlayer = calib.merged(fp_layer)
+            qlayer = calib.merged(fp_layer, unrounded=cfg.rounding == "gptq")
+            if cfg.rounding == "gptq":
+                gptq_round_layer(qlayer, arch, q_buf, kwargs, cfg, batch)
             log.margin = calib.margin()
             if not _finite_layer(qlayer):
                 raise _Unstable("non-finite merged weights")
