@@ -26,7 +26,8 @@ from aq.calib.loop import calibrate, check_calibratable
 from aq.calib.gptq import quantize_gptq
 from aq.calib.rtn import quantize_rtn
 from aq.checkpoint import save_checkpoint
-from aq.config import DEFAULT_NORM_BLOCK, DEFAULT_NORM_TRANSFORM, LOSSES, MODES, NORM_TRANSFORMS, ROTATIONS, QuantConfig
+from aq.config import (DEFAULT_NORM_BLOCK, DEFAULT_NORM_TRANSFORM, LOSSES, MODES, NORM_TRANSFORMS, ROTATIONS, ROUNDINGS,
+                       QuantConfig)
 
 CPU_EVAL_WINDOWS = 2  # without a GPU the default run evaluates this many 2048-token windows per dataset
 EVAL_SEQLEN = 2048
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "at >= 3 bits, 0.1 for W4A4 and 2-bit, 1e-2 for larger weight-only)")
     g.add_argument("--lr-transform", type=float, default=5e-3, help="AdamW learning rate of the transforms and shifts")
     g.add_argument("--lr-clip", type=float, default=1e-2, help="AdamW learning rate of the clipping logits")
+    g.add_argument("--rounding", choices=ROUNDINGS, default="rtn",
+                   help="omniquant/affinequant: final rounding of the merged weights: round-to-nearest, or GPTQ on the "
+                        "layer's quantized-stream inputs with the learned clipping ranges as group qparams")
     g.add_argument("--no-lwc", action="store_true", help="no learnable weight clipping")
     g.add_argument("--shifts", choices=tuple(AUTO_ON_OFF), default="auto",
                    help="learnable shifts (auto: weight-activation runs, where the producer has a bias)")
@@ -166,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = QuantConfig(
             wbits=args.wbits, abits=args.abits, group_size=group, symmetric=args.symmetric, mode=args.mode,
             norm_transform=form, norm_block=block or DEFAULT_NORM_BLOCK, alpha_sf=args.alpha_sf, lwc=not args.no_lwc,
-            act_order=args.act_order, shifts=AUTO_ON_OFF[args.shifts], down_transform=AUTO_ON_OFF[args.down_transform],
+            act_order=args.act_order, rounding=args.rounding, shifts=AUTO_ON_OFF[args.shifts],
+            down_transform=AUTO_ON_OFF[args.down_transform],
             epochs=args.epochs if args.epochs is not None else sched["epochs"],
             nsamples=args.nsamples if args.nsamples is not None else sched["nsamples"],
             seqlen=args.seqlen if args.seqlen is not None else sched["seqlen"],

@@ -10,6 +10,8 @@ MODES = ("rtn", "gptq", "omniquant", "affinequant")
 # Form of the transforms that follow a norm (A_qkv, A_up) in weight-only affinequant runs. Weight-activation runs and
 # omniquant always use "diagonal" there (it folds into the norm weight; the activations are quantized right after).
 NORM_TRANSFORMS = ("full", "block", "diagonal")
+# final rounding of the merged weights in omniquant/affinequant: round-to-nearest, or GPTQ with the learned clipping
+ROUNDINGS = ("rtn", "gptq")
 # block:64 on SmolLM2 W4A16g64 (paper data and epochs): 24.58 / 24.19 in two runs vs full 24.23, diagonal 24.44 --
 # within noise of the paper's full form at 1/9 of its inference cost (bench/results/calib_smollm2.md)
 DEFAULT_NORM_TRANSFORM = "block"
@@ -34,6 +36,7 @@ class QuantConfig:
     norm_block: int = DEFAULT_NORM_BLOCK  # block size of the "block" form
     alpha_sf: float | None = None  # stability factor; None = by model size and bits (aq.calib.transforms.auto_alpha_sf)
     act_order: bool = False      # mode gptq: columns in order of decreasing Hessian diagonal
+    rounding: str = "rtn"        # omniquant / affinequant: final rounding of the merged weights (ROUNDINGS)
     lwc: bool = True             # learnable weight clipping
     shifts: bool | None = None   # learnable shifts; None = weight-activation runs where the producer has a bias
     # a learnable diagonal transform between up_proj's rows and down_proj's columns (not in the paper; exact for
@@ -61,6 +64,11 @@ class QuantConfig:
             raise ValueError(f"group size must be a positive integer or None (per channel), got {self.group_size!r}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}: choose from {', '.join(MODES)}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"unknown rounding {self.rounding!r}: choose from {', '.join(ROUNDINGS)}")
+        if self.rounding != "rtn" and self.mode not in ("omniquant", "affinequant"):
+            raise ValueError(f"rounding {self.rounding!r} is for omniquant/affinequant (learned transforms, then "
+                             f"{self.rounding}); mode {self.mode} has its own rounding")
         if self.norm_transform not in NORM_TRANSFORMS:
             raise ValueError(f"unknown norm transform {self.norm_transform!r}: choose from {', '.join(NORM_TRANSFORMS)}")
         positive_int(self.norm_block, "norm block")

@@ -132,3 +132,36 @@ def test_cli_gptq_end_to_end(tiny_model_dir, data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="weight-only"):
         calibrate.main(["--model", str(tiny_model_dir), "--mode", "gptq", "--abits", "8", "--nsamples", "2",
                         "--seqlen", "64", "--eval-windows", "1"])
+
+
+@pytest.mark.parametrize("mode,extra", [("omniquant", []), ("affinequant", ["--abits", "8"])])
+def test_cli_rounding_gptq(mode, extra, tiny_model_dir, data_dir, tmp_path, capsys):
+    """Learned transforms and clipping, then GPTQ: the checkpoint holds codes on the learned clipping's qparams,
+    loads back to the same perplexity, and differs from the round-to-nearest run of the same training."""
+    from aq import data, load_checkpoint
+    from aq.eval import perplexity
+    from transformers import AutoTokenizer
+
+    common = ["--model", str(tiny_model_dir), "--mode", mode, "--wbits", "3", "--nsamples", "2", "--seqlen", "64",
+              "--epochs", "1", "--eval-windows", "2", "--no-progress", "--skip-fp", *extra]
+    runs = {}
+    for r in ("rtn", "gptq"):
+        out = tmp_path / r
+        res = calibrate.main(common + ["--rounding", r, "--out", str(out)])
+        runs[r] = (out, res)
+    (out, res), (out_rtn, _) = runs["gptq"], runs["rtn"]
+    assert res["config"]["rounding"] == "gptq"
+    loaded, ref = load_checkpoint(out), load_checkpoint(out_rtn)
+    fq = {n: m for n, m in loaded.named_modules() if isinstance(m, FakeQuantLinear)}
+    fq_rtn = {n: m for n, m in ref.named_modules() if isinstance(m, FakeQuantLinear)}
+    assert fq and fq.keys() == fq_rtn.keys()
+    # layer 0 trained on the same inputs (same seed): same clipping qparams, other codes; later layers see other inputs
+    first = [n for n in fq if ".layers.0." in n]
+    assert first and all(torch.equal(fq[n].scale, fq_rtn[n].scale) for n in first)
+    assert any(not torch.equal(fq[n].weight, fq_rtn[n].weight) for n in fq)
+    label = next(k for k in res["perplexity"])
+    toks = data.eval_tokens(AutoTokenizer.from_pretrained(str(out)), "wikitext2")
+    assert perplexity(loaded, toks, 64, 2) == pytest.approx(res["perplexity"][label]["wikitext2"], rel=1e-5)
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="rounding"):
+        calibrate.main(["--model", str(tiny_model_dir), "--mode", "rtn", "--rounding", "gptq", "--eval-windows", "1"])

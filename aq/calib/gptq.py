@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from aq import models
 from aq.calib.rtn import FakeQuantLinear
 from aq.config import QuantConfig
+from aq.kernels.fake_quant import fake_quant
 from aq.primitives import check_group_size, choose_qparams, dequantize
 
 BLOCK = 128    # columns per lazy batch update
@@ -138,8 +139,14 @@ def layer_hessians(layer: nn.Module, names: tuple[str, ...], buf: torch.Tensor, 
     """Hessians of the inputs of the named linears of `layer` over the segments in buf (the layer runs; buf is
     left unchanged)."""
     acc = {n: Hessian(layer.get_submodule(n).in_features, buf.device) for n in names}
-    hooks = [layer.get_submodule(n).register_forward_pre_hook(lambda _m, args, n=n: acc[n].add(args[0]))
-             for n in names]
+
+    def hook(m, args, n):
+        x = args[0]
+        if getattr(m, "abits", 16) < 16:  # a FakeQuantLinear of a weight-activation run sees its inputs quantized
+            x = fake_quant(x, m.abits, None)
+        acc[n].add(x)
+
+    hooks = [layer.get_submodule(n).register_forward_pre_hook(lambda m, args, n=n: hook(m, args, n)) for n in names]
     dt = next(layer.parameters()).dtype
     try:
         for s in range(0, buf.shape[0], batch):
@@ -152,10 +159,9 @@ def layer_hessians(layer: nn.Module, names: tuple[str, ...], buf: torch.Tensor, 
 
 @torch.no_grad()
 def quantize_gptq(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *, batch: int = 8,
-                  progress: bool = True, say=print) -> nn.Module:
+                  progress: bool = True, say=print, damp: float = DAMP, groups: str = "dynamic") -> nn.Module:
     """GPTQ every decoder-layer linear of `model` in place, layer by layer: a layer's Hessians come from the outputs
     of the already-quantized layers before it, and inside a layer from the already-quantized stages before."""
-    from aq.calib.layer import _set
     from aq.calib.loop import capture, propagate  # late: aq.calib.loop is heavy and imports the training code
 
     if not cfg.weight_only:
@@ -166,14 +172,41 @@ def quantize_gptq(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *,
     for layer in layers:
         for n in arch.linears:
             check_group_size(layer.get_submodule(n).in_features, cfg.group_size)
+    if cfg.rotate != "none":  # QuaRot-style: GPTQ on the rotated model (same function in full precision)
+        from aq.calib.rotation import rotate_residual
+        rotate_residual(model, cfg.rotate, cfg.seed)
     buf, layer_kwargs = capture(model, segments, batch)
-    say(f"GPTQ {cfg.label}: {len(layers)} layers, {segments.shape[0]} x {segments.shape[1]} tokens, damp {DAMP}, "
+    say(f"GPTQ {cfg.label}: {len(layers)} layers, {segments.shape[0]} x {segments.shape[1]} tokens, damp {damp}, "
         f"block {BLOCK}, {'act-order, ' if cfg.act_order else ''}"
-        f"{'static' if cfg.act_order or cfg.group_size is None else 'dynamic'} groups")
+        f"{'static' if cfg.act_order or cfg.group_size is None else groups} groups"
+        + (f", {cfg.rotate} rotation" if cfg.rotate != "none" else ""))
     for i, layer in enumerate(tqdm(layers, desc=f"GPTQ {cfg.label}", leave=False, disable=not progress)):
-        for stage in stages(arch):
-            hs = layer_hessians(layer, stage, buf, layer_kwargs[i], batch)
-            for n in stage:
-                _set(layer, n, gptq_linear(layer.get_submodule(n), hs[n], cfg))
+        _sequential(layer, arch, buf, layer_kwargs[i], batch,
+                    lambda lin, H: gptq_linear(lin, H, cfg, damp=damp, groups=groups))
         propagate(layer, buf, layer_kwargs[i], batch)
     return model
+
+
+def _sequential(layer: nn.Module, arch: models.Arch, buf: torch.Tensor, kwargs: dict, batch: int, make) -> None:
+    """Replace the layer's linears stage by stage (true-sequential) by make(linear, its input Hessian)."""
+    from aq.calib.layer import _set
+
+    for stage in stages(arch):
+        hs = layer_hessians(layer, stage, buf, kwargs, batch)
+        for n in stage:
+            _set(layer, n, make(layer.get_submodule(n), hs[n]))
+
+
+@torch.no_grad()
+def gptq_round_layer(qlayer: nn.Module, arch: models.Arch, buf: torch.Tensor, kwargs: dict, cfg: QuantConfig,
+                     batch: int) -> None:
+    """Round a merged layer whose FakeQuantLinears hold unrounded weights (LayerCalib.merged(unrounded=True)) with
+    GPTQ, in place: the Hessians come from the layer's quantized-stream inputs buf (unchanged), the group qparams
+    are the learned clipping's (static groups, so the learned ranges are the ones used)."""
+    def make(fq: FakeQuantLinear, H: torch.Tensor) -> FakeQuantLinear:
+        Q, scale, zero = gptq_quantize(fq.weight.detach(), H, cfg.wbits, cfg.group_size, cfg.symmetric,
+                                       qparams=(fq.scale, fq.zero))
+        w = dequantize(Q.to(torch.uint8), fq.scale, fq.zero, cfg.group_size, fq.weight.dtype)
+        return FakeQuantLinear(w, fq.bias, fq.scale, fq.zero, cfg.wbits, cfg.group_size, fq.abits)
+
+    _sequential(qlayer, arch, buf, kwargs, batch, make)

@@ -261,9 +261,12 @@ class LayerCalib(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def merged(self, fp_layer: nn.Module) -> nn.Module:
+    def merged(self, fp_layer: nn.Module, unrounded: bool = False) -> nn.Module:
         """A copy of fp_layer with the transforms merged for good: FakeQuantLinear (with the learned clipping's
-        scale / zero) for every linear, diagonal norm transforms folded into the norm, others as NormTransform."""
+        scale / zero) for every linear, diagonal norm transforms folded into the norm, others as NormTransform.
+
+        unrounded: the FakeQuantLinears hold the transformed weights before rounding (with the clipped qparams that
+        would round them), for a rounding other than round-to-nearest (QuantConfig.rounding "gptq") to finish."""
         cfg, a = self.cfg, self.arch
         if self.t_down is not None and not bool((self.t_down.s > 0).all()):
             raise ValueError(f"{self.t_down.name}: a diagonal scale is zero or negative (the up rows' quantization is "
@@ -279,7 +282,8 @@ class LayerCalib(nn.Module):
                 if len(self.lwc_u):
                     cmax, cmin = torch.sigmoid(self.lwc_u[_key(n)]), torch.sigmoid(self.lwc_l[_key(n)])
                 scale, zero = choose_qparams(w32, cfg.wbits, cfg.group_size, cfg.symmetric, cmax, cmin)
-                wq = dequantize(quantize(w32, scale, zero, cfg.wbits, cfg.group_size), scale, zero, cfg.group_size, dt)
+                wq = w32.to(dt) if unrounded else dequantize(quantize(w32, scale, zero, cfg.wbits, cfg.group_size),
+                                                             scale, zero, cfg.group_size, dt)
                 mod = FakeQuantLinear(wq, bias, scale, zero, cfg.wbits, cfg.group_size, cfg.abits)
             else:
                 mod = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=dt)

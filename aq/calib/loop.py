@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from aq import checks, models
 from aq.calib.attention import enable_qkv_quant, set_qkv_abits
+from aq.calib.gptq import gptq_round_layer
 from aq.calib.layer import LayerCalib, _parent, _set
 from aq.calib.loss import layer_loss, position0_share
 from aq.calib.rotation import rotate_residual
@@ -422,7 +423,9 @@ def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Te
                               f"layer {i + 1}/{n_layers}", progress, log)
             log.loss_probe, log.pos0_probe = _probe_loss(calib, q_buf, fp_buf, kwargs, probe, amp, cfg)
             log.offdiag = calib.offdiag_share()
-            qlayer = calib.merged(fp_layer)
+            qlayer = calib.merged(fp_layer, unrounded=cfg.rounding == "gptq")
+            if cfg.rounding == "gptq":
+                gptq_round_layer(qlayer, arch, q_buf, kwargs, cfg, batch)
             log.margin = calib.margin()
             if not _finite_layer(qlayer):
                 raise _Unstable("non-finite merged weights")
