@@ -169,7 +169,7 @@ class W4A16(Family):
 
         if M <= 4:  # CUDA-core GEMV (one program row per token)
             for bn in (64, 128, 256):
-                for bkw in (16, 32):
+                for bkw in (16, 32, 64):  # 64: more weight words in flight per program (the H200's higher bandwidth)
                     if bn * bkw > 8192 or bkw > kw:
                         continue
                     for pf in ((False, True) if M == 1 else (False,)):

@@ -68,6 +68,19 @@ def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+def off_frac(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Fraction of elements of a quantizer's output that differ beyond float noise (rounding-tie flips: one step)."""
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    if got.shape != ref.shape or not torch.isfinite(got).all():
+        return math.inf
+    return float(((got - ref).abs() > 1e-2 * ref.abs() + 1e-6 * ref.abs().max()).double().mean())
+
+
+def flip_tol(t: torch.Tensor, frac: float = 2e-3) -> float:
+    """A few flipped ties allowed: frac of the elements, at least 2 of them."""
+    return max(frac, 2.0 / t.numel())
+
+
 def grads(fn, leaves: list, gy: torch.Tensor | None = None) -> list:
     """Output and the gradients of the leaves (None-safe) for a random upstream gradient."""
     leaves = [None if t is None else t.detach().clone().requires_grad_(t.is_floating_point()) for t in leaves]
@@ -154,7 +167,7 @@ def check_fake_quant(c: Checker, n: int):
             got = FQ.fake_quant(c.dev(x), bits, group, sym)
             with torch_backend():
                 ref = FQ.fake_quant(x, bits, group, sym)
-            c.record("fake_quant", "forward", dict(y=rel(got, ref)), _tol(dtype), t0, **info)
+            c.record("fake_quant", "forward", dict(y_off=off_frac(got, ref)), flip_tol(ref), t0, **info)
 
         def ste():
             t0 = time.time()
@@ -163,8 +176,9 @@ def check_fake_quant(c: Checker, n: int):
             with torch_backend():
                 ref = grads(f, [x, u, l_], gy)
             errs = {k: rel(a, b) for k, a, b in zip(("y", "gx", "gu", "gl"), got, ref) if b is not None}
+            errs["y"] = off_frac(got[0], ref[0])
             # LWC gradients sum over a group: a flipped tie moves them more than the values
-            c.record("fake_quant", "ste_backward", errs, dict(y=_tol(dtype), gx=_tol(dtype, 1e-4, 2e-2),
+            c.record("fake_quant", "ste_backward", errs, dict(y=flip_tol(ref[0]), gx=_tol(dtype, 1e-4, 2e-2),
                                                              gu=_tol(dtype, 2e-2, 5e-2), gl=_tol(dtype, 2e-2, 5e-2)),
                      t0, **info)
 
@@ -217,7 +231,7 @@ def check_affine(c: Checker, n: int):
 
         def tfq():
             t0 = time.time()
-            group = rng.choice([None, 16, 32, 64] + ([48] if d % 48 == 0 else []))
+            group = rng.choice([None] + [gs for gs in (16, 32, 48, 64) if d % gs == 0])
             bits, sym = rng.choice([2, 3, 4, 8]), rng.random() < 0.3
             ng = d // (group or d)
             u = torch.randn(N, ng, generator=g) + 3
@@ -229,8 +243,9 @@ def check_affine(c: Checker, n: int):
             with torch_backend():
                 ref = grads(f, [w, A, u, l_], gy)
             errs = {k: rel(a, b) for k, a, b in zip(("y", "gw", "gA", "gu", "gl"), got, ref) if b is not None}
+            errs["y"] = off_frac(got[0], ref[0])
             # the transform's float rounding can move a code by one step: looser than the plain products
-            c.record("affine", "transform_fake_quant", errs, dict(y=_tol(dtype, 1e-2), gw=_tol(dtype, 1e-2, 5e-2),
+            c.record("affine", "transform_fake_quant", errs, dict(y=flip_tol(ref[0], 1e-2), gw=_tol(dtype, 1e-2, 5e-2),
                                                                  gA=_tol(dtype, 2e-2, 6e-2), gu=6e-2, gl=6e-2),
                      t0, group=group, bits=bits, sym=sym, **info)
 
@@ -287,6 +302,9 @@ def _w4a16_configs(W, M, K, N, bits, group, quick):
     if M <= 8:
         out += [dict(kernel="gemv", block_n=64, block_kw=16, split_k=s, prefetch=pf, num_warps=4, num_stages=1)
                 for s, pf in ((1, False), (4, True))]
+        if kw >= 64:
+            out.append(dict(kernel="gemv", block_n=128, block_kw=64, split_k=2, prefetch=True, num_warps=8,
+                            num_stages=1))
     if M <= 256:
         bm = 16 if M <= 16 else 64 if M <= 64 else 128
         bkw = max(2, 128 // e)
@@ -347,7 +365,7 @@ def check_w4a4(c: Checker, n: int):
         K = _ragged(rng, 32, 256 if c.quick else 4200, 2 if rng.random() < 0.8 else 1)
         N = _ragged(rng, 8, 100 if c.quick else 2100)
         M = rng.choice([1, 3, 17, 40] if c.quick else [1, 2, 5, 16, 31, 64, 100, 128, 300, 512, 1024, 2048])
-        wbits, abits = rng.choice([4, 4, 3, 2]), rng.choice([4, 4, 8])
+        wbits, abits = rng.choice([4, 4, 3, 2]), rng.choice([4, 4, 3, 7])
         wsym, asym = rng.random() < 0.3, rng.random() < 0.3
         dtype = rng.choice(HALF + (torch.float32,))
         fuse = rng.choice([None, "rms", "layer"])
@@ -355,6 +373,7 @@ def check_w4a4(c: Checker, n: int):
         form = rng.choice([None, "diagonal", "blockdiag"]) if fuse else None
         if form == "blockdiag":
             K = max(h, K // h * h)
+        N = max(8, min(N, int(1.5e9 // (M * K))))  # the float64 CPU reference: at most ~1.5 GFLOP a product
         x = (torch.randn(M, K, generator=g) * 2).to(dtype)
         wt = Q.pack_w4a4_weight(torch.randn(N, K, generator=g) * 0.05, wbits, wsym)
         bias = torch.randn(N, generator=g).to(dtype) if rng.random() < 0.4 else None
@@ -380,8 +399,8 @@ def check_w4a4(c: Checker, n: int):
                         scale=rel(got.scale, ref.scale), values=rel(dq(cpu(got)), dq(ref)),
                         code_sum=float((got.code_sum.cpu() != got.q.cpu().int().sum(-1)).any()))
             # fused norm/transform in fp32 on either side: a rare tie may flip one code by one step
-            c.record("w4a4", "quantize_activation", errs, dict(codes_off=5e-3 if fuse else 0.0, codes_max=1.0,
-                                                               scale=1e-5 if not fuse else 1e-4, values=2e-3,
+            c.record("w4a4", "quantize_activation", errs, dict(codes_off=flip_tol(ref.q, 5e-3 if fuse else 1e-3), codes_max=1.0,
+                                                               scale=1e-5 if not fuse else 1e-4, values=5e-2,
                                                                code_sum=0.0), t0, **info)
 
         def mm():
@@ -404,9 +423,8 @@ def check_w4a4(c: Checker, n: int):
             got = Q.w4a4_linear(c.dev(x), wd, c.dev(bias), abits=abits, a_symmetric=asym, **dkw)
             with torch_backend():
                 ref = Q.w4a4_linear(x, wt, bias, abits=abits, a_symmetric=asym, **nkw)
-            c.record("w4a4", "linear", dict(y=rel(got, ref)), _tol(dtype, 2e-3, 2e-2) if fuse else _tol(dtype, 1e-5,
-                                                                                                       1.6e-2),
-                     t0, **info)
+            # a flipped activation code (fused norm in fp32 on either side) moves whole output rows by one step
+            c.record("w4a4", "linear", dict(y=rel(got, ref)), 5e-2 if fuse else _tol(dtype, 1e-5, 1.6e-2), t0, **info)
 
         c.run("w4a4", "quantize_activation", act, **info)
         c.run("w4a4", "matmul", mm, **info)
@@ -465,7 +483,7 @@ def check_patch(c: Checker, n: int):
         c.run("patch", "W4A4Linear", lin4, **info)
 
     # whole patched models (norm fusion, fused projections, deferred norms), each against its CPU twin in fp32
-    for wbits, abits, group in ((4, 16, 32), (4, 4, None), (3, 8, None))[: 2 if c.quick else 3]:
+    for wbits, abits, group in ((4, 16, 32), (4, 4, None), (3, 6, None))[: 2 if c.quick else 3]:
         info = dict(wbits=wbits, abits=abits, group=group)
 
         def model(wbits=wbits, abits=abits, group=group, info=info):
@@ -477,7 +495,7 @@ def check_patch(c: Checker, n: int):
                 got = copy.deepcopy(pm).to(c.device)(c.dev(ids)).logits
                 with torch_backend():
                     ref = pm(ids).logits
-            c.record("patch", "patched_llama", dict(logits=rel(got, ref)), 2e-2 if abits == 16 else 1e-3, t0,
+            c.record("patch", "patched_llama", dict(logits=rel(got, ref)), 2e-2 if abits == 16 else 1e-2, t0,
                      **info)
 
         c.run("patch", "patched_llama", model, **info)
@@ -487,6 +505,8 @@ FAMILIES = dict(fake_quant=check_fake_quant, affine=check_affine, norm=check_nor
                 w4a4=check_w4a4, patch=check_patch)
 # cases per family (each w4a16 problem runs every admitted kernel path: ~4-6 cases)
 FULL = dict(fake_quant=60, affine=30, norm=60, w4a16=60, w4a4=40, patch=10)
+# shares of --budget-s (compile time dominates a cold run: the matmul families have the most variants)
+SHARE = dict(fake_quant=1.0, affine=1.0, norm=0.5, w4a16=2.0, w4a4=1.5, patch=1.0)
 QUICK = dict(fake_quant=2, affine=1, norm=2, w4a16=1, w4a4=1, patch=1)
 
 
@@ -498,7 +518,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", type=float, default=1.0, help="multiply the number of cases per family")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget-s", type=float, default=0.0,
-                    help="bound on wall time: each family gets an even share and stops drawing new cases after it "
+                    help="bound on wall time: each family gets its SHARE and stops drawing new cases after it "
                          "(at least one case each; compile time dominates on a cold cache). 0: no bound")
     ap.add_argument("--device", default="", help="cuda (default when present) or cpu (needs TRITON_INTERPRET=1)")
     args = ap.parse_args(argv)
@@ -521,7 +541,7 @@ def main(argv=None) -> int:
         if name not in FAMILIES:
             ap.error(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
         if args.budget_s:
-            c.deadline = t_all + args.budget_s * (i + 1) / len(names)
+            c.deadline = t_all + args.budget_s * sum(SHARE[n] for n in names[: i + 1]) / sum(SHARE[n] for n in names)
         t0, n0 = time.time(), len(c.cases)
         FAMILIES[name](c, max(1, round(counts[name] * args.scale)))
         mine = c.cases[n0:]
