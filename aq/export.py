@@ -20,7 +20,8 @@ written, naming the calibrate flag that makes it exportable:
   (`--shifts off`). Where the config can (LLaMA's attention_bias / mlp_bias), it is set and the other linears of that
   kind get zero biases, which changes nothing.
 Transforms already folded into weights by calibration (v -> o, q -> k, up -> down, diagonal norm transforms, residual
-rotations) need nothing: the checkpoint's weights are the exported weights.
+rotations) need nothing: the checkpoint's weights are the exported weights. A diagonal transform a checkpoint still
+stores after a norm is folded into that norm's weight (and bias) here.
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def manifest_refusals(man: dict) -> list[str]:
                                                                                           .values()))
     if abits:
         out.append(_act_flag(abits[0]))
-    forms = {t["form"] for t in man.get("norm_transforms", {}).values()}
+    forms = {t["form"] for t in man.get("norm_transforms", {}).values()} - {"diagonal"}  # diagonal: folded
     if forms:
         out.append(_norm_flag(forms))
     return out
@@ -151,6 +152,25 @@ def _verify_linear(ct, name: str, packed: dict, scheme, weight: torch.Tensor) ->
                           f"(max difference {err:.3g}): the layout was not written as that package reads it")
 
 
+@torch.no_grad()
+def _fold_diagonal_norms(model, man: dict) -> None:
+    """A diagonal transform t stored after a norm (norm(x) * t) becomes the norm's weight (and bias) times t; the
+    norm goes back in its place. Calibration folds these itself; a checkpoint may still carry one."""
+    from aq.patch import split_norm
+
+    for site, info in man.get("norm_transforms", {}).items():
+        if info["form"] != "diagonal":
+            continue
+        norm, t = split_norm(model.get_submodule(site))
+        w, b = getattr(norm, "weight", None), getattr(norm, "bias", None)
+        if w is None:
+            raise ExportError(f"{site}: a diagonal transform after a norm without a weight cannot be folded")
+        for p in (w, b) if b is not None else (w,):
+            p.copy_((p.double() * t.double()).to(p.dtype))
+        parent, _, child = site.rpartition(".")
+        model.get_submodule(parent).register_module(child, norm)
+
+
 # ------------------------------------------------------------------------------------------- config and biases
 def _skeleton_keys(config_dict: dict) -> set[str]:
     """State-dict keys of the plain Hugging Face model this config builds (on the meta device: no memory)."""
@@ -186,7 +206,8 @@ def _fit_biases(config_dict: dict, biased: set[str]) -> tuple[dict, set[str]]:
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "compressed-tensors",
            dtype: str = "auto", say=print) -> Path:
     """Write the aq checkpoint folder `checkpoint` to `out` in `fmt` (module doc). dtype: of the float tensors and
-    scales ("auto" = the checkpoint's; another one rounds them, so the export is then no longer exact).
+    scales ("auto" = the checkpoint's); exact in float32, while bfloat16 / float16 round each scale once (the format
+    keeps scales in the model's dtype).
     Refusals (ExportError) happen before anything is written; `out` appears complete or not at all."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: aq exports {', '.join(FORMATS)}")
@@ -200,6 +221,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "co
     check_out(out)
     ct = _ct()
     model = load_checkpoint(src)  # every integrity check of docs/checkpoint.md
+    _fold_diagonal_norms(model, man)
     foreign = sorted({type(m).__module__ + "." + type(m).__name__ for n, m in model.named_modules()
                       if type(m).__module__.startswith("aq.") and n not in man["linears"]})
     _refuse([f"it holds modules only aq computes ({', '.join(foreign)})"] if foreign else [], f"checkpoint {src}")
@@ -280,7 +302,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "co
     os.replace(tmp, out)
     schemes = ", ".join(f"{len(n)} linears W{k[0]}{'g' + str(k[1]) if k[1] else ' per channel'}"
                         f"{' symmetric' if k[2] else ''}" for k, n in groups.items())
-    say(f"exported {src} to {out} as compressed-tensors pack-quantized ({schemes}; {config_dict['dtype']})")
+    rounded = "" if dt == torch.float32 else f", scales rounded to {config_dict['dtype']}"
+    say(f"exported {src} to {out} as compressed-tensors pack-quantized ({schemes}; {config_dict['dtype']}{rounded})")
     return out
 
 
@@ -295,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="compressed-tensors", choices=FORMATS, help="export format")
     p.add_argument("--out", type=Path, required=True, help="folder to write (new or empty)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="dtype of the float tensors and scales; auto = the checkpoint's (exact), another one rounds "
-                        "them (e.g. bfloat16 for serving)")
+                   help="dtype of the float tensors and scales; auto = the checkpoint's. Exact in float32 (aq's "
+                        "default); bfloat16 / float16 (for serving) round each scale once")
     return p
 
 

@@ -71,20 +71,35 @@ def test_calibrated_diagonal_run_round_trips_through_transformers(tiny_model_dir
     (tiny_llama, {"tie_word_embeddings": True}, QuantConfig(mode="rtn", wbits=3, group_size=None, symmetric=True)),
     (tiny_llama, {}, QuantConfig(mode="rtn", wbits=8, group_size=32)),
     (tiny_llama, {}, QuantConfig(mode="rtn", wbits=2, group_size=16)),
+    (tiny_llama, {}, QuantConfig(mode="rtn", wbits=4, group_size=64)),  # two schemes, targeted by name
     (tiny_opt, {}, QuantConfig(mode="rtn", wbits=4, group_size=16)),  # biases on every linear, LayerNorm
 ])
 def test_bits_groups_symmetry_and_biases_round_trip(make, kw, cfg, tmp_path):
     fq = quantize_rtn(make(**kw), cfg)
     save_checkpoint(fq, cfg, tmp_path / "ck")
     export(tmp_path / "ck", tmp_path / "ct", say=lambda m: None)
-    (group,) = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"].values()
-    w = group["weights"]
-    assert (w["num_bits"], w["symmetric"], w["strategy"]) == (cfg.wbits, cfg.symmetric,
-                                                              "channel" if cfg.group_size is None else "group")
+    groups = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]
+    # groups of 64 are whole rows of the K = 64 linears: per channel there, groups in down_proj (K = 128)
+    assert len(groups) == (2 if cfg.group_size == 64 else 1)
+    for group in groups.values():
+        w = group["weights"]
+        per_channel = cfg.group_size is None or (cfg.group_size == 64 and "down_proj" not in str(group["targets"]))
+        assert (w["num_bits"], w["symmetric"], w["strategy"]) == (cfg.wbits, cfg.symmetric,
+                                                                  "channel" if per_channel else "group")
     hf = _hf(tmp_path / "ct")
     assert _rel(_logits(hf), _logits(fq)) <= 1e-6  # same codes, scales and zeros: equal up to float ordering
     if kw.get("tie_word_embeddings"):
         assert hf.lm_head.weight is hf.model.embed_tokens.weight
+
+
+def test_a_stored_diagonal_norm_transform_is_folded_into_the_norm(tmp_path):
+    cfg = QuantConfig(mode="rtn", wbits=4, group_size=16)
+    fq = quantize_rtn(tiny_opt(), cfg)  # LayerNorm: weight and bias both scaled
+    lay = fq.model.decoder.layers[0]
+    lay.self_attn_layer_norm = TransformedNorm(lay.self_attn_layer_norm, 1 + 0.3 * torch.rand(64))
+    save_checkpoint(fq, cfg, tmp_path / "ck")
+    export(tmp_path / "ck", tmp_path / "ct", say=lambda m: None)
+    assert _rel(_logits(_hf(tmp_path / "ct")), _logits(fq)) <= 1e-5  # norm(x) * w * t vs norm(x) * (w * t)
 
 
 def test_a_bias_the_config_can_give_is_added_with_zeros_elsewhere(tmp_path):
