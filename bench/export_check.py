@@ -39,6 +39,8 @@ def main():
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seqlen", type=int, default=None, help="calibration segment length (default: aq.calibrate's, "
+                                                              "2048; shorter only for a CPU smoke run)")
     ap.add_argument("--eval-windows", type=int, default=None, help="first N 2048-token windows (default: all)")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
@@ -62,6 +64,7 @@ def main():
         calibrate.main(["--model", args.model, "--wbits", "4", "--group-size", "64", "--norm-transform", "diagonal",
                         "--nsamples", str(args.nsamples), "--epochs", str(args.epochs),
                         "--batch-size", str(args.batch_size), "--eval-data", "wikitext2", "--eval-windows", "1",
+                        *(["--seqlen", str(args.seqlen)] if args.seqlen else []),
                         "--skip-fp", "--no-progress", "--device", args.device, "--out", str(ckpt),
                         "--export-format", "compressed-tensors", "--export-out", str(ct)])
     else:
@@ -106,7 +109,7 @@ def main():
         "model": args.model, "checkpoint": str(ckpt) if args.checkpoint else "calibrated here",
         "quant_config": man["quant_config"],
         "schedule": None if args.checkpoint else {"nsamples": args.nsamples, "epochs": args.epochs,
-                                                  "batch_size": args.batch_size},
+                                                  "batch_size": args.batch_size, "seqlen": args.seqlen or 2048},
         "eval_windows": args.eval_windows, "tokenizer_ids_equal": same_ids,
         "wikitext2": {"aq_checkpoint": ppl_aq, "export_fp32": ppl_hf, "export_bf16": ppl_hf16},
         "difference_fp32": ppl_hf - ppl_aq, "tolerance": TOLERANCE,
