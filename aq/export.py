@@ -1,4 +1,4 @@
-"""Export an aq checkpoint as a Hugging Face folder that transformers and vLLM load: compressed-tensors "pack-quantized".
+"""Export an aq checkpoint as a Hugging Face folder that transformers and vLLM load (compressed-tensors pack-quantized).
 
     python -m aq.export --checkpoint runs/w4a16 --format compressed-tensors --out runs/w4a16-ct
     python -m aq.calibrate --norm-transform diagonal --out runs/w4a16 --export-format compressed-tensors

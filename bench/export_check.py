@@ -33,7 +33,7 @@ def log(*a):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="the SmolLM2 GGUF (or anything aq.calibrate's --model takes)")
-    ap.add_argument("--checkpoint", type=Path, default=None, help="an exportable aq checkpoint (default: calibrate one)")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="an exportable aq checkpoint (default: calibrate)")
     ap.add_argument("--out", type=Path, required=True, help="folder for export_check.json")
     ap.add_argument("--work", type=Path, default=Path("/tmp/aq-export-check"), help="checkpoint and export folders")
     ap.add_argument("--nsamples", type=int, default=32)
