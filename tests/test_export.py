@@ -178,3 +178,17 @@ def test_export_cli_and_its_output_folder(tmp_path, capsys):
     hf = _hf(tmp_path / "ct")
     assert hf.dtype == torch.bfloat16  # scales rounded to bf16: close to aq's, not equal
     assert _rel(_logits(hf), _logits(load_checkpoint(tmp_path / "ck"))) < 0.05
+
+
+def test_calibrate_exports_without_out(tiny_model_dir, data_dir, tmp_path):
+    """--export-out alone: the aq checkpoint goes to a temporary folder, only the export stays."""
+    ct = tmp_path / "ct"
+    calibrate.main(["--model", str(tiny_model_dir), "--mode", "rtn", "--group-size", "32", "--seqlen", "32",
+                    "--eval-windows", "1", "--skip-fp", "--no-progress", "--export-format", "compressed-tensors",
+                    "--export-out", str(ct)])
+    assert (ct / "config.json").is_file() and not (ct / "quant_config.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    ref = quantize_rtn(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
+                       QuantConfig(mode="rtn", wbits=4, group_size=32))
+    assert _rel(_logits(_hf(ct)), _logits(ref)) <= 1e-6
