@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from aq import checks, eval as aq_eval, models
+from aq import export as export_mod
 from aq import data as data_mod  # `data` is also an argument name of the API
 from aq.calib import loop
 from aq.calib.gptq import quantize_gptq
@@ -179,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the quantized checkpoint (docs/checkpoint.md), results.json and the per-layer "
                         "calibration checkpoints (ckpt/)")
     g.add_argument("--resume", action="store_true", help="continue the calibration checkpointed in --out")
+    g.add_argument("--export-format", choices=export_mod.FORMATS, default=None,
+                   help="also write the checkpoint as a Hugging Face folder for transformers / vLLM (docs/export.md); "
+                        "weight-only runs with --norm-transform diagonal (checked before any work)")
+    g.add_argument("--export-out", type=Path, default=None,
+                   help="folder of the export (default: OUT/compressed-tensors, OUT being --out)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-data", default="wikitext2,c4", help="comma-separated evaluation sets (names or files)")
@@ -193,6 +199,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
+
+
+def _export_target(args, cfg: QuantConfig) -> Path | None:
+    """Where --export-format writes, after checking (before any work) that the run will be exportable."""
+    if args.export_format is None:
+        if args.export_out is not None:
+            raise ValueError("--export-out needs --export-format")
+        return None
+    problems = export_mod.config_refusals(cfg)
+    if problems:
+        raise ValueError(f"--export-format {args.export_format}: " + "; ".join(problems))
+    export_mod.require_package()
+    out = args.export_out or (args.out / "compressed-tensors" if args.out is not None else None)
+    if out is None:
+        raise ValueError("--export-format needs --out (the checkpoint it exports; the export goes to "
+                         "OUT/compressed-tensors) or --export-out")
+    export_mod.check_out(out)
+    return out
+
+
+def _export(model, tok, cfg: QuantConfig, args, out: Path) -> None:
+    """Export the checkpoint in --out, or one written to a temporary folder when there is no --out."""
+    import tempfile
+
+    try:
+        if args.out is not None:
+            export_mod.export(args.out, out, args.export_format, say=_say)
+            return
+        with tempfile.TemporaryDirectory(prefix="aq-export-") as d:
+            save_checkpoint(model, cfg, d, tokenizer=tok, base_model=args.model)
+            export_mod.export(d, out, args.export_format, say=_say)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -223,7 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
         for s in eval_sets + ([cfg.calib_data] if cfg.mode != "rtn" else []):
             data_mod.check_name(s)
         data_mod.data_dir()
-    except (ValueError, FileNotFoundError) as e:
+        export_out = _export_target(args, cfg)
+    except (ValueError, FileNotFoundError, ImportError) as e:
         sys.exit(f"error: {e}")
     defaults = vars(build_parser().parse_args([]))  # parsed, so that typed defaults compare equal
     given = {k for k, v in vars(args).items() if v != defaults[k]}
@@ -275,6 +315,8 @@ def main(argv: list[str] | None = None) -> dict:
     _say(f"{cfg.mode} {cfg.label}: {qtime:.1f}s" + (f", peak GPU memory {peak:.2f} GiB" if peak is not None else ""))
     if args.out:
         _say(f"quantized checkpoint written to {args.out} (format: docs/checkpoint.md)")
+    if export_out is not None:
+        _export(model, tok, cfg, args, export_out)
     name = f"{MODE_NAMES[cfg.mode]} {cfg.label}"
     rows[name] = aq_eval.perplexities(model, tok, eval_tokens, eval_seqlen, windows, batch, cfg.label)
     print()
