@@ -52,7 +52,6 @@ def prepare_model(src: str, dst: Path) -> str:
     itself if that fails."""
     if (dst / "config.json").is_file():
         return str(dst)
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from aq import models

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aq import data, eval as aq_eval, models  # noqa: E402
-from aq.calib.rtn import quantize_rtn  # noqa: E402
-from aq.patch import patch_model, patched_summary  # noqa: E402
+from aq import data, eval as aq_eval, models
+from aq.calib.rtn import quantize_rtn
+from aq.patch import patch_model, patched_summary
 
 PPL = ("wikitext2", "c4")
 

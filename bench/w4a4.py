@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from aq.kernels import w4a4 as W  # noqa: E402
+from aq.kernels import w4a4 as W
+from bench.timing import copies_for, graph_time
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 11008), (11008, 4096)]  # (K, N)
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 4096]
@@ -72,35 +72,11 @@ def int_reference(a: W.QuantizedActivation, wt: W.W4A4Weight) -> torch.Tensor:
 
 def time_graph(make_call, n_sets, trials=30):
     """Median us per call of make_call(i)() over n_sets buffers, all captured in one CUDA graph."""
-    calls = [make_call(i) for i in range(n_sets)]
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            for c in calls:
-                c()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(trials):
-        st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        st.record()
-        g.replay()
-        en.record()
-        en.synchronize()
-        ts.append(st.elapsed_time(en) * 1000.0 / n_sets)
-    del g
-    return statistics.median(ts)
+    return graph_time([make_call(i) for i in range(n_sets)], reps=trials)
 
 
 def n_sets_for(nbytes):
-    return int(min(48, max(1, math.ceil(ROTATE_BYTES / max(nbytes, 1)))))
+    return copies_for(nbytes, cap=48, target=ROTATE_BYTES, least=1)
 
 
 def gpu_info():
@@ -184,7 +160,7 @@ def gemm_configs():
     last = {k: v for k, v in W.DEFAULT_CONFIGS[-1].items() if k != "max_m"}
     variants = [dict(first, SPLIT=528), dict(first, SPLIT=528, TMA=True), dict(first, USE_ASM=False),
                 dict(last, SPLIT=264), dict(last, TMA=True), dict(last, TMA=True, W8=True), dict(last, W8=True)]
-    for c in variants + list(W._configs_for(torch.cuda.get_device_name(0))) + list(W.DEFAULT_CONFIGS):
+    for c in variants + list(W.configs_for(torch.cuda.get_device_name(0))) + list(W.DEFAULT_CONFIGS):
         c2 = {k: v for k, v in c.items() if k != "max_m"}
         key = json.dumps(c2, sort_keys=True)
         if key not in seen:
