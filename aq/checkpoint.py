@@ -19,11 +19,13 @@ Tensors in `model.safetensors` (names are the model's module names, e.g. `model.
 
   | tensor | dtype | shape | meaning |
   |---|---|---|---|
-  | `L.qweight` | uint8 | [N, K * c / 8] | the integer codes q in [0, 2^b - 1], packed along K: c = 2 bits per code for b = 2, 4 for b = 3, 4, 8 for b = 5..8; code k of row n sits in byte k // (8 / c) at bit offset c * (k % (8 / c)) (lowest bits first) |
+  | `L.qweight` | uint8 | [N, K * c / 8] | the integer codes q in [0, 2^b - 1], packed along K (below) |
   | `L.scale` | float32 | [N, K / g] | the scale s of each group, exactly as calibration produced it |
   | `L.zero` | uint8 | [N, K / g] | the integer zero point z of each group |
   | `L.bias` | model dtype | [N] | present when the layer has a bias (calibration's shifts are merged into it) |
 
+  Packing (aq.packing's storage codes): c = 2 bits per code for b = 2, 4 for b = 3, 4, 8 for b = 5..8; code k of row
+  n sits in byte k // (8 / c) at bit offset c * (k % (8 / c)) (lowest bits first).
   The weight is w = (q - z) * s, per group of g consecutive input columns. Activation bits (abits; 16 = weight-only)
   and the rest of the layer's settings are in the manifest.
 - For each norm that carries a transform left after calibration (a norm-side A^-1 that could not be folded), at norm
@@ -286,7 +288,8 @@ def _check_config(model: nn.Module, man: dict) -> None:
     """A model to load into must agree with the checkpoint on every field that changes the computation."""
     diffs = _config_diffs(man["model_config"], json.loads(model.config.to_json_string(use_diff=False)))
     if diffs:
-        raise CheckpointError("the checkpoint was made for another model: " + "; ".join(diffs).replace("{other}", "model")
+        raise CheckpointError("the checkpoint was made for another model: "
+                              + "; ".join(diffs).replace("{other}", "model")
                               + " (fields that change the computation must agree)")
 
 

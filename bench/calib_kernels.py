@@ -6,8 +6,8 @@ torch.compile, across mask band widths.
 
 All matrix products run in the same precision on every side: fp32 inputs in tf32 (torch.set_float32_matmul_precision
 ("high"), which cuBLAS, inductor and aq's Triton kernels all follow), bf16 inputs in bf16 with fp32 accumulation.
-The baselines take the mask as a precomputed tensor (as a calibration loop would cache it), so they do a dense product at
-every band width; aq skips the zero part of A*M (band path) or calls cuBLAS (dense path) depending on the band.
+The baselines take the mask as a precomputed tensor (as a calibration loop would cache it), so they do a dense product
+at every band width; aq skips the zero part of A*M (band path) or calls cuBLAS (dense path) depending on the band.
 Writes calib_kernels.json (every number) and calib_kernels.md (the table) under --out.
 """
 from __future__ import annotations
@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import sys
 import time
 import traceback
 
@@ -169,7 +168,8 @@ def check_all(results, small=False):
                         y = f(ww, AA, band, block, ALPHA, **({"gemm": path} if fn == "kernel" else {}))
                     y.backward(gy)
                     outs.append((y, ww.grad, AA.grad))
-                errs = dict(y=rel(outs[0][0], outs[1][0]), gx=rel(outs[0][1], outs[1][1]), gA=rel(outs[0][2], outs[1][2]))
+                errs = dict(y=rel(outs[0][0], outs[1][0]), gx=rel(outs[0][1], outs[1][1]),
+                            gA=rel(outs[0][2], outs[1][2]))
                 k += 1
                 if not all(v <= 5e-3 for v in errs.values()):
                     fails.append((op, N, d, band, block, path, errs))
@@ -277,7 +277,7 @@ def time_act_quant(results):
 
 def table(results) -> str:
     env = results["env"]
-    lines = [f"# Calibration kernels: fused transform + fake-quant, forward + backward", "",
+    lines = ["# Calibration kernels: fused transform + fake-quant, forward + backward", "",
              f"GPU: {env['gpu']}; torch {env['torch']}, triton {env['triton']}; {env['date']}. "
              f"W{BITS} asymmetric, LWC (u, l learned), alpha {ALPHA}; fp32 products in tf32 everywhere; "
              "do_bench median (ms), fwd + bwd (grads of W, A, u, l).", "",

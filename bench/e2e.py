@@ -22,8 +22,6 @@ import argparse
 import datetime
 import gc
 import json
-import statistics
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -219,7 +217,8 @@ def bench(args) -> dict:
     return res
 
 
-LABEL = {"bf16": "bf16 (torch)", "bf16-aqnorm": "bf16 + aq norm kernel", "w4a16": "aq W4A16 g128", "w4a16-head": "aq W4A16 g128 + lm_head/embed 4-bit",
+LABEL = {"bf16": "bf16 (torch)", "bf16-aqnorm": "bf16 + aq norm kernel", "w4a16": "aq W4A16 g128",
+         "w4a16-head": "aq W4A16 g128 + lm_head/embed 4-bit",
          "w4a4": "aq W4A4 (per-channel W, per-token A)"}
 
 

@@ -133,7 +133,7 @@ def ceilings() -> dict:
     b = torch.empty_like(a)
     t = tt.do_bench(lambda: b.copy_(a), return_mode="median")
     bw = 2 * a.numel() / (t * 1e-3)
-    del a, b
+    a, b = None, None  # free the buffers (their closures have run)
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     t = tt.do_bench(lambda: x @ y, return_mode="median")
@@ -210,7 +210,7 @@ def bench(out_dir: Path, shapes, ms, reps: int) -> dict:
                   f"int4 {ti.get('do_bench_us', float('nan')):8.1f} {ti.get('graph_us', float('nan')):8.1f} | "
                   f"aq {a['do_bench_us']:8.1f} {a['graph_us']:8.1f} x{c['do_bench_us'] / a['do_bench_us']:5.2f} "
                   f"roof {a['roof_frac_db']:.2f} err {a['err']:.1e} {cfg['kernel']}", flush=True)
-        del wb, pq, tq
+        wb, pq, tq = None, None, None  # free the buffers (their closures have run)
         torch.cuda.empty_cache()
     res = dict(gpu=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                triton=__import__("triton").__version__, ceilings=ceil, group=128, dtype="bfloat16", rows=rows)

@@ -1,8 +1,8 @@
 """Masked affine transforms for AffineQuant calibration, forward and backward.
 
-A learnable d x d matrix A (float32) is used through a mask M (affine_mask): M is 1 on the diagonal, alpha (the stability
-factor) on the kept off-diagonal entries, 0 elsewhere. Kept: |i - j| < band, and, with per-head blocks of size `block`,
-i and j in the same block. Weights become W (A*M)^T, activations X (A*M)^-1.
+A learnable d x d matrix A (float32) is used through a mask M (affine_mask): M is 1 on the diagonal, alpha (the
+stability factor) on the kept off-diagonal entries, 0 elsewhere. Kept: |i - j| < band, and, with per-head blocks of size
+`block`, i and j in the same block. Weights become W (A*M)^T, activations X (A*M)^-1.
 
 Dominance: dominance_margin(A_masked) = min_i (|a_ii| - sum_{j != i} |a_ij|) / |a_ii|  (RELATIVE margin, float64).
 It is 1 for a diagonal matrix, > 0 exactly when the matrix is strictly diagonally dominant (invertible by the
@@ -501,7 +501,8 @@ def masked_inverse_act(x: torch.Tensor, A: torch.Tensor, band: int | None = None
 
 def transform_fake_quant(w: torch.Tensor, A: torch.Tensor, bits: int, group_size: int | None, band: int | None = None,
                          block: int | None = None, alpha: float = 1.0, u: torch.Tensor | None = None,
-                         l: torch.Tensor | None = None, symmetric: bool = False, gemm: str | None = None) -> torch.Tensor:
+                         l: torch.Tensor | None = None, symmetric: bool = False,
+                         gemm: str | None = None) -> torch.Tensor:
     """fake_quant(w @ (A*M)^T) with LWC logits u, l ([N, d // g] or None); differentiable w.r.t. w, A, u, l.
 
     One fused kernel on the band path when g is a power of 2 in 16..256 (transform, group range, quantize in the

@@ -192,7 +192,7 @@ def launch(fn, grid: tuple, args: list, consts: dict, num_warps: int = 4, num_st
     return kernel
 
 
-# ------------------------------------------------------------------------------------------------------ autotuned launch
+# ----------------------------------------------------------------------------------------------------- autotuned launch
 TUNED: dict = {}  # launch key -> chosen triton.Config (the autotuner's pick, or the first fitting config)
 
 

@@ -26,6 +26,15 @@ def _fq_load_params(cmax_ptr, cmin_ptr, pidx, row_ok, BLOCK_R: tl.constexpr, HAS
 
 
 @triton.jit
+def _group_tile(R, K, G, NG, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    """This program's BLOCK_R rows x one group: (rows, column offsets, row mask, row-group base offsets, stat index)."""
+    gid = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    base = rows[:, None].to(tl.int64) * K + gid * G
+    return rows, tl.arange(0, BLOCK_G), rows < R, base, rows.to(tl.int64) * NG + gid
+
+
+@triton.jit
 def fake_quant_fwd_kernel(
     x_ptr, out_ptr, cmax_ptr, cmin_ptr, stats_ptr, R, K, G, NG,
     BITS: tl.constexpr, SYMMETRIC: tl.constexpr, EPS: tl.constexpr,
@@ -34,13 +43,7 @@ def fake_quant_fwd_kernel(
 ):
     """One program: BLOCK_R rows x one group. stats (if saved): [4, R, NG] = raw max, raw min, scale, zero.
     SINGLE: the group fits one block (one pass, values kept in registers); else two passes over the group."""
-    pid_r = tl.program_id(0)
-    gid = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_G)
-    row_ok = rows < R
-    base = rows[:, None].to(tl.int64) * K + gid * G
-    pidx = rows.to(tl.int64) * NG + gid
+    rows, cols, row_ok, base, pidx = _group_tile(R, K, G, NG, BLOCK_R, BLOCK_G)
     cmax, cmin = _fq_load_params(cmax_ptr, cmin_ptr, pidx, row_ok, BLOCK_R, HAS_CMAX, HAS_CMIN)
 
     if SINGLE:
@@ -118,15 +121,8 @@ def _fake_quant_bwd_kernel(
     or s = max(max(|a|, |b|) / (2^(b-1) - 1), eps) (symmetric), a = max_i x_i * cmax, b = min_i x_i * cmin, and the
     max/min reductions (gradient split evenly among the tied extreme elements).
     """
-    pid_r = tl.program_id(0)
-    gid = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_G)
-    row_ok = rows < R
-    base = rows[:, None].to(tl.int64) * K + gid * G
+    rows, cols, row_ok, base, pidx = _group_tile(R, K, G, NG, BLOCK_R, BLOCK_G)
     QMAX: tl.constexpr = 2**BITS - 1
-
-    pidx = rows.to(tl.int64) * NG + gid
     RG = R * NG
     xmax = tl.load(stats_ptr + pidx, mask=row_ok, other=1.0)
     xmin = tl.load(stats_ptr + RG + pidx, mask=row_ok, other=-1.0)
@@ -257,7 +253,8 @@ def fake_quant_bwd(x2: torch.Tensor, gy: torch.Tensor, stats: torch.Tensor, bits
     return gx, gcmax, gcmin
 
 
-def fake_quant_triton(x: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False) -> torch.Tensor:
+def fake_quant_triton(x: torch.Tensor, bits: int, group_size: int | None = None,
+                      symmetric: bool = False) -> torch.Tensor:
     """Triton fake quantization of x (..., K) per row or per group of group_size columns."""
     primitives.check_bits(bits)
     K = x.shape[-1]

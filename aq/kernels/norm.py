@@ -42,7 +42,8 @@ def _check(x, norm, weight, bias, transform):
 
 
 def check_transform(transform: torch.Tensor, K: int) -> None:
-    """A norm-side transform the kernels apply: diagonal [K] or block-diagonal [K // h, h, h], h a power of two >= 16."""
+    """A norm-side transform the kernels apply: diagonal [K] or block-diagonal [K // h, h, h], h a power of two
+    >= 16."""
     if transform.dim() == 1:
         if transform.shape[0] != K:
             raise ValueError(f"a diagonal transform must have shape [{K}], got {tuple(transform.shape)}")
@@ -113,7 +114,8 @@ def _norm_transform_kernel(x_ptr, w_ptr, b_ptr, t_ptr, y_ptr, M, K, stride_xm, s
             cok = cols < K
             m = rok[:, None] & cok[None, :]
             xv = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            y = (xv - mean[:, None]) * rstd[:, None] * tl.load(w_ptr + cols, mask=cok, other=0.0).to(tl.float32)[None, :]
+            wv = tl.load(w_ptr + cols, mask=cok, other=0.0).to(tl.float32)
+            y = (xv - mean[:, None]) * rstd[:, None] * wv[None, :]
             if HAS_B:
                 y += tl.load(b_ptr + cols, mask=cok, other=0.0).to(tl.float32)[None, :]
             if TRANSFORM == 1:

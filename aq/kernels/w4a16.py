@@ -3,8 +3,8 @@
 Quantization (done once, at pack time) is aq.primitives' asymmetric scheme per group of g consecutive input columns
 (g = 32, 64, 128, ... or the whole row: per output channel), codes q in [0, 2^bits - 1], w_hat = (q - z) * s.
 
-Packed layout (PackedWeight)
-----------------------------
+Packed layout (PackedWeight; the word packing itself is aq.packing's W4A16 words)
+----------------------------------------------------------------------------------
 - ``qweight``: int32 [ceil(N / 16), K / E, 16] with E = 32 / c codes per word, c the container width: 2 bits for
   bits = 2, 4 bits for bits = 3 and 4, 8 bits for bits = 5..8. Word w of output channel n (holding k = E w ..
   E w + E - 1) is qweight[n // 16, w, n % 16]: the words of 16 consecutive channels are interleaved, so a kernel
@@ -27,19 +27,22 @@ in fp32 (a little closer to exact than the reference, ~2e-3 relative apart in bf
 
 Kernels, and the one place that picks them (``select_config``, by M)
 --------------------------------------------------------------------
-- ``gemv``: CUDA-core split-K kernel for tiny M (one program row per token): per code one LOP3 (mask + fp32 magic,
-  in place), one FADD, one FFMA; zero point and scale applied once per word column; fp32 partial sums.
-- ``mma``: tensor-core tile kernel (tl.dot, bf16/fp16 operands, fp32 accumulator), optionally split-K, optionally
-  "swapped" (computes yᵀ = W xᵀ so the dequantized weight is the left operand, which Hopper's wgmma can take from
-  registers), with the dequantized K-tile either fed as E dots over the E code positions of a word (x gathered with a
-  stride of E) or joined back to natural K order by a tree of tl.join (one dot, contiguous x).
-  With "fold" the dot takes the raw codes and the group's zero point and scale are applied to its fp32 result.
-- ``dequant``: for large M, a memory-bound kernel writes the dequantized weight once and cuBLAS does the GEMM.
+- ``gemv`` (aq.kernels.w4a16_gemv): CUDA-core split-K kernel for tiny M (one program row per token): per code one LOP3
+  (mask + fp32 magic, in place), one FADD, one FFMA; zero point and scale applied once per word column; fp32 partial
+  sums.
+- ``mma`` (aq.kernels.w4a16_mma): tensor-core tile kernel (tl.dot, bf16/fp16 operands, fp32 accumulator), optionally
+  split-K, optionally "swapped" (computes yᵀ = W xᵀ so the dequantized weight is the left operand, which Hopper's wgmma
+  can take from registers), with the dequantized K-tile either fed as E dots over the E code positions of a word (x
+  gathered with a stride of E) or joined back to natural K order by a tree of tl.join (one dot, contiguous x). With
+  "fold" the dot takes the raw codes and the group's zero point and scale are applied to its fp32 result.
+- ``dequant`` (aq.kernels.w4a16_dequant, beside the jit dequantization helpers all three share): for large M, a
+  memory-bound kernel writes the dequantized weight once and cuBLAS does the GEMM.
 Split-K partials go to an fp32 buffer reduced (+ bias, cast) by a second small kernel, so results are deterministic.
 Host time: after a call shape's first call, its compiled kernels, grids and constants are kept (a launch plan) and
-later calls go straight to Triton's C launchers (~35 us of host time per call on the H100 machine instead of ~150).
-Configs are tuned per GPU by bench/autotune.py into aq/kernels/configs/<gpu-name>.json and read here; an untuned GPU or
-shape falls back to ``heuristic_config``.
+later calls go straight to Triton's C launchers (aq.kernels.common.launch; ~35 us of host time per call on the H100
+machine instead of ~150). Configs are tuned per GPU by bench/autotune.py into aq/kernels/configs/<gpu-name>.json and
+read by aq.kernels.w4a16_configs (re-exported here); an untuned GPU or shape falls back to the nearest tuned neighbour
+(``fallback_config``), else ``heuristic_config``.
 
 The torch reference is ``w4a16_linear_reference`` (built on aq.primitives.dequantize); ``w4a16_linear`` dispatches
 through aq.backend (compiled Triton on CUDA, interpreted Triton on CPU under TRITON_INTERPRET=1, else the reference).

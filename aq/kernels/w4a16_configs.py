@@ -98,8 +98,8 @@ def fallback_config(M: int, N: int, K: int, bits: int, group_size: int, device_n
     donor = tuned.donor_table(FAMILY, device_name, num_sms)
     if donor:
         table, _, donor_sms = donor
-        hit = tuned.nearest_shape([k for k in table if k != exclude], container_bits(bits), group_size, K, N, m_bucket(M),
-                                  lambda k: [int(b) for b in table[k]])
+        hit = tuned.nearest_shape([k for k in table if k != exclude], container_bits(bits), group_size, K, N,
+                                  m_bucket(M), lambda k: [int(b) for b in table[k]])
         if hit:
             key, b = hit
             return adapt_config(table[key][str(b)], key, b, M, N, K, bits, group_size, num_sms, donor_sms)

@@ -14,6 +14,25 @@ from aq.kernels.w4a16_dequant import (MAGIC_F, ROWS, dq_leaf, dq_operands, dq_ti
                                       load_group_params, one_group, word_offsets)
 
 
+@triton.jit
+def _dot_x(w, x_rows, ks, k_ok, m_ok, acc, SWAP: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc + the product of the dequantized weight columns w [BLOCK_N, len(ks)] with x's columns ks: w xᵀ into
+    acc [BLOCK_N, BLOCK_M] when SWAP, else x wᵀ into acc [BLOCK_M, BLOCK_N] (fp32 operands with DOT_F32)."""
+    if DOT_F32:
+        w = w.to(tl.float32)
+    if SWAP:
+        xt = tl.load(x_rows[None, :] + ks[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+        if DOT_F32:
+            xt = xt.to(tl.float32)
+        acc = tl.dot(w, xt, acc)
+    else:
+        xt = tl.load(x_rows[:, None] + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if DOT_F32:
+            xt = xt.to(tl.float32)
+        acc = tl.dot(xt, tl.trans(w), acc)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M", "K_SPLIT"])
 def _mma_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr,
@@ -74,36 +93,12 @@ def _mma_kernel(
             s, zm = dq_operands(s, z, HALF_BASE, DT, HALF_DQ)
             wt = dq_tile(qw, s, zm, magic, BLOCK_N, BLOCK_KW, BITS, DT, HALF_DQ)
             ks = w0 * EPW + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            if DOT_F32:
-                wt = wt.to(tl.float32)
-            if SWAP:
-                xt = tl.load(x_rows[None, :] + ks[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0)
-                if DOT_F32:
-                    xt = xt.to(tl.float32)
-                acc = tl.dot(wt, xt, acc)
-            else:
-                xt = tl.load(x_rows[:, None] + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                if DOT_F32:
-                    xt = xt.to(tl.float32)
-                acc = tl.dot(xt, tl.trans(wt), acc)
+            acc = _dot_x(wt, x_rows, ks, ks < K, m_ok, acc, SWAP, DOT_F32)
         else:
             s, zm = dq_operands(s, z, HALF_BASE, DT, HALF_DQ)
             for i in tl.static_range(EPW):
                 wi = dq_leaf(qw, s, zm, magic, i, BITS, DT, HALF_DQ)
-                ks = kw * EPW + i
-                if DOT_F32:
-                    wi = wi.to(tl.float32)
-                if SWAP:
-                    xi = tl.load(x_rows[None, :] + ks[:, None], mask=w_ok[:, None] & m_ok[None, :], other=0.0)
-                    if DOT_F32:
-                        xi = xi.to(tl.float32)
-                    acc = tl.dot(wi, xi, acc)
-                else:
-                    xi = tl.load(x_rows[:, None] + ks[None, :], mask=m_ok[:, None] & w_ok[None, :], other=0.0)
-                    if DOT_F32:
-                        xi = xi.to(tl.float32)
-                    acc = tl.dot(xi, tl.trans(wi), acc)
+                acc = _dot_x(wi, x_rows, kw * EPW + i, w_ok, m_ok, acc, SWAP, DOT_F32)
     if SWAP:  # acc[n, m] is y[m, n]: store it through transposed offsets (no layout change of the accumulator)
         mask = n_ok[:, None] & m_ok[None, :]
         if not USE_PART:

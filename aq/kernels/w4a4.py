@@ -14,17 +14,17 @@ Public API
   y = ((qa - za) sa) ((qw - zw) sw)^T + bias. ``out_dtype=torch.int32`` returns the exact integer sum_k (qa-za)(qw-zw).
 - ``w4a4_linear(x, weight, bias=None, *, abits=4, a_symmetric=False, norm=..., transform=..., out_dtype=None)``:
   both steps; out_dtype defaults to x's dtype (float32 for float32 inputs).
-- References in plain torch beside them: ``w4a4_matmul_reference`` (and act_quant's ``quantize_activation_reference``). Also
-  ``pick_config(M, N, K, device)`` (the dispatch) and ``unpack_weight_int8``.
+- References in plain torch beside them: ``w4a4_matmul_reference`` (and act_quant's
+  ``quantize_activation_reference``). Also ``pick_config(M, N, K, device)`` (the dispatch) and ``unpack_weight_int8``.
 All calls go through ``aq.backend``: compiled Triton on CUDA, interpreted Triton on CPU under TRITON_INTERPRET=1, the
 torch references otherwise.
 
 Formats
 -------
 - Weight codes, [N, Kh] uint8 with Kh = ceil(K / 2) (aq.packing.pack_w4a4_nibbles): byte j of row n holds code k = j
-  in its low nibble and code k = Kh + j in its high nibble (0 past K). A K-step of the GEMM loads one [BLOCK_N, BLOCK_KH] byte tile and gets two
-  int8 operand tiles (``p & 15`` and ``p >> 4``) whose activation partners are two contiguous column ranges of A, so no
-  interleaving is needed in registers.
+  in its low nibble and code k = Kh + j in its high nibble (0 past K). A K-step of the GEMM loads one
+  [BLOCK_N, BLOCK_KH] byte tile and gets two int8 operand tiles (``p & 15`` and ``p >> 4``) whose activation partners
+  are two contiguous column ranges of A, so no interleaving is needed in registers.
 - Epilogue: with acc = sum_k qa qw (unsigned codes, int8 operands, int32 accumulator),
   sum_k (qa - za)(qw - zw) = acc - za * Rw[n] - zw[n] * Ra[m] + K za zw, Rw the weight code row sums (pack time) and
   Ra the activation code row sums (written by the quantization kernel). All of it is exact int32; one float multiply
@@ -33,14 +33,14 @@ Formats
 
 GEMM kernels and dispatch
 -------------------------
-Dispatch by M lives in ``pick_config`` alone: small M runs the "swap" form (the weight tile is the wide side of the
-dot, the few tokens the narrow side), larger M the plain tiled form; per M bucket the block shapes and options come
-from the "w4a4" entry of ``configs/<GPU_NAME>.json`` (aq.kernels.tuned) when present (written by ``bench/w4a4.py sweep``), else from DEFAULT_CONFIGS (the
-H100 winners). Options: TMA (tensor-descriptor loads; used when K % 32 == 0 and the K tiles divide), W8 (large M: the
-weight is unpacked to int8 in one extra pass, so both operands go straight from TMA to the tensor cores), SPLIT (split-K
-with self-resetting per-device tile counters: one such GEMM at a time per device; allocate them outside CUDA-graph
-capture by calling once first). Measured on the H100 (bench/results/w4a4.md): 1.9-3.0x cuBLAS bf16 at M <= 16 for the
-GEMM alone, 1.10-1.34x at M >= 2048 (above cuBLAS int8).
+Dispatch by M lives in ``pick_config`` alone: small M runs the "swap" form (the weight tile is the wide side of the dot,
+the few tokens the narrow side), larger M the plain tiled form; per M bucket the block shapes and options come from the
+"w4a4" entry of ``configs/<GPU_NAME>.json`` (aq.kernels.tuned) when present (written by ``bench/w4a4.py sweep``), else
+from DEFAULT_CONFIGS (the H100 winners). Options: TMA (tensor-descriptor loads; used when K % 32 == 0 and the K tiles
+divide), W8 (large M: the weight is unpacked to int8 in one extra pass, so both operands go straight from TMA to the
+tensor cores), SPLIT (split-K with self-resetting per-device tile counters: one such GEMM at a time per device; allocate
+them outside CUDA-graph capture by calling once first). Measured on the H100 (bench/results/w4a4.md): 1.9-3.0x cuBLAS
+bf16 at M <= 16 for the GEMM alone, 1.10-1.34x at M >= 2048 (above cuBLAS int8).
 """
 from __future__ import annotations
 
@@ -344,7 +344,8 @@ def unpack_weight_int8(weight: W4A4Weight) -> torch.Tensor:
 #   SPLIT: target number of programs for split-K (0: none; K is split in powers of two until the grid reaches it),
 #   TMA: tensor-descriptor loads (used when the shapes allow: K % 32 == 0, Kh % BLOCK_KH == 0),
 #   W8: unpack the weight to int8 in a separate pass first (large M).
-# BLOCK_KH counts packed bytes, i.e. 2 * BLOCK_KH codes of K per step. Overridden by the tuned configs (aq.kernels.tuned).
+# BLOCK_KH counts packed bytes, i.e. 2 * BLOCK_KH codes of K per step. Overridden by the tuned configs
+# (aq.kernels.tuned).
 DEFAULT_CONFIGS = [  # the H100 winners of bench/w4a4.py sweep (2026-11, see bench/NOTES-w4a4.md)
     dict(max_m=16, kernel="swap", BLOCK_M=16, BLOCK_N=64, BLOCK_KH=256, GROUP_M=1, num_warps=4, num_stages=5),
     dict(max_m=32, kernel="swap", BLOCK_M=32, BLOCK_N=64, BLOCK_KH=256, GROUP_M=1, num_warps=4, num_stages=4, TMA=True),
