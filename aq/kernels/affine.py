@@ -212,6 +212,12 @@ def _chunk_runs(d: int, band: int, C: int):
     return runs
 
 
+def _chunking(d: int, band: int, C: int | None):
+    """(chunk width, band overhang P, window width C + 2 P, the chunk runs) of the blocked products."""
+    C = C or CHUNK
+    return C, band - 1, C + 2 * (band - 1), _chunk_runs(d, band, C)
+
+
 def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b (2-D or batched 3-D) with a float32 result (cuBLAS writes fp32 directly from 16-bit operands)."""
     if a.dtype != torch.float32 and a.is_cuda:
@@ -222,22 +228,22 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a, b).float()
 
 
-def _win(t: torch.Tensor, shape, strides, offset: int) -> torch.Tensor:
-    return t.as_strided(shape, strides, t.storage_offset() + offset)
+def _windows(t: torch.Tensor, nk: int, rows: int, cols: int, r0: int, c0: int, dr: int, dc: int) -> torch.Tensor:
+    """The nk windows t[r0 + k dr : r0 + k dr + rows, c0 + k dc : c0 + k dc + cols] as one [nk, rows, cols] view."""
+    s0, s1 = t.stride()
+    return t.as_strided((nk, rows, cols), (dr * s0 + dc * s1, s0, s1), t.storage_offset() + r0 * s0 + c0 * s1)
 
 
 def _blocked_xat(x: torch.Tensor, Am: torch.Tensor, band: int, C: int | None = None) -> torch.Tensor:
-    """x @ Am^T (fp32 [N, d]) for Am banded (|i - j| < band); x, Am contiguous, in the dot dtype."""
+    """x @ Am^T (fp32 [N, d]) for Am banded (|i - j| < band), in the dot dtype; x @ Am is _blocked_xat(x, Am.T)."""
     N, d = x.shape
-    C = C or CHUNK
-    P = band - 1
-    L = C + 2 * P
+    C, P, L, runs = _chunking(d, band, C)
     out = torch.empty((N, d), dtype=torch.float32, device=x.device)
-    for run in _chunk_runs(d, band, C):
+    for run in runs:
         if run[0] == "bmm":
             _, c, nk = run
-            xw = _win(x, (nk, N, L), (C, d, 1), c - P)                       # x[:, window]
-            aw = _win(Am, (nk, C, L), (C * d + C, d, 1), c * d + c - P)      # Am[chunk, window]
+            xw = _windows(x, nk, N, L, 0, c - P, 0, C)  # x[:, window]
+            aw = _windows(Am, nk, C, L, c, c - P, C, C)  # Am[chunk, window]
             out[:, c:c + nk * C].view(N, nk, C).copy_(_mm32(xw, aw.transpose(1, 2)).permute(1, 0, 2))
         else:
             _, c0, c1, lo, hi = run
@@ -245,38 +251,17 @@ def _blocked_xat(x: torch.Tensor, Am: torch.Tensor, band: int, C: int | None = N
     return out
 
 
-def _blocked_xa(g: torch.Tensor, Am: torch.Tensor, band: int, C: int | None = None) -> torch.Tensor:
-    """g @ Am (fp32 [N, d]) for Am banded; g, Am contiguous, in the dot dtype."""
-    N, d = g.shape
-    C = C or CHUNK
-    P = band - 1
-    L = C + 2 * P
-    out = torch.empty((N, d), dtype=torch.float32, device=g.device)
-    for run in _chunk_runs(d, band, C):
-        if run[0] == "bmm":
-            _, c, nk = run
-            gw = _win(g, (nk, N, L), (C, d, 1), c - P)                       # g[:, window]
-            aw = _win(Am, (nk, L, C), (C * d + C, d, 1), (c - P) * d + c)    # Am[window, chunk]
-            out[:, c:c + nk * C].view(N, nk, C).copy_(_mm32(gw, aw).permute(1, 0, 2))
-        else:
-            _, c0, c1, lo, hi = run
-            out[:, c0:c1] = _mm32(g[:, lo:hi], Am[lo:hi, c0:c1])
-    return out
-
-
 def _blocked_gtx(g: torch.Tensor, x: torch.Tensor, band: int, M: torch.Tensor, C: int | None = None) -> torch.Tensor:
     """(g^T x) * M (fp32 [d, d]) on the band windows only; g, x contiguous [N, d] in the dot dtype."""
     N, d = g.shape
-    C = C or CHUNK
-    P = band - 1
-    L = C + 2 * P
+    C, P, L, runs = _chunking(d, band, C)
     out = torch.zeros((d, d), dtype=torch.float32, device=g.device)
-    for run in _chunk_runs(d, band, C):
+    for run in runs:
         if run[0] == "bmm":
             _, c, nk = run
-            gc = _win(g, (nk, N, C), (C, d, 1), c).transpose(1, 2)          # g[:, chunk]^T
-            xw = _win(x, (nk, N, L), (C, d, 1), c - P)                       # x[:, window]
-            _win(out, (nk, C, L), (C * d + C, d, 1), c * d + c - P).copy_(_mm32(gc, xw))
+            gc = _windows(g, nk, N, C, 0, c, 0, C).transpose(1, 2)  # g[:, chunk]^T
+            xw = _windows(x, nk, N, L, 0, c - P, 0, C)  # x[:, window]
+            _windows(out, nk, C, L, c, c - P, C, C).copy_(_mm32(gc, xw))  # out[chunk, window]
         else:
             _, c0, c1, lo, hi = run
             out[c0:c1, lo:hi] = _mm32(g[:, c0:c1].T, x[:, lo:hi])
@@ -312,6 +297,13 @@ def _dense_mm(a: torch.Tensor, b: torch.Tensor, dm: int) -> torch.Tensor:
 _FUSE_GROUPS = (16, 32, 64, 128, 256)
 
 
+def _band_grads(g, w, A, band, block, alpha, dm, needs) -> tuple:
+    """(grad w, grad A) of w @ (A*M)^T on the band kernels, from the output gradient g (None where not needed)."""
+    gw = band_mm(g, A, band, block, alpha, transpose_b=True, out_dtype=w.dtype, dot_mode=dm) if needs[0] else None
+    gA = band_grad(g, w, band, block, alpha, dot_mode=dm) if needs[1] else None
+    return gw, gA
+
+
 class _MaskedWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, A, band, block, alpha, path):
@@ -333,10 +325,7 @@ class _MaskedWeight(torch.autograd.Function):
         gy = gy.contiguous()
         gw = gA = None
         if path == "band":
-            if ctx.needs_input_grad[0]:
-                gw = band_mm(gy, A, band, block, alpha, transpose_b=True, out_dtype=w.dtype, dot_mode=dm)
-            if ctx.needs_input_grad[1]:
-                gA = band_grad(gy, w, band, block, alpha, dot_mode=dm)
+            gw, gA = _band_grads(gy, w, A, band, block, alpha, dm, ctx.needs_input_grad)
         else:
             M = _mask(d, band, block, alpha, A.device)
             if ctx.needs_input_grad[0]:
@@ -386,16 +375,13 @@ class _TransformFakeQuant(torch.autograd.Function):
                                               gx_dtype=t)
         gw = gA = None
         if path == "band":
-            if ctx.needs_input_grad[0]:
-                gw = band_mm(gwt, A, band, block, alpha, transpose_b=True, out_dtype=w.dtype, dot_mode=dm)
-            if ctx.needs_input_grad[1]:
-                gA = band_grad(gwt, w, band, block, alpha, dot_mode=dm)
+            gw, gA = _band_grads(gwt, w, A, band, block, alpha, dm, ctx.needs_input_grad)
         else:
             M = _mask(d, band, block, alpha, A.device)
             wd = w.to(t)
             if path == "blocked":
                 if ctx.needs_input_grad[0]:
-                    gw = _blocked_xa(gwt, Am, band).to(w.dtype)
+                    gw = _blocked_xat(gwt, Am.T, band).to(w.dtype)
                 if ctx.needs_input_grad[1]:
                     gA = _blocked_gtx(gwt, wd, band, M)
             else:
