@@ -14,7 +14,8 @@ from aq.config import QuantConfig
 from aq.models import load_model
 from aq.patch import patch_model
 
-__all__ = ["QuantConfig", "calibrate", "load_model", "quantize_rtn", "save_checkpoint", "load_checkpoint", "patch_model"]
+__all__ = ["QuantConfig", "calibrate", "load_model", "quantize_rtn", "save_checkpoint", "load_checkpoint",
+           "patch_model"]
 __version__ = "0.1.0"
 
 

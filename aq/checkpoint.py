@@ -19,11 +19,13 @@ Tensors in `model.safetensors` (names are the model's module names, e.g. `model.
 
   | tensor | dtype | shape | meaning |
   |---|---|---|---|
-  | `L.qweight` | uint8 | [N, K * c / 8] | the integer codes q in [0, 2^b - 1], packed along K: c = 2 bits per code for b = 2, 4 for b = 3, 4, 8 for b = 5..8; code k of row n sits in byte k // (8 / c) at bit offset c * (k % (8 / c)) (lowest bits first) |
+  | `L.qweight` | uint8 | [N, K * c / 8] | the integer codes q in [0, 2^b - 1], packed along K (below) |
   | `L.scale` | float32 | [N, K / g] | the scale s of each group, exactly as calibration produced it |
   | `L.zero` | uint8 | [N, K / g] | the integer zero point z of each group |
   | `L.bias` | model dtype | [N] | present when the layer has a bias (calibration's shifts are merged into it) |
 
+  Packing (aq.packing's storage codes): c = 2 bits per code for b = 2, 4 for b = 3, 4, 8 for b = 5..8; code k of row
+  n sits in byte k // (8 / c) at bit offset c * (k % (8 / c)) (lowest bits first).
   The weight is w = (q - z) * s, per group of g consecutive input columns. Activation bits (abits; 16 = weight-only)
   and the rest of the layer's settings are in the manifest.
 - For each norm that carries a transform left after calibration (a norm-side A^-1 that could not be folded), at norm
@@ -92,6 +94,7 @@ from torch import nn
 from aq import primitives
 from aq.calib.rtn import FakeQuantLinear
 from aq.config import QuantConfig
+from aq.packing import container_bits, pack_storage_codes, unpack_storage_codes
 
 FORMAT = "aq-checkpoint"
 VERSION = 2  # 2: config.json and the manifest are covered by the integrity check; 1 is refused (its were not)
@@ -113,32 +116,6 @@ COMPUTE_KEYS = SHAPE_KEYS + (
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded (incomplete, corrupted, or not for this model)."""
-
-
-# ------------------------------------------------------------------------------------------------------ code packing
-def code_container(bits: int) -> int:
-    primitives.check_bits(bits)
-    return 2 if bits == 2 else 4 if bits <= 4 else 8
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [N, K] -> uint8 [N, K * c / 8] (layout in the module doc)."""
-    c = code_container(bits)
-    per = 8 // c
-    N, K = codes.shape
-    if K % per:
-        raise ValueError(f"K={K} is not a multiple of {per} ({bits}-bit codes are stored {per} per byte)")
-    q = codes.to(torch.int32).view(N, K // per, per)
-    shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * c
-    return (q << shifts).sum(-1).to(torch.uint8)
-
-
-def unpack_codes(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
-    c = code_container(bits)
-    per = 8 // c
-    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * c
-    q = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & (2**c - 1)
-    return q.reshape(packed.shape[0], -1)[:, :K].to(torch.uint8)
 
 
 # ------------------------------------------------------------------------------------------------------------ helpers
@@ -205,7 +182,7 @@ def save_checkpoint(model: nn.Module, cfg: QuantConfig, out_dir: str | os.PathLi
     for name, m in model.named_modules():
         if isinstance(m, FakeQuantLinear):
             codes = m.codes()
-            tensors[f"{name}.qweight"] = pack_codes(codes, m.wbits)
+            tensors[f"{name}.qweight"] = pack_storage_codes(codes, m.wbits)
             tensors[f"{name}.scale"] = m.scale.float()
             tensors[f"{name}.zero"] = m.zero.round().to(torch.uint8)
             if m.bias is not None:
@@ -311,7 +288,8 @@ def _check_config(model: nn.Module, man: dict) -> None:
     """A model to load into must agree with the checkpoint on every field that changes the computation."""
     diffs = _config_diffs(man["model_config"], json.loads(model.config.to_json_string(use_diff=False)))
     if diffs:
-        raise CheckpointError("the checkpoint was made for another model: " + "; ".join(diffs).replace("{other}", "model")
+        raise CheckpointError("the checkpoint was made for another model: "
+                              + "; ".join(diffs).replace("{other}", "model")
                               + " (fields that change the computation must agree)")
 
 
@@ -347,7 +325,7 @@ def _check_linear_tensors(name: str, info: dict, tensors: dict) -> None:
     if qw is None or scale is None or zero is None:
         return  # reported as an incomplete checkpoint by the caller
     ng = K // primitives.check_group_size(K, g)
-    packed = (N, K * code_container(b) // 8)
+    packed = (N, K * container_bits(b) // 8)
     if tuple(qw.shape) != packed:
         raise CheckpointError(f"{name}: qweight has shape {list(qw.shape)}, but {b}-bit codes of a [{N}, {K}] linear "
                               f"pack to {list(packed)}: the manifest's wbits={b} is not how the codes were stored")
@@ -355,7 +333,7 @@ def _check_linear_tensors(name: str, info: dict, tensors: dict) -> None:
         raise CheckpointError(f"{name}: scale {list(scale.shape)} / zero {list(zero.shape)}, but groups of {g} over "
                               f"K={K} need [{N}, {ng}]: the manifest's group size disagrees with the stored tensors")
     top = 2**b - 1
-    if int(zero.max()) > top or int(unpack_codes(qw, b, K).max()) > top:
+    if int(zero.max()) > top or int(unpack_storage_codes(qw, b, K).max()) > top:
         raise CheckpointError(f"{name}: stored codes or zero points exceed {top}, the largest {b}-bit code: the "
                               f"manifest's wbits={b} is not what the layer was quantized with")
 
@@ -427,7 +405,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module | None = None,
         _check_linear_tensors(name, info, tensors)
     for name, info in man["linears"].items():
         N, K, b, g = info["out_features"], info["in_features"], info["wbits"], info["group_size"]
-        codes = unpack_codes(take(f"{name}.qweight"), b, K)
+        codes = unpack_storage_codes(take(f"{name}.qweight"), b, K)
         scale, zero = take(f"{name}.scale").float(), take(f"{name}.zero").float()
         ng = K // primitives.check_group_size(K, g)
         if codes.shape != (N, K) or scale.shape != (N, ng) or zero.shape != (N, ng):

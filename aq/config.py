@@ -64,8 +64,8 @@ class QuantConfig:
         check_bits(self.wbits, "wbits")
         if self.abits != 16:
             check_bits(self.abits, "abits")
-        if self.group_size is not None and self.group_size != AUTO and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
-                                            or self.group_size <= 0):
+        g = self.group_size
+        if g is not None and g != AUTO and (isinstance(g, bool) or not isinstance(g, int) or g <= 0):
             raise ValueError(f"group size must be a positive integer or None (per channel) or 'auto', "
                              f"got {self.group_size!r}")
         if self.mode not in MODES:
@@ -76,7 +76,8 @@ class QuantConfig:
             raise ValueError(f"rounding {self.rounding!r} is for omniquant/affinequant (learned transforms, then "
                              f"{self.rounding}); mode {self.mode} has its own rounding")
         if self.norm_transform not in NORM_TRANSFORMS:
-            raise ValueError(f"unknown norm transform {self.norm_transform!r}: choose from {', '.join(NORM_TRANSFORMS)}")
+            raise ValueError(f"unknown norm transform {self.norm_transform!r}: choose from "
+                             f"{', '.join(NORM_TRANSFORMS)}")
         positive_int(self.norm_block, "norm block")
         if self.alpha_sf is not None and not 0 <= self.alpha_sf <= 1:
             raise ValueError(f"alpha_sf (stability factor) must be in [0, 1], got {self.alpha_sf}")

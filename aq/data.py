@@ -4,8 +4,10 @@ Names resolve from the folder in the environment variable AQ_DATA_DIR when it is
 wikitext-2-raw-v1/test.jsonl, c4/c4-train.00000-of-01024.first1000.jsonl, zeroshot/*.jsonl), else from the Hugging Face
 hub. Everything goes through `datasets.load_dataset`.
 
-- wikitext2: evaluation on the test split; calibration on the train split (hub only: the local folder has no train split).
-- c4: the first 1000 documents of train shard 0; documents [0, 800) calibrate, [800, 1000) are the held-out evaluation set.
+- wikitext2: evaluation on the test split; calibration on the train split (hub only: the local folder has no train
+  split).
+- c4: the first 1000 documents of train shard 0; documents [0, 800) calibrate, [800, 1000) are the held-out evaluation
+  set.
 - a file: .txt (the whole text) or .json/.jsonl (rows with a "text" field), used as is for either purpose.
 Evaluation text is the "\\n\\n"-join of the rows (the GPTQ / OmniQuant / AffineQuant protocol).
 """

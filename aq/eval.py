@@ -104,13 +104,14 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], max_length
     dev = next(model.parameters()).device
     pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     seqs = []
-    for (ctx, cont), (c, t) in zip(requests, encode_pairs(tokenizer, requests)):
+    for (_ctx, cont), (c, t) in zip(requests, encode_pairs(tokenizer, requests)):
         if not t:
             raise ValueError(f"continuation {cont!r} encodes to no tokens")
         if not c:
             c = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id]
         ids = (c + t)[-(max_length + 1):]
-        seqs.append((ids[:-1], ids[1:], min(len(t), len(ids) - 1)))  # inputs, targets, how many targets (at the end) are scored
+        # inputs, targets, how many targets (at the end) are scored
+        seqs.append((ids[:-1], ids[1:], min(len(t), len(ids) - 1)))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     out = [0.0] * len(seqs)
     batches, cur = [], []
@@ -336,8 +337,9 @@ def main(argv: list[str] | None = None) -> dict:
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     ppl_tasks = [t for t in tasks if t not in data.ZEROSHOT_TASKS]
-    for flag, needs, kind in (("limit", tasks != ppl_tasks, "zero-shot"), ("batch_tokens", tasks != ppl_tasks, "zero-shot"),
-                              ("eval_windows", bool(ppl_tasks), "perplexity"), ("ppl_batch", bool(ppl_tasks), "perplexity")):
+    zs, ppl = tasks != ppl_tasks, bool(ppl_tasks)
+    for flag, needs, kind in (("limit", zs, "zero-shot"), ("batch_tokens", zs, "zero-shot"),
+                              ("eval_windows", ppl, "perplexity"), ("ppl_batch", ppl, "perplexity")):
         if getattr(args, flag) is not None and not needs:
             print(f"warning: --{flag.replace('_', '-')} is not used: --tasks has no {kind} task", flush=True)
     on_gpu = torch.device(args.device).type == "cuda"

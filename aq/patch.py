@@ -157,7 +157,7 @@ class W4A16Linear(nn.Module):
 
     @classmethod
     def from_codes(cls, codes, scale, zero, bits, group_size, bias=None, dtype=torch.bfloat16) -> "W4A16Linear":
-        return cls(k4a16.pack_codes(codes, scale, zero, bits, group_size, dtype), bias)
+        return cls(k4a16.pack_w4a16_codes(codes, scale, zero, bits, group_size, dtype), bias)
 
     @property
     def packed(self) -> k4a16.PackedWeight:
@@ -529,7 +529,7 @@ def patch_model(model: nn.Module, cfg: QuantConfig | None = None, *, lm_head: bo
         emb = model.get_submodule(arch.embed)
         g = cfg.group_size
         codes, scale, zero = _rtn_codes(emb.weight.detach(), cfg.wbits, g, cfg.symmetric)
-        _set(model, arch.embed, QuantEmbedding(k4a16.pack_codes(codes, scale, zero, cfg.wbits, g, dtype),
+        _set(model, arch.embed, QuantEmbedding(k4a16.pack_w4a16_codes(codes, scale, zero, cfg.wbits, g, dtype),
                                                getattr(emb, "padding_idx", None)))
     return model
 

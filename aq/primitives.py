@@ -4,8 +4,8 @@ One scheme covers weights and activations. A tensor x of shape (..., K) is quant
 either over the whole row (per output channel for a weight [N, K], per token for an activation [T, K]) or in groups of
 `group_size` consecutive columns. Codes are unsigned: q = clamp(round(x / s) + z, 0, 2^b - 1), x_hat = (q - z) * s.
 
-- asymmetric: the range [min, max] is first extended to include 0 (so 0 is exactly representable), s = (max - min) / (2^b - 1),
-  z = round(-min / s).
+- asymmetric: the range [min, max] is first extended to include 0 (so 0 is exactly representable),
+  s = (max - min) / (2^b - 1), z = round(-min / s).
 - symmetric: s = max|x| / (2^(b-1) - 1), z = 2^(b-1).
 The scale is clamped to at least SCALE_EPS so that a constant group never divides by zero. Rounding is torch.round
 (half to even). All arithmetic is float32 whatever the input dtype; outputs of fake_quant come back in the input dtype.
@@ -52,7 +52,8 @@ def choose_qparams(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point, float32, shape (..., K // g).
 
-    clip_max / clip_min (learned weight clipping) multiply the group's max and min (shape (..., K // g) or broadcastable).
+    clip_max / clip_min (learned weight clipping) multiply the group's max and min (shape (..., K // g) or
+    broadcastable).
     """
     check_bits(bits)
     xg = _grouped(x, group_size)
@@ -76,7 +77,8 @@ def choose_qparams(
     return scale, zero
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+             group_size: int | None = None) -> torch.Tensor:
     """Integer codes in [0, 2^bits - 1] as uint8, shape of x."""
     check_bits(bits)
     xg = _grouped(x, group_size)

@@ -75,7 +75,8 @@ def main(argv=None):
         d.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         with open(d / "log.txt", "w") as log:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"}).returncode
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "TQDM_DISABLE": "1"}).returncode
         print(f"{variant} seed {seed}: rc {rc}, {time.time() - t0:.0f}s", flush=True)
         f = d / "results.json"
         return job, (json.loads(f.read_text()) if rc == 0 and f.is_file() else None)
@@ -98,7 +99,7 @@ def main(argv=None):
         rows[variant] = row
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=2))
-    lines = [f"| variant | seeds | " + " | ".join(f"{s} mean (min-max)" for s in sets) + " | calib s | peak GiB |",
+    lines = ["| variant | seeds | " + " | ".join(f"{s} mean (min-max)" for s in sets) + " | calib s | peak GiB |",
              "|---|---|" + "---|" * len(sets) + "---|---|"]
     for v, r in rows.items():
         if not r["seeds"]:

@@ -20,7 +20,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -28,45 +27,9 @@ from pathlib import Path
 
 import torch
 
+from bench.timing import copies_for, graph_time
+
 ROOT = Path(__file__).resolve().parents[1]
-
-L2_ROTATE_BYTES = 160 << 20  # rotate weight copies until this many bytes: ~3x the H100's 50 MB L2
-
-
-# ------------------------------------------------------------------------------------------------------------ timing
-def graph_time(calls: list, reps: int = 10, warmup: int = 2) -> float:
-    """Median time in microseconds of one call, calls being closures over distinct buffers, all captured into one CUDA
-    graph (one replay runs each once, so weights rotate through more bytes than L2 holds)."""
-    for c in calls:  # compile / warm outside the capture
-        c()
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    for _ in range(warmup):
-        g.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / len(calls))
-    del g
-    return statistics.median(times)
-
-
-def copies_for(nbytes: int, cap: int = 64) -> int:
-    return max(2, min(cap, -(-L2_ROTATE_BYTES // max(nbytes, 1))))
-
 
 def gpu_name() -> str:
     return torch.cuda.get_device_name()

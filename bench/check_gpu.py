@@ -399,9 +399,9 @@ def check_w4a4(c: Checker, n: int):
                         scale=rel(got.scale, ref.scale), values=rel(dq(cpu(got)), dq(ref)),
                         code_sum=float((got.code_sum.cpu() != got.q.cpu().int().sum(-1)).any()))
             # fused norm/transform in fp32 on either side: a rare tie may flip one code by one step
-            c.record("w4a4", "quantize_activation", errs, dict(codes_off=flip_tol(ref.q, 5e-3 if fuse else 1e-3), codes_max=1.0,
-                                                               scale=1e-5 if not fuse else 1e-4, values=5e-2,
-                                                               code_sum=0.0), t0, **info)
+            tol = dict(codes_off=flip_tol(ref.q, 5e-3 if fuse else 1e-3), codes_max=1.0,
+                       scale=1e-5 if not fuse else 1e-4, values=5e-2, code_sum=0.0)
+            c.record("w4a4", "quantize_activation", errs, tol, t0, **info)
 
         def mm():
             t0 = time.time()

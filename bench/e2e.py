@@ -22,8 +22,6 @@ import argparse
 import datetime
 import gc
 import json
-import statistics
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -31,10 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aq.config import QuantConfig  # noqa: E402
-from aq.patch import patch_model, patched_summary, weight_bytes  # noqa: E402
+from aq.config import QuantConfig
+from aq.patch import patch_model, patched_summary, weight_bytes
+from bench.timing import graph_time
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
@@ -143,29 +141,8 @@ def linears_only(model, B: int):
 
 
 def timed_graph(fn, reps: int) -> float:
-    """Capture fn in a CUDA graph (after warm-up on a side stream) and return the median replay time in ms."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    del g
-    return statistics.median(times)
+    """Median replay time in ms of fn captured in a CUDA graph."""
+    return graph_time([fn], reps) / 1e3
 
 
 def run_variant(model, batches, prompt: int, gen: int, reps: int) -> dict:
@@ -240,7 +217,8 @@ def bench(args) -> dict:
     return res
 
 
-LABEL = {"bf16": "bf16 (torch)", "bf16-aqnorm": "bf16 + aq norm kernel", "w4a16": "aq W4A16 g128", "w4a16-head": "aq W4A16 g128 + lm_head/embed 4-bit",
+LABEL = {"bf16": "bf16 (torch)", "bf16-aqnorm": "bf16 + aq norm kernel", "w4a16": "aq W4A16 g128",
+         "w4a16-head": "aq W4A16 g128 + lm_head/embed 4-bit",
          "w4a4": "aq W4A4 (per-channel W, per-token A)"}
 
 

@@ -15,17 +15,15 @@ import argparse
 import copy
 import datetime
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aq import data, eval as aq_eval, models  # noqa: E402
-from aq.calib.rtn import quantize_rtn  # noqa: E402
-from aq.patch import patch_model, patched_summary  # noqa: E402
+from aq import data, eval as aq_eval, models
+from aq.calib.rtn import quantize_rtn
+from aq.patch import patch_model, patched_summary
 
 PPL = ("wikitext2", "c4")
 
@@ -115,10 +113,12 @@ def main():
     lines = ["# SmolLM2-135M-Instruct: FP vs W4A16g64 vs W4A4 on aq's kernels", "",
              f"{res['gpu']}, {res['date']}, {args.dtype} model (`{args.model}`), perplexity over "
              + (f"the first {args.eval_windows}" if args.eval_windows else "all")
-             + f" {args.seqlen}-token windows of WikiText-2 test and held-out C4 (docs 800-999); zero-shot: lm-eval-style log-likelihood scoring of the "
+             + f" {args.seqlen}-token windows of WikiText-2 test and held-out C4 (docs 800-999); zero-shot: "
+             "lm-eval-style log-likelihood scoring of the "
              f"first {args.limit} examples of each task (acc_norm for PIQA, ARC, HellaSwag; acc for BoolQ, "
              "WinoGrande), in %.", "", aq_eval.format_table(res["rows"]), "",
-             f"Equivalence of each patched model with the fake-quantized model it was made from ({args.dtype}): relative logit "
+             f"Equivalence of each patched model with the fake-quantized model it was made from ({args.dtype}): "
+             "relative logit "
              f"error ||patched - fake|| / ||fake|| over the first {args.logit_windows} WikiText-2 windows, and "
              "perplexities.", "", "| model | logit rel. err | fake-quant WikiText-2 / C4 | patched WikiText-2 / C4 |",
              "|---|---|---|---|"]

@@ -17,53 +17,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from bench.timing import copy_bandwidth, graph_time
+
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (576, 1536), (1536, 576)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048, 4096]
 QUICK_SHAPES = [(4096, 4096), (4096, 14336)]
 QUICK_MS = [1, 16, 128, 4096]
 METHODS = ["bf16", "tinygemm", "int8", "fp8", "aq_w4a16", "aq_w4a16_g64", "aq_w4a4"]
-
-
-def graph_us(calls: list, reps: int) -> float:
-    """Median microseconds per call of a CUDA graph running each closure once (warm-up and capture on a side stream)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    g.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / len(calls))
-    del g
-    return statistics.median(times)
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting read and write (1 GiB buffers)."""
-    a = torch.empty(1 << 29, device="cuda", dtype=torch.int16)
-    b = torch.empty_like(a)
-    us = graph_us([lambda: b.copy_(a)] * 4, 10)
-    del a, b
-    return 2 * (1 << 30) / (us * 1e-6)
 
 
 def tinygemm_pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
@@ -155,7 +121,7 @@ def run(args) -> dict:
                                                                 use_fast_accum=True) for wi in ws]
                     else:
                         calls = [lambda wi=wi: fn(a, wi) for wi in ws]
-                    row[key] = round(graph_us(calls, args.reps), 2)
+                    row[key] = round(graph_time(calls, args.reps), 2)
                     a_bytes = a.numel() * a.element_size() + M * N * 2
                     row[f"{m}_roofline_us"] = round((wbytes + a_bytes) / bw * 1e6, 2)
                 except Exception as e:  # noqa: BLE001

@@ -5,7 +5,7 @@
     python bench/w4a16.py --plot DIR/w4a16.json   # the PNG from a results file (needs matplotlib)
 
 Timing: triton.testing.do_bench (median, L2 flushed before each call) and CUDA-graph replays over enough rotating weight
-copies that weights stream from DRAM (bench/autotune.py's graph_time). Roofline: the larger of bytes / copy bandwidth
+copies that weights stream from DRAM (bench/timing.py's graph_time). Roofline: the larger of bytes / copy bandwidth
 and
 flops / bf16 GEMM rate, both ceilings measured in the same run (bytes: the weight as stored, x, y; scales and zeros
 counted for the int4 kernels).
@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 11008), (11008, 4096)]  # K x N
@@ -78,7 +77,7 @@ def _run_checks(cases):
         try:
             w = torch.randn(N, K, device="cuda", generator=gen) * 0.05
             p = W.pack_weight(w, bits, g, dtype)
-            assert torch.equal(W.unpack_weight(W.pack_codes(W.unpack_weight(p), p.scales.t().float(),
+            assert torch.equal(W.unpack_weight(W.pack_w4a16_codes(W.unpack_weight(p), p.scales.t().float(),
                                                             p.zeros.t().float(), bits, g, dtype)), W.unpack_weight(p))
             x = torch.randn(M, K, device="cuda", dtype=dtype, generator=gen)
             bias = torch.randn(N, device="cuda", dtype=dtype, generator=gen)
@@ -134,7 +133,7 @@ def ceilings() -> dict:
     b = torch.empty_like(a)
     t = tt.do_bench(lambda: b.copy_(a), return_mode="median")
     bw = 2 * a.numel() / (t * 1e-3)
-    del a, b
+    a, b = None, None  # free the buffers (their closures have run)
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     t = tt.do_bench(lambda: x @ y, return_mode="median")
@@ -154,7 +153,7 @@ def _tinygemm_pack(p, codes):
 
 def bench(out_dir: Path, shapes, ms, reps: int) -> dict:
     import triton.testing as tt
-    from autotune import copies_for, graph_time
+    from bench.timing import copies_for, graph_time
 
     from aq.kernels import w4a16 as W
 
@@ -211,7 +210,7 @@ def bench(out_dir: Path, shapes, ms, reps: int) -> dict:
                   f"int4 {ti.get('do_bench_us', float('nan')):8.1f} {ti.get('graph_us', float('nan')):8.1f} | "
                   f"aq {a['do_bench_us']:8.1f} {a['graph_us']:8.1f} x{c['do_bench_us'] / a['do_bench_us']:5.2f} "
                   f"roof {a['roof_frac_db']:.2f} err {a['err']:.1e} {cfg['kernel']}", flush=True)
-        del wb, pq, tq
+        wb, pq, tq = None, None, None  # free the buffers (their closures have run)
         torch.cuda.empty_cache()
     res = dict(gpu=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                triton=__import__("triton").__version__, ceilings=ceil, group=128, dtype="bfloat16", rows=rows)
@@ -297,6 +296,7 @@ def overhead(shapes, ms) -> None:
     import cProfile
     import pstats
 
+    from aq.kernels import common
     from aq.kernels import w4a16 as W
 
     for K, N in shapes:
@@ -317,7 +317,7 @@ def overhead(shapes, ms) -> None:
                 torch.cuda.synchronize()
                 res[name] = (t1 - t0) / 500 * 1e6
             print(f"host us/call {K}x{N} M={M}: cublas {res['cublas']:.1f} aq {res['aq']:.1f} "
-                  f"(cached launches: {len(W._COMPILED)}) cfg {W.select_config(M, p, x)}", flush=True)
+                  f"(cached launches: {len(common.COMPILED)}) cfg {W.select_config(M, p, x)}", flush=True)
         if (K, N) == shapes[0]:
             pr = cProfile.Profile()
             pr.enable()

@@ -1,9 +1,11 @@
 """W4A4 on the GPU: compiled-kernel correctness, a GEMM config sweep, and the benchmark table and plot.
 
-    python3 bench/w4a4.py check                  # compiled kernels vs the torch references, ragged shapes (exit 1 on failure)
+    python3 bench/w4a4.py check                  # compiled kernels vs the torch references, ragged shapes (exit 1
+                                                 # on failure)
     python3 bench/w4a4.py sweep --out DIR --write  # candidate GEMM configs per M bucket, timed; the winners go to
                                                    # aq/kernels/configs/w4a4-<gpu>.json (and DIR/w4a4-<gpu>.json)
-    python3 bench/w4a4.py bench --out DIR        # cuBLAS bf16, torch._int_mm, aq W4A4 with/without activation quantization
+    python3 bench/w4a4.py bench --out DIR        # cuBLAS bf16, torch._int_mm, aq W4A4 with/without activation
+                                                 # quantization
 
 Timing: every call is captured in a CUDA graph together with copies of itself on other buffers (enough copies that the
 weights they read total >= 200 MB, four times the H100's L2), so launch gaps and a warm L2 do not flatter anything; the
@@ -15,8 +17,6 @@ import argparse
 import datetime
 import json
 import math
-import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from aq.kernels import w4a4 as W  # noqa: E402
+from aq.kernels import w4a4 as W
+from bench.timing import copies_for, graph_time
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 11008), (11008, 4096)]  # (K, N)
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 4096]
@@ -72,35 +72,11 @@ def int_reference(a: W.QuantizedActivation, wt: W.W4A4Weight) -> torch.Tensor:
 
 def time_graph(make_call, n_sets, trials=30):
     """Median us per call of make_call(i)() over n_sets buffers, all captured in one CUDA graph."""
-    calls = [make_call(i) for i in range(n_sets)]
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            for c in calls:
-                c()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(trials):
-        st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        st.record()
-        g.replay()
-        en.record()
-        en.synchronize()
-        ts.append(st.elapsed_time(en) * 1000.0 / n_sets)
-    del g
-    return statistics.median(ts)
+    return graph_time([make_call(i) for i in range(n_sets)], reps=trials)
 
 
 def n_sets_for(nbytes):
-    return int(min(48, max(1, math.ceil(ROTATE_BYTES / max(nbytes, 1)))))
+    return copies_for(nbytes, cap=48, target=ROTATE_BYTES, least=1)
 
 
 def gpu_info():
@@ -184,7 +160,7 @@ def gemm_configs():
     last = {k: v for k, v in W.DEFAULT_CONFIGS[-1].items() if k != "max_m"}
     variants = [dict(first, SPLIT=528), dict(first, SPLIT=528, TMA=True), dict(first, USE_ASM=False),
                 dict(last, SPLIT=264), dict(last, TMA=True), dict(last, TMA=True, W8=True), dict(last, W8=True)]
-    for c in variants + list(W._configs_for(torch.cuda.get_device_name(0))) + list(W.DEFAULT_CONFIGS):
+    for c in variants + list(W.configs_for(torch.cuda.get_device_name(0))) + list(W.DEFAULT_CONFIGS):
         c2 = {k: v for k, v in c.items() if k != "max_m"}
         key = json.dumps(c2, sort_keys=True)
         if key not in seen:
@@ -206,7 +182,7 @@ def check_gemm(dev):
             data.append(((M, N, K, sym_w, sym_a), wt, a, bias, int_reference(a, wt)))
     print(f"  gemm data ready [{time.time() - t0:.0f} s]", flush=True)
     # the float64 reference on small shapes confirms int_reference itself
-    for (M, N, K, *_), wt, a, bias, sref in data[:6]:
+    for (M, N, K, *_), wt, a, _bias, sref in data[:6]:
         if not torch.equal(W.w4a4_matmul_reference(a, wt, None, torch.int32), sref):
             fail(f"int_reference disagrees with the float64 reference at {(M, N, K)}")
     n = 0
@@ -348,7 +324,7 @@ def cmd_sweep(args):
                 scores.setdefault(i, []).append(us)
                 results.append(dict(bucket=bucket, M=M, K=K, N=N, config=cfg, us=us))
                 print(f"sweep M={M:5d} K={K:5d} N={N:5d} {us:9.2f} us  {cfg}", flush=True)
-            del sets
+            sets = None  # free the buffers (the timing closures that use them have run)
             torch.cuda.empty_cache()
         geo = {i: math.exp(sum(math.log(t) for t in ts) / len(ts)) for i, ts in scores.items()}
         best = min(geo, key=geo.get)
@@ -381,14 +357,14 @@ def bench_point(M, K, N, dev, g):
     ws = [torch.randn(N, K, generator=g, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(n)]
     xs = [rand_act(M, K, torch.bfloat16, g, dev) for _ in range(n)]
     row["cublas_bf16"] = time_graph(lambda i: (lambda: F.linear(xs[i], ws[i])), n)
-    del ws
+    ws = None  # free the buffers (the timing closures that use them have run)
     # torch._int_mm on int8 (cuBLAS needs M > 16: smaller M runs as M = 32)
     Mi = M if M > 16 else 32
     n = n_sets_for(N * K + Mi * K)
     wi = [torch.randint(-8, 8, (N, K), generator=g, device=dev, dtype=torch.int8) for _ in range(n)]
     ai = [torch.randint(-8, 8, (Mi, K), generator=g, device=dev, dtype=torch.int8) for _ in range(n)]
     row["int8_mm"] = time_graph(lambda i: (lambda: torch._int_mm(ai[i], wi[i].t())), n)
-    del wi, ai
+    wi, ai = None, None  # free the buffers (their closures have run)
     # aq
     n = n_sets_for(N * K // 2 + 2 * M * K)
     sets = [(xs[i % len(xs)], None, W.pack_w4a4_weight(torch.randn(N, K, generator=g, device=dev) * 0.02))
@@ -404,7 +380,7 @@ def bench_point(M, K, N, dev, g):
     n2 = n_sets_for(3 * M * K)
     xq = [rand_act(M, K, torch.bfloat16, g, dev) for _ in range(n2)]
     row["aq_quant"] = time_graph(lambda i: (lambda: W.quantize_activation(xq[i])), n2)
-    del sets, xs, xq
+    sets, xs, xq = None, None, None  # free the buffers (their closures have run)
     torch.cuda.empty_cache()
     # the two numbers: bytes over copy bandwidth, int8 operations over cuBLAS int8's best rate seen on this GPU
     row["floor_bytes_us"] = (N * K / 2 + M * K + 2 * M * N) / 3.0e12 * 1e6
@@ -433,7 +409,7 @@ def bench_act(dev, g):
             rows.append(r)
             print("act", json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}),
                   flush=True)
-            del xs
+            xs = None  # free the buffers (the timing closures that use them have run)
     return rows
 
 
@@ -447,7 +423,8 @@ def write_report(out: Path, info, rows, act_rows):
          "cuBLAS bf16. floor: max(bytes / 3.0 TB/s, int8 ops / 940 TOPS) for the aq GEMM.", ""]
     for K, N in SHAPES:
         L += [f"## K x N = {K} x {N}", "",
-              "| M | cuBLAS bf16 | int8_mm | aq_gemm | aq_q+gemm | aq quant | floor | int8_mm x | aq_gemm x | aq_q+gemm x |",
+              "| M | cuBLAS bf16 | int8_mm | aq_gemm | aq_q+gemm | aq quant | floor | int8_mm x | aq_gemm x "
+              "| aq_q+gemm x |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             if (r["K"], r["N"]) != (K, N):
@@ -462,7 +439,8 @@ def write_report(out: Path, info, rows, act_rows):
     for r in rows:
         x = r["cublas_bf16"] / r["aq_quant_gemm"]
         if r["M"] >= 2048:
-            L.append(f"| >= 1.2x incl. quant | {r['K']}x{r['N']} | {r['M']} | {x:.2f} | {'yes' if x >= 1.2 else 'NO'} |")
+            ok = "yes" if x >= 1.2 else "NO"
+            L.append(f"| >= 1.2x incl. quant | {r['K']}x{r['N']} | {r['M']} | {x:.2f} | {ok} |")
         elif r["M"] <= 16:
             L.append(f"| >= 3x | {r['K']}x{r['N']} | {r['M']} | {x:.2f} (gemm alone "
                      f"{r['cublas_bf16'] / r['aq_gemm']:.2f}) | {'yes' if x >= 3 else 'NO'} |")

@@ -241,10 +241,10 @@ def test_dispatch_and_errors(monkeypatch):
                        AF.transform_fake_quant_reference(w, A, 4, 16, 3, None, 0.5))
     # path choice on a GPU (no launch): narrow bands -> band kernels, middle -> blocked, wide -> dense
     cuda = torch.device("cuda")
-    assert AF._gemm_path(11008, 4096, 1, 4096, cuda, None) == "band"
-    assert AF._gemm_path(11008, 4096, 128, 4096, cuda, None) == "band"
-    assert AF._gemm_path(11008, 4096, 1024, 4096, cuda, None) == "dense"
-    assert AF._gemm_path(11008, 4096, 4096, 4096, cuda, None) == "dense"
-    assert AF._gemm_path(1536, 576, 576, 576, cuda, None) == "band"  # small products: fewer launches wins
-    assert AF._gemm_path(576, 576, 8, 64, cuda, None) == "band"
+    assert AF.gemm_path(11008, 4096, 1, 4096, cuda, None) == "band"
+    assert AF.gemm_path(11008, 4096, 128, 4096, cuda, None) == "band"
+    assert AF.gemm_path(11008, 4096, 1024, 4096, cuda, None) == "dense"
+    assert AF.gemm_path(11008, 4096, 4096, 4096, cuda, None) == "dense"
+    assert AF.gemm_path(1536, 576, 576, 576, cuda, None) == "band"  # small products: fewer launches wins
+    assert AF.gemm_path(576, 576, 8, 64, cuda, None) == "band"
     assert math.isfinite(AF.dominance_margin(torch.eye(3)))

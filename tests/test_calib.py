@@ -121,7 +121,8 @@ def _segments(n=4, t=32, seed=0):
     (tiny_llama, QuantConfig(mode="affinequant", wbits=3, group_size=16, epochs=2, norm_transform="full")),
     (tiny_llama, QuantConfig(mode="omniquant", wbits=4, abits=4, group_size=None, epochs=2)),
     (tiny_opt, QuantConfig(mode="affinequant", wbits=4, abits=6, group_size=None, epochs=2)),
-    (tiny_opt, QuantConfig(mode="affinequant", wbits=2, group_size=32, epochs=2, norm_transform="block", norm_block=32)),
+    (tiny_opt, QuantConfig(mode="affinequant", wbits=2, group_size=32, epochs=2, norm_transform="block",
+                           norm_block=32)),
 ])
 def test_calibrated_model_is_in_the_handed_on_form(make, cfg, torch_backend):
     model = make()
@@ -149,7 +150,8 @@ def test_calibration_beats_round_to_nearest(torch_backend):
     closer than OmniQuant's (transforms stay strictly diagonally dominant throughout)."""
     seg = _segments(8)
     ref = tiny_opt()(seg).logits
-    err = {"rtn": float((quantize_rtn(tiny_opt(), QuantConfig(wbits=2, group_size=16))(seg).logits - ref).pow(2).mean())}
+    rtn = quantize_rtn(tiny_opt(), QuantConfig(wbits=2, group_size=16))
+    err = {"rtn": float((rtn(seg).logits - ref).pow(2).mean())}
     for mode in ("omniquant", "affinequant"):
         m = tiny_opt()
         res = loop.calibrate(m, seg, QuantConfig(mode=mode, wbits=2, group_size=16, epochs=4, norm_transform="full"),

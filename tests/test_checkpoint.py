@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from aq.calib.rtn import FakeQuantLinear, quantize_rtn
-from aq.checkpoint import (CheckpointError, MANIFEST, TENSORS, load_checkpoint, pack_codes, read_manifest,
-                           save_checkpoint, unpack_codes)
+from aq.checkpoint import (CheckpointError, MANIFEST, TENSORS, load_checkpoint, read_manifest,
+                           save_checkpoint)
 from aq.config import QuantConfig
+from aq.packing import pack_storage_codes, unpack_storage_codes
 from aq.patch import TransformedNorm, W4A4Linear, patched_summary
 from tests.conftest import make_tokenizer, tiny_llama, tiny_opt
 
@@ -36,9 +37,9 @@ def logits(m):
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
 def test_code_packing_round_trips(bits):
     codes = torch.randint(0, 2**bits, (5, 48), dtype=torch.uint8)
-    packed = pack_codes(codes, bits)
+    packed = pack_storage_codes(codes, bits)
     assert packed.dtype == torch.uint8 and packed.shape == (5, 48 * (2 if bits == 2 else 4 if bits <= 4 else 8) // 8)
-    assert torch.equal(unpack_codes(packed, bits, 48), codes)
+    assert torch.equal(unpack_storage_codes(packed, bits, 48), codes)
 
 
 @pytest.mark.parametrize("make,kw", [(tiny_llama, {}), (tiny_llama, {"tie_word_embeddings": True}), (tiny_opt, {})])

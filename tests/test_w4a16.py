@@ -34,7 +34,7 @@ def test_pack_unpack_round_trip(bits, group):
     G = K // (group or K)
     scale = torch.rand(N, G, generator=g) + 0.01
     zero = torch.randint(0, 2**bits, (N, G), generator=g).float()
-    p = W.pack_codes(codes, scale, zero, bits, group, torch.float16)
+    p = W.pack_w4a16_codes(codes, scale, zero, bits, group, torch.float16)
     assert p.qweight.dtype == torch.int32 and p.qweight.shape == (3, K // p.elems_per_word, 16)
     assert p.scales.shape == (G, N) and p.zeros.shape == (G, N)
     assert torch.equal(W.unpack_weight(p), codes)
@@ -174,11 +174,11 @@ def test_bad_inputs_raise_clear_errors():
     codes = torch.full((16, 96), 16, dtype=torch.uint8)
     s, z = torch.ones(16, 3), torch.zeros(16, 3)
     with pytest.raises(ValueError, match="out of range"):
-        W.pack_codes(codes, s, z, 4, 32)
+        W.pack_w4a16_codes(codes, s, z, 4, 32)
     with pytest.raises(ValueError, match="zero points"):
-        W.pack_codes(codes.clamp(max=15), s, z + 0.5, 4, 32)
+        W.pack_w4a16_codes(codes.clamp(max=15), s, z + 0.5, 4, 32)
     with pytest.raises(ValueError, match=r"\[N, K // g\]"):
-        W.pack_codes(codes.clamp(max=15), s[:, :2], z[:, :2], 4, 32)
+        W.pack_w4a16_codes(codes.clamp(max=15), s[:, :2], z[:, :2], 4, 32)
     p = W.pack_weight(w, 4, 32, torch.float16)
     with pytest.raises(ValueError, match="K=96"):
         W.w4a16_linear(torch.randn(2, 64).half(), p)

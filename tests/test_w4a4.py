@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from aq import backend, primitives  # noqa: E402
+from aq.kernels import act_quant  # noqa: E402
 from aq.kernels import w4a4 as W  # noqa: E402
 
 
@@ -137,7 +138,7 @@ def test_fused_norm_and_transform(norm, transform):
 
 
 def test_long_rows_take_the_chunked_kernel(monkeypatch):
-    monkeypatch.setattr(W, "_MAX_ROW_BLOCK", 64)  # rows of 200 now run chunk by chunk
+    monkeypatch.setattr(act_quant, "_MAX_ROW_BLOCK", 64)  # rows of 200 now run chunk by chunk
     x = _act(9, 200, torch.float16, 8)
     got = W.quantize_activation(x, 4, symmetric=True)
     q, s, _ = _codes_ref(x, 4, True)

@@ -44,7 +44,8 @@ class Hessian:
 
 
 def _quant_col(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer codes (float) of one column w [N] with per-row scale/zero [N]; same rounding as aq.primitives.quantize."""
+    """Integer codes (float) of one column w [N] with per-row scale/zero [N]; the rounding of
+    aq.primitives.quantize."""
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
 
 

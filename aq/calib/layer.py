@@ -161,7 +161,8 @@ class LayerCalib(nn.Module):
 
     def keep_dominant_(self) -> None:
         """After each optimizer step: keep every matrix transform strictly diagonally dominant."""
-        for t in (self.t_attn, self.t_mlp, self.t_vo) + ((self.t_qk.t,) if isinstance(self.t_qk, HeadTransform) else ()):
+        head = (self.t_qk.t,) if isinstance(self.t_qk, HeadTransform) else ()
+        for t in (self.t_attn, self.t_mlp, self.t_vo) + head:
             t.keep_dominant_()
 
     def margin_tensor(self) -> torch.Tensor:
@@ -217,7 +218,8 @@ class LayerCalib(nn.Module):
         """Every linear's weight and bias with the transforms applied: fake-quantized and differentiable (training),
         or float64 and unquantized (exact: merging)."""
         a = self.arch
-        O = {n: ((w.double(), None if b is None else b.double()) if exact else (w, b)) for n, (w, b) in self.orig.items()}
+        O = {n: ((w.double(), None if b is None else b.double()) if exact else (w, b))
+             for n, (w, b) in self.orig.items()}
         (wq, bq), (wk, bk), (wv, bv), (wo, bo) = O[a.q], O[a.k], O[a.v], O[a.o]
         # A_qk on q / k rows (biases ride along as a last column)
         q_rows, k_rows = self.t_qk.rows(_with_bias(wq, bq), _with_bias(wk, bk), exact)

@@ -55,7 +55,8 @@ class FakeQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         g = self.group_size or "channel"
-        return f"in_features={self.in_features}, out_features={self.out_features}, wbits={self.wbits}, group={g}, abits={self.abits}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, wbits={self.wbits}, group={g}, "
+                f"abits={self.abits}")
 
 
 def quantizable_linears(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[tuple[str, nn.Linear]]:

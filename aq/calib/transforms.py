@@ -1,5 +1,5 @@
-"""The learnable transforms of AffineQuant calibration, their gradual mask, and NormTransform (what a norm-side transform
-leaves in the calibrated model when it cannot be folded into the norm weight).
+"""The learnable transforms of AffineQuant calibration, their gradual mask, and NormTransform (what a norm-side
+transform leaves in the calibrated model when it cannot be folded into the norm weight).
 
 A transform T sits between a producer of activations X and its consumers W: X becomes (X - delta) T^-1, every consumer
 weight W T^T and every consumer bias b + delta W^T, so X W^T + b is unchanged until W T^T is quantized (ALGORITHM.md).
@@ -76,7 +76,7 @@ class Transform(nn.Module):
             self.A = nn.Parameter(torch.diag(init))
         self.shift = None if shift is None else nn.Parameter(shift.detach().float().clone())
         self.band = self.block  # full band unless the schedule says otherwise (set_epoch)
-        self.margin = 1.0       # dominance margin of T at the last inverse (1 for a diagonal; a device tensor in training)
+        self.margin = 1.0  # dominance margin of T at the last inverse (1 for a diagonal; a device tensor in training)
         self._mask, self._mask_key = None, None
 
     @property

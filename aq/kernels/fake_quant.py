@@ -11,60 +11,7 @@ import triton
 import triton.language as tl
 
 from aq import backend, primitives
-
-# 1.5 * 2^23: adding and subtracting it rounds an fp32 |v| < 2^22 to the nearest integer, ties to even (as torch.round),
-# in compiled and interpreted Triton alike.
-_RNE = tl.constexpr(12582912.0)  # a global read inside @triton.jit must be constexpr
-
-
-def _cdiv(a: int, b: int) -> int:
-    """Host-side ceil division (triton.cdiv goes through Triton's constexpr-function machinery: slow per call)."""
-    return -(-a // b)
-
-
-def _pow2(n: int) -> int:
-    """Smallest power of 2 >= n (host side)."""
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-@triton.jit
-def round_half_even(v):
-    return (v + _RNE) - _RNE
-
-
-@triton.jit
-def _div(a, b):
-    """IEEE-rounded fp32 division (Triton's `/` is approximate on the GPU; the reference divides exactly).
-    tl.math.div_rn does not broadcast its operands (mismatched shapes give garbage when compiled): broadcast first."""
-    a, b = tl.broadcast(a, b)
-    return tl.math.div_rn(a, b)
-
-
-@triton.jit
-def qparams(xmax, xmin, cmax, cmin, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, EPS: tl.constexpr):
-    """Scale and zero point from a group's raw max/min and clipping factors (1.0 = no clipping), as
-    aq.primitives.choose_qparams computes them."""
-    a = xmax * cmax
-    b = xmin * cmin
-    if SYMMETRIC:
-        amax = tl.maximum(tl.abs(a), tl.abs(b))
-        scale = tl.maximum(_div(amax, tl.full(amax.shape, 2 ** (BITS - 1) - 1, tl.float32)), EPS)
-        zero = tl.full(scale.shape, 2 ** (BITS - 1), tl.float32)
-    else:
-        b = tl.minimum(b, 0.0)
-        a = tl.maximum(a, 0.0)
-        scale = tl.maximum(_div(a - b, tl.full(a.shape, 2**BITS - 1, tl.float32)), EPS)
-        zero = round_half_even(_div(-b, scale))
-    return scale, zero
-
-
-@triton.jit
-def fake_quant_values(x, scale, zero, BITS: tl.constexpr):
-    """(q - z) * s with q = clamp(round(x / s) + z, 0, 2^b - 1); scale, zero broadcast against x."""
-    q = round_half_even(_div(x, scale)) + zero
-    q = tl.minimum(tl.maximum(q, 0.0), 2**BITS - 1)
-    return (q - zero) * scale
-
+from aq.kernels.common import cdiv, div_rn, fake_quant_values, next_pow2, qparams, round_half_even
 
 @triton.jit
 def _fq_load_params(cmax_ptr, cmin_ptr, pidx, row_ok, BLOCK_R: tl.constexpr, HAS_CMAX: tl.constexpr,
@@ -79,7 +26,16 @@ def _fq_load_params(cmax_ptr, cmin_ptr, pidx, row_ok, BLOCK_R: tl.constexpr, HAS
 
 
 @triton.jit
-def _fake_quant_fwd_kernel(
+def _group_tile(R, K, G, NG, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    """This program's BLOCK_R rows x one group: (rows, column offsets, row mask, row-group base offsets, stat index)."""
+    gid = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    base = rows[:, None].to(tl.int64) * K + gid * G
+    return rows, tl.arange(0, BLOCK_G), rows < R, base, rows.to(tl.int64) * NG + gid
+
+
+@triton.jit
+def fake_quant_fwd_kernel(
     x_ptr, out_ptr, cmax_ptr, cmin_ptr, stats_ptr, R, K, G, NG,
     BITS: tl.constexpr, SYMMETRIC: tl.constexpr, EPS: tl.constexpr,
     HAS_CMAX: tl.constexpr, HAS_CMIN: tl.constexpr, SAVE_STATS: tl.constexpr,
@@ -87,13 +43,7 @@ def _fake_quant_fwd_kernel(
 ):
     """One program: BLOCK_R rows x one group. stats (if saved): [4, R, NG] = raw max, raw min, scale, zero.
     SINGLE: the group fits one block (one pass, values kept in registers); else two passes over the group."""
-    pid_r = tl.program_id(0)
-    gid = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_G)
-    row_ok = rows < R
-    base = rows[:, None].to(tl.int64) * K + gid * G
-    pidx = rows.to(tl.int64) * NG + gid
+    rows, cols, row_ok, base, pidx = _group_tile(R, K, G, NG, BLOCK_R, BLOCK_G)
     cmax, cmin = _fq_load_params(cmax_ptr, cmin_ptr, pidx, row_ok, BLOCK_R, HAS_CMAX, HAS_CMIN)
 
     if SINGLE:
@@ -112,7 +62,7 @@ def _fake_quant_fwd_kernel(
     xmax = tl.where(row_ok, xmax, 0.0)  # rows past R: keep their (unstored) arithmetic finite
     xmin = tl.where(row_ok, xmin, 0.0)
 
-    scale, zero = qparams(xmax, xmin, cmax, cmin, BITS, SYMMETRIC, EPS)
+    scale, zero = qparams(xmin * cmin, xmax * cmax, BITS, SYMMETRIC, EPS)
     if SAVE_STATS:
         RG = R * NG
         tl.store(stats_ptr + pidx, xmax, mask=row_ok)
@@ -135,7 +85,7 @@ def _fake_quant_fwd_kernel(
 def _fq_bwd_terms(x, g, m, xmax, xmin, scale, zero, QMAX: tl.constexpr):
     """Per-element pieces of the backward pass for one chunk of a group: (inside, sum g((q-z) - inside x/s),
     sum of g over clipped elements, count of x == max, count of x == min)."""
-    v = _div(x, scale[:, None])
+    v = div_rn(x, scale[:, None])
     rq = round_half_even(v) + zero[:, None]
     inside = (rq >= 0.0) & (rq <= QMAX)
     q = tl.minimum(tl.maximum(rq, 0.0), QMAX)
@@ -171,15 +121,8 @@ def _fake_quant_bwd_kernel(
     or s = max(max(|a|, |b|) / (2^(b-1) - 1), eps) (symmetric), a = max_i x_i * cmax, b = min_i x_i * cmin, and the
     max/min reductions (gradient split evenly among the tied extreme elements).
     """
-    pid_r = tl.program_id(0)
-    gid = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_G)
-    row_ok = rows < R
-    base = rows[:, None].to(tl.int64) * K + gid * G
+    rows, cols, row_ok, base, pidx = _group_tile(R, K, G, NG, BLOCK_R, BLOCK_G)
     QMAX: tl.constexpr = 2**BITS - 1
-
-    pidx = rows.to(tl.int64) * NG + gid
     RG = R * NG
     xmax = tl.load(stats_ptr + pidx, mask=row_ok, other=1.0)
     xmin = tl.load(stats_ptr + RG + pidx, mask=row_ok, other=-1.0)
@@ -248,19 +191,19 @@ def _fake_quant_bwd_kernel(
             offs = base + c0 + cols[None, :]
             x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
             g = tl.load(gy_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            rq = round_half_even(_div(x, scale[:, None])) + zero[:, None]
+            rq = round_half_even(div_rn(x, scale[:, None])) + zero[:, None]
             inside = (rq >= 0.0) & (rq <= QMAX)
             gx = _fq_bwd_gx(x, g, inside, xmax, xmin, gxmax, gxmin)
             tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=m)
 
 
 def _block_shape(R: int, g: int) -> tuple[int, int]:
-    block_g = min(_pow2(g), 2048)
-    block_r = max(1, min(_pow2(R), 4096 // block_g))
+    block_g = min(next_pow2(g), 2048)
+    block_r = max(1, min(next_pow2(R), 4096 // block_g))
     return block_r, block_g
 
 
-def _as_rows(t: torch.Tensor | None, R: int, NG: int) -> torch.Tensor | None:
+def as_group_rows(t: torch.Tensor | None, R: int, NG: int) -> torch.Tensor | None:
     return None if t is None else t.reshape(R, NG).contiguous()
 
 
@@ -274,9 +217,9 @@ def fake_quant_fwd(x2: torch.Tensor, bits: int, g: int, symmetric: bool, cmax: t
     if R == 0 or K == 0:
         return out, stats
     block_r, block_g = _block_shape(R, g)
-    grid = (_cdiv(R, block_r), NG)
+    grid = (cdiv(R, block_r), NG)
     dummy = x2
-    _fake_quant_fwd_kernel[grid](
+    fake_quant_fwd_kernel[grid](
         x2, out, cmax if cmax is not None else dummy, cmin if cmin is not None else dummy,
         stats if stats is not None else out, R, K, g, NG,
         BITS=bits, SYMMETRIC=symmetric, EPS=primitives.SCALE_EPS,
@@ -299,7 +242,7 @@ def fake_quant_bwd(x2: torch.Tensor, gy: torch.Tensor, stats: torch.Tensor, bits
     if R == 0 or K == 0:
         return gx, gcmax, gcmin
     block_r, block_g = _block_shape(R, g)
-    grid = (_cdiv(R, block_r), NG)
+    grid = (cdiv(R, block_r), NG)
     _fake_quant_bwd_kernel[grid](
         x2, gy, gx, stats, cmax if cmax is not None else stats, cmin if cmin is not None else stats,
         gcmax if gcmax is not None else stats, gcmin if gcmin is not None else stats, R, K, g, NG,
@@ -310,7 +253,8 @@ def fake_quant_bwd(x2: torch.Tensor, gy: torch.Tensor, stats: torch.Tensor, bits
     return gx, gcmax, gcmin
 
 
-def fake_quant_triton(x: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False) -> torch.Tensor:
+def fake_quant_triton(x: torch.Tensor, bits: int, group_size: int | None = None,
+                      symmetric: bool = False) -> torch.Tensor:
     """Triton fake quantization of x (..., K) per row or per group of group_size columns."""
     primitives.check_bits(bits)
     K = x.shape[-1]
@@ -375,7 +319,7 @@ def fake_quant_ste_reference(x: torch.Tensor, bits: int, group_size: int | None 
     return ((q - z) * s).reshape(x.shape).to(x.dtype)
 
 
-def _check_lwc(x: torch.Tensor, group_size: int | None, t: torch.Tensor | None, what: str) -> None:
+def check_lwc(x: torch.Tensor, group_size: int | None, t: torch.Tensor | None, what: str) -> None:
     if t is None:
         return
     K = x.shape[-1]
@@ -394,8 +338,8 @@ class _FakeQuantSTE(torch.autograd.Function):
         K = x.shape[-1]
         x2 = x.reshape(-1, K).contiguous()
         R, NG = x2.shape[0], K // g
-        cmax2 = _as_rows(cmax, R, NG)
-        cmin2 = _as_rows(cmin, R, NG)
+        cmax2 = as_group_rows(cmax, R, NG)
+        cmin2 = as_group_rows(cmin, R, NG)
         out, stats = fake_quant_fwd(x2, bits, g, symmetric, cmax2, cmin2, save_stats=True)
         ctx.save_for_backward(x2, stats, cmax2, cmin2)
         ctx.cfg = (bits, g, symmetric, x.shape, None if cmax is None else cmax.shape,
@@ -428,8 +372,8 @@ def fake_quant_ste(x: torch.Tensor, bits: int, group_size: int | None = None, sy
     Runs the Triton autograd.Function where aq.backend picks Triton, fake_quant_ste_reference otherwise."""
     primitives.check_bits(bits)
     g = primitives.check_group_size(x.shape[-1], group_size)
-    _check_lwc(x, group_size, u, "u")
-    _check_lwc(x, group_size, l, "l")
+    check_lwc(x, group_size, u, "u")
+    check_lwc(x, group_size, l, "l")
     tensors = [t for t in (x, u, l) if t is not None]
     if backend.choose(*tensors) == backend.TRITON:
         cmax, cmin = lwc_factors(u, l)

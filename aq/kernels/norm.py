@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from aq import backend
+from aq.kernels.common import norm_stats_chunked
 
 _NORMS = {"rms": 1, "layer": 2}
 
@@ -41,7 +42,8 @@ def _check(x, norm, weight, bias, transform):
 
 
 def check_transform(transform: torch.Tensor, K: int) -> None:
-    """A norm-side transform the kernels apply: diagonal [K] or block-diagonal [K // h, h, h], h a power of two >= 16."""
+    """A norm-side transform the kernels apply: diagonal [K] or block-diagonal [K // h, h, h], h a power of two
+    >= 16."""
     if transform.dim() == 1:
         if transform.shape[0] != K:
             raise ValueError(f"a diagonal transform must have shape [{K}], got {tuple(transform.shape)}")
@@ -92,23 +94,7 @@ def _norm_transform_kernel(x_ptr, w_ptr, b_ptr, t_ptr, y_ptr, M, K, stride_xm, s
     rows64 = rows.to(tl.int64)
     cc = tl.arange(0, BLOCK_C)
     # pass 1: mean (LayerNorm) and the mean square of the (centred) row
-    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if NORM == 2:
-        s = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for c0 in range(0, K, BLOCK_C):
-            cols = c0 + cc
-            m = rok[:, None] & (cols < K)[None, :]
-            xv = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            s += tl.sum(xv, 1)
-        mean = s / K
-    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for c0 in range(0, K, BLOCK_C):
-        cols = c0 + cc
-        m = rok[:, None] & (cols < K)[None, :]
-        xv = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        xv = tl.where(m, xv - mean[:, None], 0.0)
-        ss += tl.sum(xv * xv, 1)
-    rstd = 1.0 / tl.sqrt(ss / K + eps)
+    mean, rstd = norm_stats_chunked(x_ptr, rows64, rok, K, stride_xm, eps, NORM, BLOCK_M, BLOCK_C)
     # pass 2: normalize, scale, transform, store
     if TRANSFORM == 2:
         hh = tl.arange(0, H)
@@ -128,7 +114,8 @@ def _norm_transform_kernel(x_ptr, w_ptr, b_ptr, t_ptr, y_ptr, M, K, stride_xm, s
             cok = cols < K
             m = rok[:, None] & cok[None, :]
             xv = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            y = (xv - mean[:, None]) * rstd[:, None] * tl.load(w_ptr + cols, mask=cok, other=0.0).to(tl.float32)[None, :]
+            wv = tl.load(w_ptr + cols, mask=cok, other=0.0).to(tl.float32)
+            y = (xv - mean[:, None]) * rstd[:, None] * wv[None, :]
             if HAS_B:
                 y += tl.load(b_ptr + cols, mask=cok, other=0.0).to(tl.float32)[None, :]
             if TRANSFORM == 1:
