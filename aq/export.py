@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from aq import primitives
-from aq.checkpoint import HF_CONFIG, MANIFEST, TENSORS, load_checkpoint, read_manifest, unpack_codes
+from aq.checkpoint import HF_CONFIG, MANIFEST, TENSORS, load_checkpoint, read_manifest
+from aq.packing import unpack_storage_codes
 
 FORMATS = ("compressed-tensors",)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -233,7 +234,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "co
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(src / TENSORS), framework="pt") as f:
         for name, info in man["linears"].items():
-            codes = unpack_codes(f.get_tensor(f"{name}.qweight"), info["wbits"], info["in_features"])
+            codes = unpack_storage_codes(f.get_tensor(f"{name}.qweight"), info["wbits"], info["in_features"])
             scale, zero = f.get_tensor(f"{name}.scale"), f.get_tensor(f"{name}.zero")
             key = _scheme_key(info, zero)
             groups.setdefault(key, []).append(name)
