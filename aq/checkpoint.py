@@ -182,7 +182,7 @@ def _norm_sites(model: nn.Module) -> list[str]:
 
     arch = models.arch_of(model)
     n = len(model.get_submodule(arch.layers))
-    return [f"{arch.layers}.{i}.{s}" for i in range(n) for s in (arch.attn_norm, arch.mlp_norm)]
+    return [f"{arch.layers}.{i}.{s.producer}" for i in range(n) for s in arch.norm_sites]
 
 
 # --------------------------------------------------------------------------------------------------------------- save

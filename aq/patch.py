@@ -116,8 +116,9 @@ def split_norm(module: nn.Module) -> tuple[nn.Module, torch.Tensor | None]:
     return module, None
 
 
-def norm_params(norm: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor | None, float]:
-    """(kind 'rms' | 'layer', weight, bias, eps) of an RMSNorm (LLaMA family) or nn.LayerNorm."""
+def norm_params(norm: nn.Module, offset: float = 0.0) -> tuple[str, torch.Tensor, torch.Tensor | None, float]:
+    """(kind 'rms' | 'layer', weight, bias, eps) of an RMSNorm (LLaMA family) or nn.LayerNorm; offset: the norm
+    scales by (offset + weight) (aq.models.Arch.norm_offset, Gemma's 1 + w), returned as the weight."""
     if isinstance(norm, nn.LayerNorm):
         if norm.weight is None:
             raise ValueError("LayerNorm without an affine weight is not supported")
@@ -125,7 +126,7 @@ def norm_params(norm: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor | None
     w = getattr(norm, "weight", None)
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     if isinstance(w, torch.Tensor) and eps is not None and "rmsnorm" in type(norm).__name__.lower():
-        return "rms", w, None, float(eps)
+        return "rms", (w + offset) if offset else w, None, float(eps)
     raise ValueError(f"unsupported norm module {type(norm).__name__}: aq fuses RMSNorm and LayerNorm")
 
 
@@ -133,9 +134,9 @@ class _NormCopy(nn.Module):
     """A frozen copy of a norm's parameters (kind, weight, bias, eps) and of the transform that follows it (None,
     diagonal [d] or block-diagonal [nb, b, b]): what the fused norm kernels read."""
 
-    def __init__(self, norm: nn.Module, transform: torch.Tensor | None = None):
+    def __init__(self, norm: nn.Module, transform: torch.Tensor | None = None, offset: float = 0.0):
         super().__init__()
-        kind, w, b, eps = norm_params(norm)
+        kind, w, b, eps = norm_params(norm, offset)
         self.kind, self.eps = kind, eps
         self.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
         self.bias = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False)
@@ -206,8 +207,8 @@ class DeferredNorm(_NormCopy):
     the linears it feeds: returns its input unchanged; ``quantized(x, bits)`` (called by those linears) quantizes
     norm(x) (and the transform) per token in one kernel, once per input tensor."""
 
-    def __init__(self, norm: nn.Module, transform: torch.Tensor | None = None):
-        super().__init__(norm, transform)
+    def __init__(self, norm: nn.Module, transform: torch.Tensor | None = None, offset: float = 0.0):
+        super().__init__(norm, transform, offset)
         self._share = _SharedResult()  # the codes of one input, handed to each consumer once
         self.consumers = 0  # set by W4A4Linear.attach_norm
 
@@ -273,10 +274,10 @@ class W4A4Linear(nn.Module):
 class FusedNorm(_NormCopy):
     """Norm + diagonal or block-diagonal transform in one Triton kernel (weight-only models)."""
 
-    def __init__(self, norm: nn.Module, transform: torch.Tensor | None = None):
+    def __init__(self, norm: nn.Module, transform: torch.Tensor | None = None, offset: float = 0.0):
         if transform is not None and transform_form(transform) == "full":
             raise ValueError("FusedNorm takes a diagonal or block-diagonal transform, not a full matrix")
-        super().__init__(norm, transform)
+        super().__init__(norm, transform, offset)
 
     def forward(self, x):
         return norm_transform(x, self.kind, self.weight, self.bias, self.eps, self.transform)
@@ -287,10 +288,13 @@ class FusedNorm(_NormCopy):
 
 
 class QuantEmbedding(nn.Module):
-    """A token embedding stored as packed low-bit rows (W4A16 layout); lookup dequantizes the gathered rows."""
+    """A token embedding stored as packed low-bit rows (W4A16 layout); lookup dequantizes the gathered rows, times
+    `embed_scale` when the replaced embedding scaled its output (Gemma's sqrt(hidden), rounded to the storage dtype
+    as Gemma does)."""
 
-    def __init__(self, packed: k4a16.PackedWeight, padding_idx: int | None = None):
+    def __init__(self, packed: k4a16.PackedWeight, padding_idx: int | None = None, embed_scale: float | None = None):
         super().__init__()
+        self.embed_scale = embed_scale
         self.num_embeddings, self.embedding_dim = packed.N, packed.K
         self.bits, self.group_size, self.padding_idx = packed.bits, packed.group_size, padding_idx
         self.register_buffer("qweight", packed.qweight)
@@ -307,7 +311,10 @@ class QuantEmbedding(nn.Module):
         g = self.group_size
         s = self.scales.t()[ids].float().repeat_interleave(g, -1)
         z = self.zeros.t()[ids].float().repeat_interleave(g, -1)
-        return ((q - z) * s).to(self.scales.dtype)
+        out = ((q - z) * s).to(self.scales.dtype)
+        if self.embed_scale is not None:
+            out = out * torch.tensor(self.embed_scale, dtype=out.dtype, device=out.device)
+        return out
 
     def extra_repr(self):
         return f"{self.num_embeddings}, {self.embedding_dim}, wbits={self.bits}, group={self.group_size}"
@@ -436,8 +443,8 @@ def _norm_sites(model: nn.Module) -> list[tuple[str, list[str]]]:
     sites = []
     for i in range(len(model.get_submodule(arch.layers))):
         p = f"{arch.layers}.{i}."
-        sites.append((p + arch.attn_norm, [p + n for n in (arch.q, arch.k, arch.v)]))
-        sites.append((p + arch.mlp_norm, [p + n for n in arch.mlp_in]))
+        for s in arch.norm_sites:
+            sites.append((p + s.producer, [p + n for n in arch.consumer_modules(s)]))
     return sites
 
 
@@ -482,6 +489,7 @@ def patch_model(model: nn.Module, cfg: QuantConfig | None = None, *, lm_head: bo
         _set(model, name, new[name])
         m.to("meta")  # free the dense / fake-quantized weight now (the module is gone from the model)
     # norms: fuse or keep; a norm-side transform is handled here whatever the linears are
+    off = arch.norm_offset
     for site, consumers in _norm_sites(model):
         mod = model.get_submodule(site)
         norm, t = split_norm(mod)
@@ -492,20 +500,20 @@ def patch_model(model: nn.Module, cfg: QuantConfig | None = None, *, lm_head: bo
             warnings.warn(f"{site}: block-diagonal blocks of {h} (not a power of two >= 16) have no fused kernel; "
                           "the transform stays a separate einsum after the norm")
         elif all(isinstance(c, W4A4Linear) for c in cons) and fuse_norm and form != "full":
-            d = DeferredNorm(norm, t).to(norm.weight.device)
+            d = DeferredNorm(norm, t, off).to(norm.weight.device)
             _set(model, site, d)
             for c in cons:
                 c.attach_norm(d)
         elif form in ("diagonal", "blockdiag"):
-            _set(model, site, FusedNorm(norm, t).to(norm.weight.device))
+            _set(model, site, FusedNorm(norm, t, off).to(norm.weight.device))
         elif form == "full":
             warnings.warn(f"{site}: a full transform stays a dense matmul after the norm ({TRANSFORM_FORMS['full']})")
         elif norm_kernel and t is None and new and _fusable_norm(mod):
-            _set(model, site, FusedNorm(mod).to(mod.weight.device))
+            _set(model, site, FusedNorm(mod, offset=off).to(mod.weight.device))
     if norm_kernel and new:
         fn = model.get_submodule(arch.final_norm)
         if _fusable_norm(fn):
-            _set(model, arch.final_norm, FusedNorm(fn).to(fn.weight.device))
+            _set(model, arch.final_norm, FusedNorm(fn, offset=off).to(fn.weight.device))
     if fuse_projections:
         for _, consumers in _norm_sites(model):
             mods = [new.get(c) for c in consumers]
@@ -530,7 +538,8 @@ def patch_model(model: nn.Module, cfg: QuantConfig | None = None, *, lm_head: bo
         g = cfg.group_size
         codes, scale, zero = _rtn_codes(emb.weight.detach(), cfg.wbits, g, cfg.symmetric)
         _set(model, arch.embed, QuantEmbedding(k4a16.pack_codes(codes, scale, zero, cfg.wbits, g, dtype),
-                                               getattr(emb, "padding_idx", None)))
+                                               getattr(emb, "padding_idx", None),
+                                               getattr(emb, "scalar_embed_scale", None)))
     return model
 
 

@@ -64,10 +64,10 @@ def test_random_transforms_with_quantization_off_keep_the_logits(make, mode, for
     g = torch.Generator().manual_seed(1)
     kvd = geo.kv_heads * geo.head_dim
     for i in range(len(layers)):
-        shifts = {} if arch.rope else {"attn": torch.zeros(64), "mlp": torch.zeros(64), "vo": torch.zeros(kvd)}
+        shifts = {} if arch.rope else {"A_qkv": torch.zeros(64), "A_up": torch.zeros(64), "A_vo": torch.zeros(kvd)}
         c = LayerCalib(layers[i], arch, geo, cfg, norm_form=cfg.norm_form, head_affine=mode == "affinequant",
                        alpha=0.7, quantize=False, shifts=shifts)
-        assert (c.t_down is not None) == (arch.mlp_up is not None)
+        assert ("A_down" in c.t) == ("gate" in arch.modules)
         _randomize(c, g)
         c.set_epoch(3, 4)  # the last epoch: full band
         c.refresh()
@@ -137,7 +137,7 @@ def test_calibrated_model_is_in_the_handed_on_form(make, cfg, torch_backend):
             assert torch.equal(dequantize(codes, m.scale, m.zero, m.group_size), m.weight)
         norm = layer.get_submodule(arch.attn_norm)
         assert isinstance(norm, NormTransform) == (cfg.norm_form != "diagonal")
-        attn = layer.get_submodule(arch.q.rpartition(".")[0])
+        attn = layer.get_submodule(arch.attention)
         assert getattr(attn, "aq_qkv_abits", 16) == cfg.abits
     if cfg.abits < 16:
         assert model.config._attn_implementation.startswith("aq_qkv_")
@@ -232,7 +232,7 @@ def test_divergence_restores_the_layer_then_falls_back(monkeypatch, torch_backen
 
     def nan_first_attempts(self, x, **kw):
         out = real_forward(self, x, **kw)
-        if self.t_attn.form != "diagonal" and torch.is_grad_enabled():
+        if self.t["A_qkv"].form != "diagonal" and torch.is_grad_enabled():
             calls["n"] += 1
             return out * float("nan")
         return out

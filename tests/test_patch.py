@@ -68,7 +68,7 @@ def test_w4a4_patched_is_the_fake_quant_model_in_fp32(make, fuse):
         lay, attn_norm, _ = _norms(pm)[0]
         assert isinstance(getattr(lay, attn_norm), DeferredNorm)
         assert lay.self_attn.q_proj._fused[0].linear._norm_site[0] is getattr(lay, attn_norm)
-        assert not lay.get_submodule(arch_of(pm).o)._norm_site
+        assert not lay.get_submodule(arch_of(pm).module("o"))._norm_site
     # integer GEMM + exact per-token codes: the fp32 fake-quant model up to float summation order
     assert rel(logits(fq), logits(pm)) < 1e-5
 

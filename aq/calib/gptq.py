@@ -130,7 +130,8 @@ def gptq_linear(linear: nn.Linear, H: torch.Tensor, cfg: QuantConfig, **kw) -> F
 
 def stages(arch: models.Arch) -> list[tuple[str, ...]]:
     """True-sequential order inside a layer: each stage's inputs come from the stages before it already quantized."""
-    return [(arch.q, arch.k, arch.v), (arch.o,), tuple(arch.mlp_in), (arch.mlp_out,)]
+    attn, mlp = arch.norm_sites[:2]
+    return [arch.consumer_modules(attn), (arch.module("o"),), arch.consumer_modules(mlp), (arch.module("down"),)]
 
 
 @torch.no_grad()

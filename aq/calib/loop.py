@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from aq import checks, models
 from aq.calib.attention import enable_qkv_quant, set_qkv_abits
 from aq.calib.gptq import gptq_round_layer
-from aq.calib.layer import LayerCalib, _parent, _set
+from aq.calib.layer import LayerCalib, _set, active_sites
 from aq.calib.loss import layer_loss, position0_share
 from aq.calib.rotation import rotate_residual
 from aq.calib.rtn import FakeQuantLinear, check_model
@@ -192,21 +192,24 @@ class _ChannelStats:
 
 def _init_scales(stats: _ChannelStats, layer: nn.Module, arch: models.Arch, geo: models.Geometry, alpha: float,
                  shifts: dict[str, bool]) -> tuple[dict, dict]:
-    """SmoothQuant-style initial scales s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) for A_qkv, A_up and A_vo (the
-    activation range taken after the shift, when there is one), and shifts (max + min) / 2 where enabled."""
-    consumers = {"attn": [arch.q, arch.k, arch.v], "mlp": list(arch.mlp_in), "vo": [arch.o], "down": [arch.mlp_out]}
+    """SmoothQuant-style initial scales s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) for the watched sites (the
+    activation range taken after the shift, when there is one), and shifts (max + min) / 2 where enabled; keyed by
+    site name."""
+    rows = arch.rows(geo, layer)
     init, shift = {}, {}
-    for key, names in consumers.items():
+    for site in arch.sites:
+        key = site.name
         if key not in stats.amax:  # a transform this run does not use
             continue
-        w_amax = torch.stack([layer.get_submodule(n).weight.detach().float().abs().amax(0) for n in names]).amax(0)
+        w_amax = torch.stack([layer.get_submodule(rows[r][0]).weight.detach()[rows[r][1]:rows[r][2]].float().abs()
+                              .amax(0) for r in site.consumers]).amax(0)
         cmax, cmin = stats.cmax[key], stats.cmin[key]
         if shifts.get(key):
             delta = (cmax + cmin) / 2
             a_amax = (cmax - cmin) / 2
         else:
             delta, a_amax = None, stats.amax[key]
-        if key == "vo":  # o's input channels -> per kv head channel (the query heads of a group share the transform)
+        if site.form == "head":  # o's input channels -> per kv head channel (a group's query heads share it)
             g = geo.groups
 
             def per_kv(t, red):
@@ -222,6 +225,24 @@ def _init_scales(stats: _ChannelStats, layer: nn.Module, arch: models.Arch, geo:
         if delta is not None:
             shift[key] = delta
     return init, shift
+
+
+def _watched(fp_layer: nn.Module, arch: models.Arch, geo: models.Geometry, cfg: QuantConfig
+             ) -> tuple[dict[str, str], dict[str, bool]]:
+    """(site name -> the linear whose inputs give its statistics, site name -> whether it gets a shift) for the sites
+    with an initialization (all but "qk"): a norm site shifts when its norm has a bias, a head site when its producer
+    has one."""
+    shifts_on = bool(cfg.shifts)  # resolved by calibrate() (QuantConfig.resolve)
+    watched, shifts = {}, {}
+    for site in active_sites(arch, geo, cfg):
+        if site.form == "qk":
+            continue
+        watched[site.name] = arch.module(site.consumers[0])
+        if site.form == "norm":
+            shifts[site.name] = shifts_on and getattr(fp_layer.get_submodule(site.producer), "bias", None) is not None
+        elif site.form == "head":
+            shifts[site.name] = shifts_on and fp_layer.get_submodule(arch.module(site.producer)).bias is not None
+    return watched, shifts
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -352,7 +373,7 @@ def _train(calib: LayerCalib, q_buf, fp_buf, kwargs, cfg: QuantConfig, epochs: i
         if not margin > 0:  # an inverse failed or a transform lost dominance in this epoch (keep_dominant_ prevents it)
             raise _Unstable(f"a transform was not strictly diagonally dominant in epoch {epoch + 1} "
                             f"(relative margin {margin:.3e})")
-        bar.set_postfix(loss=f"{epoch_loss:.4g}", band=getattr(calib.t_attn, "band", 1))
+        bar.set_postfix(loss=f"{epoch_loss:.4g}", band=calib.band)
     return epoch_loss
 
 
@@ -362,7 +383,7 @@ def _rtn_layer(fp_layer: nn.Module, arch: models.Arch, cfg: QuantConfig) -> nn.M
         lin = new.get_submodule(n)
         _set(new, n, FakeQuantLinear.from_linear(lin, cfg.wbits, cfg.group_size, cfg.abits, cfg.symmetric))
     if cfg.abits < 16:
-        set_qkv_abits(new.get_submodule(_parent(arch.q)[0]), cfg.abits)
+        set_qkv_abits(new.get_submodule(arch.attention), cfg.abits)
     return new
 
 
@@ -378,14 +399,7 @@ def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Te
     t0 = time.time()
     log = LayerLog(index=i)
     dev = fp_buf.device
-    shifts_on = bool(cfg.shifts)  # resolved by calibrate() (QuantConfig.resolve)
-    norm_has_bias = {k: getattr(fp_layer.get_submodule(n), "bias", None) is not None
-                     for k, n in (("attn", arch.attn_norm), ("mlp", arch.mlp_norm))}
-    shifts = {"attn": shifts_on and norm_has_bias["attn"], "mlp": shifts_on and norm_has_bias["mlp"],
-              "vo": shifts_on and fp_layer.get_submodule(arch.v).bias is not None}
-    watched = {"attn": arch.q, "mlp": arch.mlp_in[0], "vo": arch.o}
-    if cfg.down_on and arch.mlp_up is not None:
-        watched["down"] = arch.mlp_out
+    watched, shifts = _watched(fp_layer, arch, geo, cfg)
     stats = _ChannelStats({k: fp_layer.get_submodule(n) for k, n in watched.items()})
     try:
         propagate(fp_layer, fp_buf, kwargs, batch)  # fp_buf: FP inputs -> FP outputs (the training targets)
@@ -409,8 +423,8 @@ def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Te
             build = lambda ini: LayerCalib(fp_layer, arch, geo, cfg, norm_form=form, head_affine=affine, alpha=alpha,
                                            init=ini, shifts=shift, name=f"layers.{i}")  # noqa: E731
             candidates = {"smoothquant": init, "identity": None}
-            if "down" in init:  # A_down's SmoothQuant start helps only at layers with massive down_proj inputs
-                candidates["smoothquant, identity down"] = {k: v for k, v in init.items() if k != "down"}
+            if "A_down" in init:  # A_down's SmoothQuant start helps only at layers with massive down_proj inputs
+                candidates["smoothquant, identity down"] = {k: v for k, v in init.items() if k != "A_down"}
             probed = {k: _probe_loss(build(v), q_buf, fp_buf, kwargs, probe, amp, cfg) for k, v in candidates.items()}
             finite = {k: v[0] for k, v in probed.items() if math.isfinite(v[0])}
             if not finite:

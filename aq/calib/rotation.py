@@ -29,7 +29,6 @@ from torch import nn
 from aq import models
 from aq.config import ROTATIONS
 
-ROTATABLE = ("llama", "mistral", "qwen2")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -91,11 +90,17 @@ def rotation_matrix(d: int, kind: str = "hadamard", seed: int = 0) -> torch.Tens
 # folding into a model
 # ---------------------------------------------------------------------------------------------------------------------
 
+def rotatable() -> tuple[str, ...]:
+    """The model types whose residual rotation is exact (Arch.no_rotation empty)."""
+    return tuple(mt for mt, a in models.ARCHS.items() if not a.no_rotation)
+
+
 def check_rotatable(model: nn.Module) -> None:
-    mt = getattr(model.config, "model_type", None)
-    if mt not in ROTATABLE:
-        raise ValueError(f"--rotate needs an RMSNorm model ({', '.join(ROTATABLE)}); {mt!r} normalizes with a mean "
-                         "that a rotation does not commute with: use --rotate none")
+    arch = models.arch_of(model)
+    if arch.no_rotation:
+        mt = getattr(model.config, "model_type", None)
+        raise ValueError(f"--rotate is exact only for {', '.join(rotatable())}; on {mt!r} it is not: "
+                         f"{arch.no_rotation}. Use --rotate none")
 
 
 def _rmsnorm_weight(norm: nn.Module) -> torch.Tensor:
@@ -133,14 +138,14 @@ def rotate_residual(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> 
             model._tied_weights_keys = None
     emb.weight.copy_((emb.weight.double() @ Q).to(emb.weight.dtype))
     for layer in models.decoder_layers(model):
-        for norm_name, readers in ((arch.attn_norm, (arch.q, arch.k, arch.v)), (arch.mlp_norm, arch.mlp_in)):
-            norm = layer.get_submodule(norm_name)
+        for site in arch.norm_sites:
+            norm, readers = layer.get_submodule(site.producer), arch.consumer_modules(site)
             w = _rmsnorm_weight(norm)
             for r in readers:
                 _read(layer.get_submodule(r), w, Q)
             norm.weight.fill_(1.0)
-        _write(layer.get_submodule(arch.o), Q)
-        _write(layer.get_submodule(arch.mlp_out), Q)
+        _write(layer.get_submodule(arch.module("o")), Q)
+        _write(layer.get_submodule(arch.module("down")), Q)
     final = model.get_submodule(arch.final_norm)
     _read(head, _rmsnorm_weight(final), Q)
     final.weight.fill_(1.0)
