@@ -108,7 +108,7 @@ COMPUTE_KEYS = SHAPE_KEYS + (
     "rope_parameters", "partial_rotary_factor", "max_position_embeddings", "attention_bias", "mlp_bias",
     "pretraining_tp", "do_layer_norm_before", "_remove_final_layer_norm", "enable_bias",
     "layer_norm_elementwise_affine", "sliding_window", "attn_logit_softcapping", "final_logit_softcapping",
-    "query_pre_attn_scalar")
+    "query_pre_attn_scalar", "hidden_activation")
 
 
 class CheckpointError(ValueError):

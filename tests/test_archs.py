@@ -238,3 +238,21 @@ def test_w4a4_patched_is_the_fake_quant_model(mt):
     assert s["W4A4Linear"] == 8 and s["DeferredNorm"] == 4  # q/k/v and gate/up one GEMM each (fused or joined)
     with torch.no_grad():
         assert _rel(pm(IDS).logits, fq(IDS).logits) < 1e-5
+
+
+def test_gptq_on_fused_linears(torch_backend):
+    """GPTQ's true-sequential stages come from the sites (Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj): every
+    linear rounded, and closer to the FP model than round-to-nearest on the calibration tokens."""
+    from aq.calib.gptq import quantize_gptq, stages
+
+    fp = _build("phi3")
+    assert stages(models.arch_of(fp)) == [("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",),
+                                          ("mlp.down_proj",)]
+    segs = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(4))
+    cfg = QuantConfig(mode="gptq", wbits=3, group_size=32)
+    g = quantize_gptq(_build("phi3"), segs, cfg, progress=False, say=lambda s: None)
+    r = quantize_rtn(_build("phi3"), cfg)
+    assert sum(isinstance(m, FakeQuantLinear) for m in g.modules()) == 8
+    with torch.no_grad():
+        ref = fp(segs).logits
+        assert _rel(g(segs).logits, ref) < _rel(r(segs).logits, ref)

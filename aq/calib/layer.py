@@ -1,11 +1,13 @@
 """A decoder layer under calibration, driven by the architecture mapping (aq.models.Arch), and its merge into the form
 calibration hands on (FakeQuantLinear everywhere, norms folded or followed by a NormTransform).
 
-The HF layer's own forward runs unchanged on a working copy in which every consumer linear is a _LiveLinear (its weight
-set each step by LayerCalib.refresh: transformed, fake-quantized, differentiable) and each norm a _LiveNorm (the norm,
-then the activation side of its transform). So LLaMA, Mistral, Qwen2 (GQA, q/k/v biases) and OPT share one code path.
+The HF layer's own forward runs unchanged on a working copy in which every linear is a _LiveLinear (its weight set each
+step by LayerCalib.refresh: transformed, fake-quantized, differentiable) and each norm of a site a _LiveNorm (the norm,
+then the activation side of its transform). Which transforms exist and what they touch is the architecture's data
+(aq.models.Arch.sites, by role; a fused linear's rows are split by role), so every architecture of aq.models.ARCHS
+shares one code path.
 
-Transforms of a layer (ALGORITHM.md, "Where the transforms sit"):
+Transforms of a LLaMA layer (ALGORITHM.md, "Where the transforms sit"; other architectures leave some out):
   A_qkv: norm before attention -> q, k, v (columns)      A_up: norm before the MLP -> gate/up or fc1 (columns)
   A_vo:  v rows (inverse) -> o columns, per kv head      A_qk: q rows / k rows (inverse), per kv head (RoPE-restricted)
   A_down (QuantConfig.down_transform, not in the paper): diagonal, up_proj rows (inverse) -> down_proj columns;

@@ -12,8 +12,12 @@ RMSNorm models, because rms(h Q) = rms(h):
   readers (q, k, v, gate, up, lm_head):  W  <- (W * w) Q          (input columns rotated)
   writers (o, down) and the embedding:   W  <- Q^T W,  b <- b Q,  E <- E Q   (outputs into the stream rotated)
 
-A tied lm_head is untied (it now differs from the embedding by the final norm's weight). LayerNorm (OPT) subtracts the
-mean, which a rotation does not commute with, so OPT is refused.
+A tied lm_head is untied (it now differs from the embedding by the final norm's weight). Readers and writers come from
+the architecture's data (the consumers of its norm sites; o and down), so fused linears (Phi-3) and norms after q / k
+(Qwen3: they act on q / k's outputs, which the rotation leaves alone) need nothing more. Where it is not exact,
+Arch.no_rotation says why and the run is refused: LayerNorm (OPT) subtracts the mean, which a rotation does not
+commute with; Gemma 2 / 3 scale o / down's outputs per channel by their post-attention / post-MLP norms before the
+residual add.
 
 Q is a Hadamard matrix with random row signs, scaled by 1/sqrt(d) ("hadamard", the default: flat, so every output
 mixes every channel equally) or a Haar-random orthogonal matrix ("random"); both come from the run's seed, so a run is
