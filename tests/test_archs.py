@@ -256,3 +256,20 @@ def test_gptq_on_fused_linears(torch_backend):
     with torch.no_grad():
         ref = fp(segs).logits
         assert _rel(g(segs).logits, ref) < _rel(r(segs).logits, ref)
+
+
+@pytest.mark.parametrize("mt", ["qwen3", "phi3", "gemma3_text"])
+def test_weight_activation_calibration(mt, torch_backend):
+    """W4A8 OmniQuant (per-token inputs, Q/K/V quantized per head, A_down on): every layer trains (no fallback to
+    round-to-nearest) and the attention modules carry the activation bits."""
+    model = _build(mt)
+    segs = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(6))
+    res = loop.calibrate(model, segs, QuantConfig(mode="omniquant", wbits=4, abits=8, group_size=None, epochs=1),
+                         progress=False, say=lambda s: None)
+    assert all(r["form"] == "diagonal" and not r["events"] for r in res["layers"])
+    arch = models.arch_of(model)
+    for layer in models.decoder_layers(model):
+        assert layer.get_submodule(arch.attention).aq_qkv_abits == 8
+        assert all(layer.get_submodule(n).abits == 8 for n in arch.linears)
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()
