@@ -92,6 +92,10 @@ class Arch:
             if any(self.modules.get(r) != m for r in roles):
                 raise ValueError(f"fused module {m}: its roles {roles} must all map to it in Arch.modules")
 
+    def __hash__(self):  # the dict fields, as sorted items
+        return hash((self.layers, tuple(sorted(self.modules.items())), self.sites, self.final_norm, self.embed,
+                     self.rope, tuple(sorted(self.fused.items())), self.norm_offset, self.no_rotation))
+
     def module(self, role: str) -> str:
         return self.modules[role]
 
