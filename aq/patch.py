@@ -5,7 +5,7 @@
 
 What is replaced
 ----------------
-- Every ``FakeQuantLinear`` (what calibration hands on, see aq.calib.rtn) becomes
+- Every ``FakeQuantLinear`` (what calibration hands on, see aq.qmodel) becomes
   - ``W4A16Linear`` when its abits >= 16: the codes are packed once (aq.kernels.w4a16 layout, scales and zeros in the
     compute dtype) and every call runs the fused dequantize-matmul ``w4a16_linear``;
   - ``W4A4Linear`` when abits < 16 (per-channel weights, wbits <= 4, abits <= 7): the weight codes are packed two per
@@ -15,8 +15,8 @@ What is replaced
 - lm_head and the token embedding stay as they are unless ``lm_head=True`` / ``embeddings=True`` (then they are
   quantized round-to-nearest to W{wbits}A16 with the config's group size: W4A16Linear / ``QuantEmbedding``).
 - Norms (the architecture mapping of aq.models says which norm feeds which linears):
-  - a weight-only model whose norm carries a transform that cannot be folded (``TransformedNorm``, or calibration's
-    norm-side transform module, see ``split_norm``) gets a ``FusedNorm``: the norm and the diagonal or block-diagonal
+  - a weight-only model whose norm carries a transform that cannot be folded (``aq.qmodel.TransformedNorm``) gets a
+    ``FusedNorm``: the norm and the diagonal or block-diagonal
     transform in one Triton kernel (aq.kernels.norm), no dense d x d matmul; a full matrix stays a dense matmul
     (TRANSFORM_FORMS states each form's cost);
   - a weight-activation model (with ``fuse_norm=True``, the default) gets a ``DeferredNorm`` that returns its input
@@ -34,87 +34,13 @@ import torch
 from torch import nn
 
 from aq import models, primitives
-from aq.calib.rtn import FakeQuantLinear
 from aq.config import QuantConfig
 from aq.kernels import w4a4 as k4a4
 from aq.kernels import w4a16 as k4a16
 from aq.kernels.norm import apply_transform, norm_transform
+from aq.qmodel import TRANSFORM_FORMS, FakeQuantLinear, TransformedNorm, set_submodule, split_norm, transform_form
 
 HALF = (torch.float16, torch.bfloat16)
-
-# What each form of a norm-side transform (A^-1 after a norm, left when it cannot be folded) costs at inference.
-TRANSFORM_FORMS = {
-    "diagonal": "a diagonal A: folded into the norm (inside the norm kernel), no inference cost",
-    "blockdiag": "block-diagonal A (blocks of h): applied inside the norm kernel, h MACs per channel per token "
-                 "(h/d of a dense matmul; e.g. h=128, d=4096: 3%), no extra pass over memory",
-    "full": "a full d x d A: a dense d x d matmul after each norm at inference in weight-only runs (for d=4096 about as "
-            "much work as the q projection, in 16 bits; it cannot be folded or fused)",
-}
-
-
-def transform_form(t: torch.Tensor | None) -> str | None:
-    """'diagonal' ([K]), 'blockdiag' ([K // h, h, h]) or 'full' ([K, K]) for a right-multiplied transform tensor."""
-    if t is None:
-        return None
-    if t.dim() == 1:
-        return "diagonal"
-    if t.dim() == 3 and t.shape[1] == t.shape[2]:
-        return "blockdiag"
-    if t.dim() == 2 and t.shape[0] == t.shape[1]:
-        return "full"
-    raise ValueError(f"a norm transform must be [K], [K // h, h, h] or [K, K], got shape {tuple(t.shape)}")
-
-
-class TransformedNorm(nn.Module):
-    """A norm followed by a right-multiplied transform T (= A^-1): what a fake-quantized (calibrated) model holds where
-    a norm-side transform could not be folded. ``transform`` is [K] (diagonal), [K // h, h, h] or [K, K]."""
-
-    def __init__(self, norm: nn.Module, transform: torch.Tensor):
-        super().__init__()
-        self.norm = norm
-        transform_form(transform)
-        self.register_buffer("transform", transform.detach().float().clone())
-
-    @property
-    def form(self) -> str:
-        return transform_form(self.transform)
-
-    def forward(self, x):
-        return apply_transform(self.norm(x), self.transform)
-
-    def extra_repr(self):
-        return f"form={self.form}, shape={tuple(self.transform.shape)}"
-
-
-def split_norm(module: nn.Module) -> tuple[nn.Module, torch.Tensor | None]:
-    """(the norm, its right-multiplied transform tensor or None) of a norm site.
-
-    Recognized: a plain norm; TransformedNorm; calibration's aq.calib.transforms.NormTransform (``norm`` + ``inverse``);
-    and any module with a ``norm`` submodule and either a ``transform_matrix()`` method or an ``inverse`` /
-    ``transform`` tensor (or submodule with a ``matrix()`` method or ``weight``), the tensor being T with
-    output = norm(x) @ T (shapes as TransformedNorm).
-    """
-    if isinstance(module, TransformedNorm):
-        return module.norm, module.transform
-    norm = getattr(module, "norm", None)
-    if isinstance(norm, nn.Module):
-        t = None
-        if callable(getattr(module, "transform_matrix", None)):
-            t = module.transform_matrix()
-        else:
-            for attr in ("inverse", "transform"):  # aq.calib.transforms.NormTransform keeps T in `inverse`
-                tr = getattr(module, attr, None)
-                if isinstance(tr, torch.Tensor):
-                    t = tr
-                elif isinstance(tr, nn.Module):
-                    t = tr.matrix() if callable(getattr(tr, "matrix", None)) else getattr(tr, "weight", None)
-                if t is not None:
-                    break
-        if t is None:
-            raise ValueError(f"cannot read the transform of {type(module).__name__} (see aq.patch.split_norm)")
-        return norm, t.detach()
-    return module, None
-
 
 def norm_params(norm: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor | None, float]:
     """(kind 'rms' | 'layer', weight, bias, eps) of an RMSNorm (LLaMA family) or nn.LayerNorm."""
@@ -398,8 +324,7 @@ def _quantized_linear(src: nn.Module, cfg: QuantConfig | None, dtype: torch.dtyp
     """The patched module for a FakeQuantLinear (its own codes) or a plain nn.Linear (RTN with cfg)."""
     if isinstance(src, FakeQuantLinear):
         codes, scale, zero = src.codes(), src.scale, src.zero
-        wbits, group, abits = src.wbits, src.group_size, src.abits
-        symmetric = bool(getattr(src, "symmetric", False))
+        wbits, group, abits, symmetric = src.wbits, src.group_size, src.abits, src.symmetric
     else:
         wbits, group, abits, symmetric = cfg.wbits, cfg.group_size, cfg.abits, cfg.symmetric
         codes, scale, zero = _rtn_codes(src.weight.detach(), wbits, group, symmetric)
@@ -412,14 +337,11 @@ def _quantized_linear(src: nn.Module, cfg: QuantConfig | None, dtype: torch.dtyp
     if wbits > 4 or abits > 7:
         raise ValueError(f"{name}: W{wbits}A{abits} has no kernel (weights <= 4 bits, activations <= 7 bits); "
                          "evaluate the fake-quantized model instead")
-    w = primitives.dequantize(codes, scale, zero, None, torch.float32)  # exact: the packer recovers the same codes
-    packed = k4a4.pack_w4a4_weight(w, wbits, symmetric, scale=scale[:, 0], zero=zero[:, 0])
+    N = codes.shape[0]
+    packed = k4a4.W4A4Weight(k4a4.pack_codes(codes), scale[:, 0].float().contiguous(),
+                             zero[:, 0].to(torch.int32).contiguous(), codes.sum(1, dtype=torch.int32), N, K, wbits,
+                             symmetric)
     return W4A4Linear(packed, bias, abits)
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    model.get_submodule(parent).register_module(child, module)
 
 
 def _rtn_linear(lin: nn.Linear, cfg: QuantConfig, dtype) -> W4A16Linear:
@@ -479,7 +401,7 @@ def patch_model(model: nn.Module, cfg: QuantConfig | None = None, *, lm_head: bo
     new: dict[str, nn.Module] = {}
     for name, m in targets:
         new[name] = _quantized_linear(m, cfg, dtype, name)
-        _set(model, name, new[name])
+        set_submodule(model, name, new[name])
         m.to("meta")  # free the dense / fake-quantized weight now (the module is gone from the model)
     # norms: fuse or keep; a norm-side transform is handled here whatever the linears are
     for site, consumers in _norm_sites(model):
@@ -487,25 +409,25 @@ def patch_model(model: nn.Module, cfg: QuantConfig | None = None, *, lm_head: bo
         norm, t = split_norm(mod)
         cons = [new.get(c) for c in consumers]
         form = transform_form(t)
-        h = t.shape[-1] if form == "blockdiag" else 16
-        if form == "blockdiag" and (h < 16 or h & (h - 1)):
+        h = t.shape[-1] if form == "block" else 16
+        if form == "block" and (h < 16 or h & (h - 1)):
             warnings.warn(f"{site}: block-diagonal blocks of {h} (not a power of two >= 16) have no fused kernel; "
                           "the transform stays a separate einsum after the norm")
         elif all(isinstance(c, W4A4Linear) for c in cons) and fuse_norm and form != "full":
             d = DeferredNorm(norm, t).to(norm.weight.device)
-            _set(model, site, d)
+            set_submodule(model, site, d)
             for c in cons:
                 c.attach_norm(d)
-        elif form in ("diagonal", "blockdiag"):
-            _set(model, site, FusedNorm(norm, t).to(norm.weight.device))
+        elif form in ("diagonal", "block"):
+            set_submodule(model, site, FusedNorm(norm, t).to(norm.weight.device))
         elif form == "full":
             warnings.warn(f"{site}: a full transform stays a dense matmul after the norm ({TRANSFORM_FORMS['full']})")
         elif norm_kernel and t is None and new and _fusable_norm(mod):
-            _set(model, site, FusedNorm(mod).to(mod.weight.device))
+            set_submodule(model, site, FusedNorm(mod).to(mod.weight.device))
     if norm_kernel and new:
         fn = model.get_submodule(arch.final_norm)
         if _fusable_norm(fn):
-            _set(model, arch.final_norm, FusedNorm(fn).to(fn.weight.device))
+            set_submodule(model, arch.final_norm, FusedNorm(fn).to(fn.weight.device))
     if fuse_projections:
         for _, consumers in _norm_sites(model):
             mods = [new.get(c) for c in consumers]
@@ -519,17 +441,17 @@ def patch_model(model: nn.Module, cfg: QuantConfig | None = None, *, lm_head: bo
             model.get_submodule(parent).register_module("aq_fused_" + "_".join(fused.names), fused)
             start = 0
             for c, m in zip(consumers, mods):
-                _set(model, c, ProjectionSlice(fused, start, start + m.out_features))
+                set_submodule(model, c, ProjectionSlice(fused, start, start + m.out_features))
                 start += m.out_features
     if lm_head:
         head = model.get_output_embeddings()
         if isinstance(head, nn.Linear):
-            _set(model, _name_of(model, head), _rtn_linear(head, cfg, dtype))
+            set_submodule(model, _name_of(model, head), _rtn_linear(head, cfg, dtype))
     if embeddings:
         emb = model.get_submodule(arch.embed)
         g = cfg.group_size
         codes, scale, zero = _rtn_codes(emb.weight.detach(), cfg.wbits, g, cfg.symmetric)
-        _set(model, arch.embed, QuantEmbedding(k4a16.pack_codes(codes, scale, zero, cfg.wbits, g, dtype),
+        set_submodule(model, arch.embed, QuantEmbedding(k4a16.pack_codes(codes, scale, zero, cfg.wbits, g, dtype),
                                                getattr(emb, "padding_idx", None)))
     return model
 

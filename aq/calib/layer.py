@@ -1,5 +1,5 @@
 """A decoder layer under calibration, driven by the architecture mapping (aq.models.Arch), and its merge into the form
-calibration hands on (FakeQuantLinear everywhere, norms folded or followed by a NormTransform).
+calibration hands on (aq.qmodel: FakeQuantLinear everywhere, norms folded or followed by a TransformedNorm).
 
 The HF layer's own forward runs unchanged on a working copy in which every consumer linear is a _LiveLinear (its weight
 set each step by LayerCalib.refresh: transformed, fake-quantized, differentiable) and each norm a _LiveNorm (the norm,
@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aq.calib.attention import set_qkv_abits
-from aq.calib.rtn import FakeQuantLinear
-from aq.calib.transforms import HeadTransform, NormTransform, QuantSpec, RopeTransform, Transform
+from aq.calib.transforms import HeadTransform, QuantSpec, RopeTransform, Transform
 from aq.config import QuantConfig
 from aq.kernels.fake_quant import fake_quant_ste
 from aq.models import Arch, Geometry
-from aq.primitives import check_group_size, choose_qparams, dequantize, quantize
+from aq.primitives import check_group_size, choose_qparams
+from aq.qmodel import FakeQuantLinear, TransformedNorm, set_qkv_abits
+from aq.qmodel import set_submodule as _set
 
 LWC_INIT = 4.0  # sigmoid(4) ~ 0.982 of the group's range (OmniQuant's init)
 
@@ -65,11 +65,6 @@ class _LiveNorm(nn.Module):
 def _parent(name: str) -> tuple[str, str]:
     parent, _, child = name.rpartition(".")
     return parent, child
-
-
-def _set(module: nn.Module, name: str, new: nn.Module) -> None:
-    parent, child = _parent(name)
-    (module.get_submodule(parent) if parent else module).register_module(child, new)
 
 
 def _key(name: str) -> str:
@@ -261,17 +256,25 @@ class LayerCalib(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def merged(self, fp_layer: nn.Module, unrounded: bool = False) -> nn.Module:
+    def merged(self, fp_layer: nn.Module) -> nn.Module:
         """A copy of fp_layer with the transforms merged for good: FakeQuantLinear (with the learned clipping's
-        scale / zero) for every linear, diagonal norm transforms folded into the norm, others as NormTransform.
+        scale / zero) for every linear, diagonal norm transforms folded into the norm, others as TransformedNorm."""
+        return self._merge(fp_layer, rounded=True)[0]
 
-        unrounded: the FakeQuantLinears hold the transformed weights before rounding (with the clipped qparams that
-        would round them), for a rounding other than round-to-nearest (QuantConfig.rounding "gptq") to finish."""
+    @torch.no_grad()
+    def merged_unrounded(self, fp_layer: nn.Module) -> tuple[nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """As merged, but every linear a plain nn.Linear holding its transformed weight before rounding, with the
+        clipped qparams {name: (scale, zero)} that would round it: for a rounding other than round-to-nearest
+        (QuantConfig.rounding "gptq") to finish."""
+        return self._merge(fp_layer, rounded=False)
+
+    def _merge(self, fp_layer: nn.Module, rounded: bool):
         cfg, a = self.cfg, self.arch
         if self.t_down is not None and not bool((self.t_down.s > 0).all()):
             raise ValueError(f"{self.t_down.name}: a diagonal scale is zero or negative (the up rows' quantization is "
                              "invariant to positive scales only)")
         new = copy.deepcopy(fp_layer)
+        qparams = {}
         for n, (w, b) in self.effective(exact=True).items():
             lin = fp_layer.get_submodule(n)
             dt = lin.weight.dtype
@@ -281,13 +284,13 @@ class LayerCalib(nn.Module):
                 cmax = cmin = None
                 if len(self.lwc_u):
                     cmax, cmin = torch.sigmoid(self.lwc_u[_key(n)]), torch.sigmoid(self.lwc_l[_key(n)])
-                scale, zero = choose_qparams(w32, cfg.wbits, cfg.group_size, cfg.symmetric, cmax, cmin)
-                wq = w32.to(dt) if unrounded else dequantize(quantize(w32, scale, zero, cfg.wbits, cfg.group_size),
-                                                             scale, zero, cfg.group_size, dt)
-                mod = FakeQuantLinear(wq, bias, scale, zero, cfg.wbits, cfg.group_size, cfg.abits)
+                qparams[n] = choose_qparams(w32, cfg.wbits, cfg.group_size, cfg.symmetric, cmax, cmin)
+            if self.quantize and rounded:
+                mod = FakeQuantLinear.from_weight(w32, bias, *qparams[n], wbits=cfg.wbits, group_size=cfg.group_size,
+                                                  abits=cfg.abits, symmetric=cfg.symmetric, dtype=dt)
             else:
                 mod = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=dt)
-                mod.weight.copy_(w.to(dt))
+                mod.weight.copy_((w32 if self.quantize else w).to(dt))
                 if bias is not None:
                     mod.bias.copy_(bias)
             _set(new, n, mod)
@@ -295,13 +298,13 @@ class LayerCalib(nn.Module):
             _set(new, norm_name, _merge_norm(new.get_submodule(norm_name), t))
         if self.quantize and cfg.abits < 16:
             set_qkv_abits(new.get_submodule(_parent(a.q)[0]), cfg.abits)
-        return new
+        return new, qparams
 
 
 @torch.no_grad()
 def _merge_norm(norm: nn.Module, t: Transform) -> nn.Module:
     """Fold (norm(x) - delta) T^-1 into the norm when T is diagonal; else fold delta into its bias and return a
-    NormTransform carrying T^-1."""
+    TransformedNorm carrying T^-1."""
     w = getattr(norm, "weight", None)
     b = getattr(norm, "bias", None)
     if t.shift is not None:
@@ -318,7 +321,7 @@ def _merge_norm(norm: nn.Module, t: Transform) -> nn.Module:
         return norm
     inv = t.inverse64()
     if t.form == "full":
-        return NormTransform(norm, inv.float(), "full")
+        return TransformedNorm(norm, inv.float(), "full")
     nb, blk = t.d // t.block, t.block
     blocks = inv.view(nb, blk, nb, blk).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-    return NormTransform(norm, blocks.float().contiguous(), "block")
+    return TransformedNorm(norm, blocks.float().contiguous(), "block")
