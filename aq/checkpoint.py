@@ -95,7 +95,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aq import primitives
+from aq import models, primitives
 from aq.config import QuantConfig
 from aq.qmodel import LinearSpec, QModelSpec, enable_qkv_quant
 
@@ -176,13 +176,6 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point() and p.device.type != "meta":
-            return p.dtype
-    return torch.float32
-
-
 # --------------------------------------------------------------------------------------------------------------- save
 @torch.no_grad()
 def save_checkpoint(model: nn.Module, cfg: QuantConfig, out_dir: str | os.PathLike, tokenizer=None,
@@ -226,7 +219,7 @@ def save_checkpoint(model: nn.Module, cfg: QuantConfig, out_dir: str | os.PathLi
     manifest = {
         "format": FORMAT, "version": VERSION, "quant_config": cfg.to_dict(), "base_model": base_model,
         "model_type": model.config.model_type, "architectures": getattr(model.config, "architectures", None)
-        or [type(model).__name__], "dtype": _dtype_name(_model_dtype(model)),
+        or [type(model).__name__], "dtype": _dtype_name(models.model_dtype(model)),
         "model_config": {k: config_dict[k] for k in COMPUTE_KEYS if k in config_dict},
         "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
         **spec.to_json(), "aliases": aliases,

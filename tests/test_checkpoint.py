@@ -8,7 +8,8 @@ from aq.calib.rtn import quantize_rtn
 from aq.checkpoint import (CheckpointError, MANIFEST, TENSORS, load_checkpoint, pack_codes, read_manifest,
                            save_checkpoint, unpack_codes)
 from aq.config import QuantConfig
-from aq.patch import W4A4Linear, patched_summary
+from aq.deploy import W4A4Linear
+from aq.patch import patched_summary
 from aq.qmodel import FakeQuantLinear, TransformedNorm
 from tests.conftest import make_tokenizer, tiny_llama, tiny_opt
 

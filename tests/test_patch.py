@@ -7,8 +7,8 @@ from aq.calib.rtn import quantize_rtn
 from aq.config import QuantConfig
 from aq.kernels.w4a16 import dequantize_weight
 from aq.models import arch_of
-from aq.patch import (DeferredNorm, FusedNorm, QuantEmbedding, W4A4Linear, W4A16Linear, patch_model, patched_summary,
-                      weight_bytes)
+from aq.deploy import DeferredNorm, FusedNorm, QuantEmbedding, W4A4Linear, W4A16Linear
+from aq.patch import patch_model, patched_summary, weight_bytes
 from aq.primitives import fake_quant
 from aq.qmodel import FakeQuantLinear, TransformedNorm
 from tests.conftest import tiny_llama, tiny_opt
