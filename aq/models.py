@@ -203,6 +203,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(arch_of(model).layers)
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter that holds data (float32 when none does)."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.device.type != "meta":
+            return p.dtype
+    return torch.float32
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Attention shapes of a model, read from its config (GQA: kv_heads < heads)."""

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from aq import models  # noqa: E402
 from aq.calib import loop  # noqa: E402
-from aq.calib.attention import enable_qkv_quant  # noqa: E402
+from aq.qmodel import enable_qkv_quant  # noqa: E402
 from aq.calib.layer import LayerCalib  # noqa: E402
 from aq.config import QuantConfig  # noqa: E402
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from aq import calibrate, eval as aq_eval
-from aq.calib.rtn import FakeQuantLinear, quantize_rtn
+from aq.calib.rtn import quantize_rtn
 from aq.config import QuantConfig
 from aq.primitives import dequantize, fake_quant
+from aq.qmodel import FakeQuantLinear
 from tests.conftest import tiny_llama, tiny_opt
 
 

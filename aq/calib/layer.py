@@ -1,5 +1,5 @@
 """A decoder layer under calibration, driven by the architecture mapping (aq.models.Arch), and its merge into the form
-calibration hands on (FakeQuantLinear everywhere, norms folded or followed by a NormTransform).
+calibration hands on (aq.qmodel: FakeQuantLinear everywhere, norms folded or followed by a TransformedNorm).
 
 The HF layer's own forward runs unchanged on a working copy in which every linear is a _LiveLinear (its weight set each
 step by LayerCalib.refresh: transformed, fake-quantized, differentiable) and each norm of a site a _LiveNorm (the norm,
@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aq.calib.attention import set_qkv_abits
-from aq.calib.rtn import FakeQuantLinear
-from aq.calib.transforms import HeadTransform, NormTransform, QuantSpec, RopeTransform, Transform
+from aq.calib.transforms import HeadTransform, QuantSpec, RopeTransform, Transform
 from aq.config import QuantConfig
 from aq.kernels.fake_quant import fake_quant_ste
 from aq.models import Arch, Geometry, Site
-from aq.primitives import check_group_size, choose_qparams, dequantize, quantize
+from aq.primitives import check_group_size, choose_qparams
+from aq.qmodel import FakeQuantLinear, TransformedNorm, set_qkv_abits
+from aq.qmodel import set_submodule as _set
 
 LWC_INIT = 4.0  # sigmoid(4) ~ 0.982 of the group's range (OmniQuant's init)
 
@@ -62,20 +62,6 @@ class _LiveNorm(nn.Module):
         y = self.norm(x)
         with torch.autocast(y.device.type, enabled=False):
             return self.transform.act(y.float())
-
-
-def _parent(name: str) -> tuple[str, str]:
-    parent, _, child = name.rpartition(".")
-    return parent, child
-
-
-def _set(module: nn.Module, name: str, new: nn.Module) -> None:
-    parent, child = _parent(name)
-    (module.get_submodule(parent) if parent else module).register_module(child, new)
-
-
-def _key(name: str) -> str:
-    return name.replace(".", "__")
 
 
 def _with_bias(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -254,7 +240,8 @@ class LayerCalib(nn.Module):
         """Every role's weight and bias with the transforms applied: fake-quantized and differentiable (training), or
         float64 and unquantized (exact: merging). Order: the producer-row transforms (q/k, then v), the consumer
         columns of "norm" / "head" sites with their quantization, then the "scale" sites, then the plain rest."""
-        O = {r: ((w.double(), None if b is None else b.double()) if exact else (w, b)) for r, (w, b) in self.orig.items()}
+        O = {r: ((w.double(), None if b is None else b.double()) if exact else (w, b))  # noqa: E741
+             for r, (w, b) in self.orig.items()}
         for s in self.sites:
             t = self.t[s.name]
             if s.form == "qk":  # q / k rows (biases ride along as a last column)
@@ -321,12 +308,19 @@ class LayerCalib(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def merged(self, fp_layer: nn.Module, unrounded: bool = False) -> nn.Module:
+    def merged(self, fp_layer: nn.Module) -> nn.Module:
         """A copy of fp_layer with the transforms merged for good: FakeQuantLinear (with the learned clipping's
-        scale / zero) for every linear, diagonal norm transforms folded into the norm, others as NormTransform.
+        scale / zero) for every linear, diagonal norm transforms folded into the norm, others as TransformedNorm."""
+        return self._merge(fp_layer, rounded=True)[0]
 
-        unrounded: the FakeQuantLinears hold the transformed weights before rounding (with the clipped qparams that
-        would round them), for a rounding other than round-to-nearest (QuantConfig.rounding "gptq") to finish."""
+    @torch.no_grad()
+    def merged_unrounded(self, fp_layer: nn.Module) -> tuple[nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """As merged, but every linear a plain nn.Linear holding its transformed weight before rounding, with the
+        clipped qparams {name: (scale, zero)} that would round it: for a rounding other than round-to-nearest
+        (QuantConfig.rounding "gptq") to finish."""
+        return self._merge(fp_layer, rounded=False)
+
+    def _merge(self, fp_layer: nn.Module, rounded: bool):
         cfg, a = self.cfg, self.arch
         for s in self.sites:
             t = self.t[s.name]
@@ -334,6 +328,7 @@ class LayerCalib(nn.Module):
                 raise ValueError(f"{t.name}: a diagonal scale is zero or negative (the producer rows' quantization is "
                                  "invariant to positive scales only)")
         new = copy.deepcopy(fp_layer)
+        qparams = {}
         for n, (w, b) in self.effective(exact=True).items():
             lin = fp_layer.get_submodule(n)
             dt = lin.weight.dtype
@@ -345,13 +340,13 @@ class LayerCalib(nn.Module):
                     roles = self.roles_of(n)
                     cmax = torch.sigmoid(torch.cat([self.lwc_u[r] for r in roles]))
                     cmin = torch.sigmoid(torch.cat([self.lwc_l[r] for r in roles]))
-                scale, zero = choose_qparams(w32, cfg.wbits, cfg.group_size, cfg.symmetric, cmax, cmin)
-                wq = w32.to(dt) if unrounded else dequantize(quantize(w32, scale, zero, cfg.wbits, cfg.group_size),
-                                                             scale, zero, cfg.group_size, dt)
-                mod = FakeQuantLinear(wq, bias, scale, zero, cfg.wbits, cfg.group_size, cfg.abits)
+                qparams[n] = choose_qparams(w32, cfg.wbits, cfg.group_size, cfg.symmetric, cmax, cmin)
+            if self.quantize and rounded:
+                mod = FakeQuantLinear.from_weight(w32, bias, *qparams[n], wbits=cfg.wbits, group_size=cfg.group_size,
+                                                  abits=cfg.abits, symmetric=cfg.symmetric, dtype=dt)
             else:
                 mod = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=dt)
-                mod.weight.copy_(w.to(dt))
+                mod.weight.copy_((w32 if self.quantize else w).to(dt))
                 if bias is not None:
                     mod.bias.copy_(bias)
             _set(new, n, mod)
@@ -360,13 +355,13 @@ class LayerCalib(nn.Module):
                 _set(new, s.producer, _merge_norm(new.get_submodule(s.producer), self.t[s.name], a.norm_offset))
         if self.quantize and cfg.abits < 16:
             set_qkv_abits(new.get_submodule(a.attention), cfg.abits)
-        return new
+        return new, qparams
 
 
 @torch.no_grad()
 def _merge_norm(norm: nn.Module, t: Transform, offset: float = 0.0) -> nn.Module:
     """Fold (norm(x) - delta) T^-1 into the norm when T is diagonal; else fold delta into its bias and return a
-    NormTransform carrying T^-1. offset: the norm scales by (offset + weight) (Arch.norm_offset)."""
+    TransformedNorm carrying T^-1. offset: the norm scales by (offset + weight) (Arch.norm_offset)."""
     w = getattr(norm, "weight", None)
     b = getattr(norm, "bias", None)
     if t.shift is not None:
@@ -383,7 +378,7 @@ def _merge_norm(norm: nn.Module, t: Transform, offset: float = 0.0) -> nn.Module
         return norm
     inv = t.inverse64()
     if t.form == "full":
-        return NormTransform(norm, inv.float(), "full")
+        return TransformedNorm(norm, inv.float(), "full")
     nb, blk = t.d // t.block, t.block
     blocks = inv.view(nb, blk, nb, blk).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-    return NormTransform(norm, blocks.float().contiguous(), "block")
+    return TransformedNorm(norm, blocks.float().contiguous(), "block")

@@ -3,7 +3,8 @@ layer, then for each layer in order train its transforms and clipping on MSE(fp 
 merge them for good, propagate both streams, and checkpoint.
 
 Checkpoints (`ckpt_dir`): run.json (the configuration and what was resolved from it) and one layer_NNN.pt per finished
-layer ({"spec", "state", "log"}: how to rebuild the quantized layer from the FP one, its state_dict, its log line).
+layer ({"spec", "state", "log"}: the aq.qmodel.QModelSpec that rebuilds the quantized layer from the FP one, its
+state_dict, its log line).
 Resuming loads the finished layers and recomputes both streams through them, which repeats the uninterrupted run's
 computation exactly, so a resumed run ends with the same result.
 
@@ -26,17 +27,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from aq import checks, models
-from aq.calib.attention import enable_qkv_quant, set_qkv_abits
 from aq.calib.gptq import gptq_round_layer
 from aq.calib.layer import LayerCalib, _set, active_sites
 from aq.calib.loss import layer_loss, position0_share
 from aq.calib.rotation import rotate_residual
-from aq.calib.rtn import FakeQuantLinear, check_model
-from aq.calib.transforms import NormTransform
+from aq.calib.rtn import check_model
 from aq.config import QuantConfig
 from aq.primitives import check_group_size
+from aq.qmodel import FakeQuantLinear, QModelSpec, enable_qkv_quant, set_qkv_abits
 
-CKPT_VERSION = 1
+CKPT_VERSION = 2  # 2: layer files hold integer codes and an aq.qmodel.QModelSpec; 1 is refused (other settings)
 INIT_PROBE_SEGMENTS = 4  # segments on which the initial transforms (SmoothQuant scales vs identity) are compared
 
 
@@ -282,42 +282,6 @@ def _atomic_json(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def layer_spec(qlayer: nn.Module) -> dict:
-    """How to rebuild a calibrated layer from its FP counterpart: which linears are FakeQuantLinear (with their
-    settings), which norms carry a NormTransform, the attention's Q/K/V activation bits."""
-    spec = {"linears": {}, "norms": {}, "qkv_abits": {}}
-    for n, m in qlayer.named_modules():
-        if isinstance(m, FakeQuantLinear):
-            spec["linears"][n] = {"wbits": m.wbits, "group_size": m.group_size, "abits": m.abits,
-                                  "bias": m.bias is not None}
-        elif isinstance(m, NormTransform):
-            spec["norms"][n] = {"form": m.form, "shape": list(m.inverse.shape)}
-        elif hasattr(m, "aq_qkv_abits"):
-            spec["qkv_abits"][n] = m.aq_qkv_abits
-    return spec
-
-
-def rebuild_layer(fp_layer: nn.Module, spec: dict, state: dict) -> nn.Module:
-    """Inverse of layer_spec: the calibrated layer with its saved state."""
-    new = copy.deepcopy(fp_layer)
-    for n, s in spec["linears"].items():
-        lin = new.get_submodule(n)
-        N, K = lin.weight.shape
-        ng = K // check_group_size(K, s["group_size"])
-        w = torch.empty_like(lin.weight)
-        b = torch.empty(N, dtype=w.dtype, device=w.device) if s["bias"] else None
-        z = torch.empty((N, ng), dtype=torch.float32, device=w.device)
-        _set(new, n, FakeQuantLinear(w, b, z, z.clone(), s["wbits"], s["group_size"], s["abits"]))
-    for n, s in spec["norms"].items():
-        norm = new.get_submodule(n)
-        p = next(norm.parameters())
-        _set(new, n, NormTransform(norm, torch.empty(s["shape"], dtype=torch.float32, device=p.device), s["form"]))
-    for n, bits in spec["qkv_abits"].items():
-        set_qkv_abits(new.get_submodule(n), bits)
-    new.load_state_dict(state, strict=True)
-    return new
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # one layer
 # ---------------------------------------------------------------------------------------------------------------------
@@ -438,9 +402,11 @@ def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Te
                               f"layer {i + 1}/{n_layers}", progress, log)
             log.loss_probe, log.pos0_probe = _probe_loss(calib, q_buf, fp_buf, kwargs, probe, amp, cfg)
             log.offdiag = calib.offdiag_share()
-            qlayer = calib.merged(fp_layer, unrounded=cfg.rounding == "gptq")
             if cfg.rounding == "gptq":
-                gptq_round_layer(qlayer, arch, q_buf, kwargs, cfg, batch)
+                qlayer, qparams = calib.merged_unrounded(fp_layer)
+                gptq_round_layer(qlayer, qparams, arch, q_buf, kwargs, cfg, batch)
+            else:
+                qlayer = calib.merged(fp_layer)
             log.margin = calib.margin()
             if not _finite_layer(qlayer):
                 raise _Unstable("non-finite merged weights")
@@ -525,7 +491,7 @@ def calibrate(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *, ckp
         path = None if ckpt_dir is None else ckpt_dir / f"layer_{i:03d}.pt"
         if resume and path is not None and path.is_file() and start == i:
             saved = torch.load(path, map_location=fp_buf.device, weights_only=False)
-            qlayer = rebuild_layer(fp_layer, saved["spec"], saved["state"])
+            qlayer = QModelSpec.from_json(saved["spec"]).rebuild(fp_layer, saved["state"])
             propagate(fp_layer, fp_buf, layer_kwargs[i], batch)
             log = saved["log"]
             start = i + 1
@@ -536,7 +502,7 @@ def calibrate(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *, ckp
             log = asdict(ll)
             say(ll.line(L))
             if path is not None:
-                _atomic_save({"spec": layer_spec(qlayer), "state": qlayer.state_dict(), "log": log}, path)
+                _atomic_save({"spec": QModelSpec.of(qlayer).to_json(), "state": qlayer.state_dict(), "log": log}, path)
         layers[i] = qlayer
         propagate(qlayer, q_buf, layer_kwargs[i], batch)
         logs.append(log)
@@ -554,7 +520,7 @@ def load_calibrated(model: nn.Module, ckpt_dir: Path) -> nn.Module:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the calibration in {ckpt_dir} did not finish")
         saved = torch.load(path, map_location=dev, weights_only=False)
-        layers[i] = rebuild_layer(layers[i], saved["spec"], saved["state"])
+        layers[i] = QModelSpec.from_json(saved["spec"]).rebuild(layers[i], saved["state"])
     if meta["config"]["abits"] < 16:
         enable_qkv_quant(model)
     return model

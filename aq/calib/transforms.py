@@ -1,5 +1,5 @@
-"""The learnable transforms of AffineQuant calibration, their gradual mask, and NormTransform (what a norm-side transform
-leaves in the calibrated model when it cannot be folded into the norm weight).
+"""The learnable transforms of AffineQuant calibration and their gradual mask (what a norm-side transform leaves in the
+calibrated model when it cannot be folded into the norm weight is aq.qmodel.TransformedNorm).
 
 A transform T sits between a producer of activations X and its consumers W: X becomes (X - delta) T^-1, every consumer
 weight W T^T and every consumer bias b + delta W^T, so X W^T + b is unchanged until W T^T is quantized (ALGORITHM.md).
@@ -294,39 +294,3 @@ class HeadTransform(nn.Module):
         k, t.margin = AF.masked_inverse_act(wk.T, t.A.T, t.band, t._block_arg, t.alpha, t.name, gemm=GEMM,
                                             return_margin=True, check=False)             # W_k^T (A*M)^-T
         return q, k.T
-
-
-class NormTransform(nn.Module):
-    """A norm followed by a transform that could not be folded into its weight: y = norm(x) @ inverse.
-
-    This is what a full or block-diagonal A_qkv / A_up leaves in a calibrated weight-only model, in place of the norm
-    (the norm itself moves to `.norm`; a shift, if any, is already folded into the norm's bias). Contract:
-      form "full":  inverse [d, d]        -> a dense d x d product per token (costly at inference);
-      form "block": inverse [d // b, b, b] -> y[..., j*b:(j+1)*b] @ inverse[j] for each block j (d*b MACs per token,
-                    meant to run inside the norm kernel).
-    A diagonal transform never reaches this module: it is folded into the norm weight (and bias) instead.
-    """
-
-    def __init__(self, norm: nn.Module, inverse: torch.Tensor, form: str):
-        super().__init__()
-        if form not in ("full", "block"):
-            raise ValueError(f"NormTransform form must be 'full' or 'block', got {form!r}")
-        if (form == "full") != (inverse.dim() == 2):
-            raise ValueError(f"NormTransform {form}: inverse of shape {tuple(inverse.shape)}")
-        self.norm, self.form = norm, form
-        self.register_buffer("inverse", inverse.contiguous())
-
-    @property
-    def block(self) -> int:
-        return self.inverse.shape[-1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.norm(x)
-        inv = self.inverse.to(y.dtype)
-        if self.form == "full":
-            return y @ inv
-        nb, b, _ = inv.shape
-        return torch.einsum("...nb,nbc->...nc", y.unflatten(-1, (nb, b)), inv).flatten(-2)
-
-    def extra_repr(self) -> str:
-        return f"form={self.form}, block={self.block}"
