@@ -16,6 +16,7 @@ skeleton that ``load_state_dict`` then fills.
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -166,7 +167,15 @@ def _register(base: str) -> str:
     name = QKV_QUANT_PREFIX + base
     if name in ALL_ATTENTION_FUNCTIONS:
         return name
-    inner = ALL_ATTENTION_FUNCTIONS[base]
+    if base == "eager":  # model-specific code, not in the registry: the attention module's own (Gemma 2's soft-caps)
+        def inner(module, *args, **kwargs):
+            fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+            if fn is None:
+                raise ValueError(f"{type(module).__name__}: no eager_attention_forward in {type(module).__module__} "
+                                 "to quantize Q/K/V around; load the model with attn_implementation='sdpa'")
+            return fn(module, *args, **kwargs)
+    else:
+        inner = ALL_ATTENTION_FUNCTIONS[base]
 
     def quantized_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask, **kwargs):
@@ -185,8 +194,6 @@ def enable_qkv_quant(model: nn.Module) -> None:
     base = model.config._attn_implementation or "sdpa"
     if base.startswith(QKV_QUANT_PREFIX):
         return
-    if base == "eager":  # eager attention is model-specific code, not in the registry: wrap sdpa instead
-        base = "sdpa"
     model.config._attn_implementation = _register(base)
 
 

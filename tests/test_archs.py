@@ -273,3 +273,23 @@ def test_weight_activation_calibration(mt, torch_backend):
         assert all(layer.get_submodule(n).abits == 8 for n in arch.linears)
     with torch.no_grad():
         assert torch.isfinite(model(IDS).logits).all()
+
+
+def test_qkv_quantization_keeps_eager_attention(monkeypatch):
+    """Q/K/V quantization wraps the model's own eager attention (Gemma 2's soft-capping of the scores stays), not
+    sdpa: with 16 bits (no quantization) the logits are the eager model's, which differ from sdpa's."""
+    from aq.qmodel import enable_qkv_quant
+
+    model = _build("gemma2")
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        for layer in models.decoder_layers(model):  # scores large enough for the soft-cap (5) to bite
+            layer.self_attn.q_proj.weight.mul_(20)
+        eager = model(IDS).logits
+        model.config._attn_implementation = "sdpa"
+        sdpa = model(IDS).logits  # transformers' sdpa path has no soft-capping
+        model.config._attn_implementation = "eager"
+        enable_qkv_quant(model)
+        assert model.config._attn_implementation == "aq_qkv_eager"
+        wrapped = model(IDS).logits
+    assert _rel(sdpa, eager) > 1e-3 and torch.equal(wrapped, eager)
