@@ -129,7 +129,10 @@ def test_fused_linears_split_by_role():
     assert arch.linears == ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
-def test_partial_rotary_drops_the_qk_site_only(torch_backend):
+@pytest.mark.parametrize("mode", ["affinequant", "omniquant"])
+def test_partial_rotary_qk_transform(mode, torch_backend):
+    """Phi-3 with partial_rotary_factor 0.5 (as Phi-4-mini's 0.75): A_qk pairs the rotated channels (i, i + 4) of each
+    16-wide head and scales the 8 channels RoPE leaves alone; the logits stay."""
     import transformers as tf
 
     torch.manual_seed(0)
@@ -137,13 +140,20 @@ def test_partial_rotary_drops_the_qk_site_only(torch_backend):
     model = tf.Phi3ForCausalLM(cfg).eval()
     geo = models.geometry(model)
     assert geo.partial_rotary and geo.rotary_dim == 8
-    from aq.calib.layer import active_sites
-
-    names = [s.name for s in active_sites(models.arch_of(model), geo, QuantConfig(down_transform=True))]
-    assert names == ["A_qkv", "A_up", "A_vo", "A_down"]
-    live, merged = _equivalence(model, models.arch_of(model), QuantConfig(mode="affinequant", norm_transform="block",
+    live, merged = _equivalence(model, models.arch_of(model), QuantConfig(mode=mode, norm_transform="block",
                                                                           norm_block=16))
     assert live < 1e-5 and merged < 1e-4
+    # the channels RoPE leaves alone are scaled (q * s, k / s): their rows change, their products do not
+    from aq.calib.transforms import RopeTransform
+
+    t = RopeTransform("t", 2, 16, 2, affine=True, rotary_dim=8)
+    with torch.no_grad():
+        t.s.copy_(torch.rand(2, 8) + 0.5)
+        t.im.copy_(torch.randn(2, 4))
+    wq, wk = torch.randn(64, 8, dtype=torch.float64), torch.randn(32, 8, dtype=torch.float64)
+    q, k = t.rows(wq, wk, exact=True)
+    assert not torch.allclose(q[8:16], wq[8:16])
+    assert torch.allclose(q[8:16] * k[8:16], wq[8:16] * wk[8:16])
 
 
 @pytest.mark.parametrize("mt", NEW)

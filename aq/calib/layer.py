@@ -73,13 +73,10 @@ def _without_bias(wb: torch.Tensor, has_bias: bool):
 
 
 def active_sites(arch: Arch, geo: Geometry, cfg: QuantConfig) -> tuple[Site, ...]:
-    """The sites of `arch` that this run calibrates: A_down (form "scale") only with cfg.down_on, and no q/k transform
-    under partial rotary embeddings (RopeTransform pairs channels i, i + head_dim / 2 of a fully rotated head)."""
+    """The sites of `arch` that this run calibrates: A_down (form "scale") only with cfg.down_on."""
     out = []
     for s in arch.sites:
         if s.form == "scale" and not cfg.down_on:
-            continue
-        if s.form == "qk" and arch.rope and geo.partial_rotary:
             continue
         out.append(s)
     return tuple(out)
@@ -126,8 +123,10 @@ class LayerCalib(nn.Module):
                 t = Transform(tn, kvd, head_form, hd, init.get(s.name), shifts.get(s.name), alpha)
                 self.consumer_side[s.name] = t.expanded(geo.groups, hd)
             elif s.form == "qk":
-                t = (RopeTransform(tn, geo.kv_heads, hd, geo.groups, head_affine, alpha) if arch.rope else
-                     HeadTransform(Transform(tn, kvd, head_form, hd, alpha=alpha), geo.groups, hd))
+                if arch.rope:
+                    t = RopeTransform(tn, geo.kv_heads, hd, geo.groups, head_affine, alpha, geo.rotary_dim)
+                else:
+                    t = HeadTransform(Transform(tn, kvd, head_form, hd, alpha=alpha), geo.groups, hd)
             else:  # "scale"
                 t = Transform(tn, self.orig[s.producer][0].shape[0], "diagonal", init_scale=init.get(s.name))
             self.t[s.name] = t

@@ -211,19 +211,24 @@ class _Expanded(nn.Module):
 class RopeTransform(nn.Module):
     """The query/key transform of a model with rotary embeddings, per key/value head: q' = q B, k' = k B^-T.
 
-    It must commute with the rotation RoPE applies to each channel pair (i, i + head_dim/2) (the HF "rotate_half"
+    It must commute with the rotation RoPE applies to each channel pair (i, i + rotary_dim/2) (the HF "rotate_half"
     layout), so B acts on every pair as one complex scalar c = re + i*im: z_q' = c z_q, z_k' = z_k / conj(c). Scores
     q'.k' = Re(sum c z_q conj(z_k) / c) are unchanged for any c != 0, at every position. In the gradual mask `im` is an
-    off-diagonal entry (|i - j| = head_dim/2): it enters times alpha once the band passes head_dim/2, and only in the
-    affine form (omniquant: real c, a diagonal pair-tied scale)."""
+    off-diagonal entry (|i - j| = rotary_dim/2): it enters times alpha once the band passes rotary_dim/2, and only in
+    the affine form (omniquant: real c, a diagonal pair-tied scale). Partial rotary embeddings (rotary_dim < head_dim:
+    the last head_dim - rotary_dim channels of a head are not rotated) give those channels a real scale `s` each
+    (q * s, k / s)."""
 
-    def __init__(self, name: str, kv_heads: int, head_dim: int, groups: int, affine: bool, alpha: float = 1.0):
+    def __init__(self, name: str, kv_heads: int, head_dim: int, groups: int, affine: bool, alpha: float = 1.0,
+                 rotary_dim: int | None = None):
         super().__init__()
-        if head_dim % 2:
-            raise ValueError(f"{name}: rotary embeddings need an even head_dim, got {head_dim}")
-        self.name, self.hd, self.groups, self.alpha = name, head_dim, groups, float(alpha)
-        self.re = nn.Parameter(torch.ones(kv_heads, head_dim // 2))
-        self.im = nn.Parameter(torch.zeros(kv_heads, head_dim // 2)) if affine else None
+        rd = head_dim if rotary_dim is None else rotary_dim
+        if rd % 2 or not 0 < rd <= head_dim:
+            raise ValueError(f"{name}: rotary embeddings need an even rotary_dim in (0, head_dim={head_dim}], got {rd}")
+        self.name, self.hd, self.rd, self.groups, self.alpha = name, head_dim, rd, groups, float(alpha)
+        self.re = nn.Parameter(torch.ones(kv_heads, rd // 2))
+        self.im = nn.Parameter(torch.zeros(kv_heads, rd // 2)) if affine else None
+        self.s = nn.Parameter(torch.ones(kv_heads, head_dim - rd)) if rd < head_dim else None
         self.band = head_dim
 
     def set_epoch(self, epoch: int, epochs: int) -> None:
@@ -233,7 +238,7 @@ class RopeTransform(nn.Module):
         re = self.re.detach().double() if exact else self.re
         if self.im is None:
             return re, None
-        on = exact or self.band > self.hd // 2
+        on = exact or self.band > self.rd // 2
         im = (self.im.detach().double() if exact else self.im) * (self.alpha if on else 0.0)
         return re, im
 
@@ -250,18 +255,28 @@ class RopeTransform(nn.Module):
             y1, y2 = re * x1 - im * x2, im * x1 + re * x2
         return torch.stack((y1, y2), 1).reshape(w.shape)
 
+    def _head_rows(self, w: torch.Tensor, re, im, s) -> torch.Tensor:
+        """The rotated channels of each head through _pairs, the others times s."""
+        if s is None:
+            return self._pairs(w, re, im, self.hd)
+        x = w.reshape(re.shape[0], self.hd, -1)
+        rot = self._pairs(x[:, :self.rd].reshape(-1, x.shape[-1]), re, im, self.rd).reshape(x.shape[0], self.rd, -1)
+        return torch.cat((rot, x[:, self.rd:] * s.unsqueeze(-1).to(w.dtype)), 1).reshape(w.shape)
+
     def rows(self, wq: torch.Tensor, wk: torch.Tensor, exact: bool = False):
         """(q rows, k rows) transformed; wq [heads*hd, cols], wk [kv*hd, cols] (bias as an extra column if any)."""
         if exact:
             wq, wk = wq.double(), wk.double()
         re, im = self._c(exact)
+        s = None if self.s is None else (self.s.detach().double() if exact else self.s)
         norm2 = re * re if im is None else re * re + im * im
-        if exact and not bool((norm2 > 0).all()):
-            raise ValueError(f"{self.name}: a rotary-pair scale is zero")
+        if exact and not (bool((norm2 > 0).all()) and (s is None or bool((s != 0).all()))):
+            raise ValueError(f"{self.name}: a rotary-pair or pass-through scale is zero")
         rq = re.repeat_interleave(self.groups, 0)
         iq = None if im is None else im.repeat_interleave(self.groups, 0)
-        q = self._pairs(wq, rq, iq, self.hd)
-        k = self._pairs(wk, re / norm2, None if im is None else im / norm2, self.hd)
+        sq = None if s is None else s.repeat_interleave(self.groups, 0)
+        q = self._head_rows(wq, rq, iq, sq)
+        k = self._head_rows(wk, re / norm2, None if im is None else im / norm2, None if s is None else 1 / s)
         return q, k
 
 
