@@ -13,8 +13,8 @@ from aq import models
 from aq.calib import loop
 from aq.calib.layer import LayerCalib
 from aq.calib.rtn import quantize_rtn
-from aq.calib.transforms import MIN_MARGIN, auto_alpha_sf, band_at
-from aq.config import QuantConfig
+from aq.calib.transforms import MIN_MARGIN, band_at
+from aq.config import QuantConfig, auto_alpha_sf
 from aq.primitives import dequantize
 from aq.qmodel import FakeQuantLinear, QModelSpec, TransformedNorm
 from tests.conftest import tiny_llama, tiny_opt

@@ -356,7 +356,7 @@ def _finite_layer(layer: nn.Module) -> bool:
 
 
 def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Tensor, q_buf: torch.Tensor,
-                    kwargs: dict, arch: models.Arch, geo: models.Geometry, cfg: QuantConfig, *, alpha: float,
+                    kwargs: dict, arch: models.Arch, geo: models.Geometry, cfg: QuantConfig, *,
                     amp, batch: int, progress: bool, say) -> tuple[nn.Module, LayerLog]:
     """Train layer i; on return fp_buf holds the FP layer's outputs (the next layer's FP inputs). Returns the merged
     quantized layer (q_buf is not propagated here) and its log."""
@@ -369,8 +369,7 @@ def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Te
         propagate(fp_layer, fp_buf, kwargs, batch)  # fp_buf: FP inputs -> FP outputs (the training targets)
     finally:
         stats.remove()
-    sq_alpha = 0.75 if cfg.abits <= 4 else 0.5
-    init, shift = _init_scales(stats, fp_layer, arch, geo, sq_alpha, shifts)
+    init, shift = _init_scales(stats, fp_layer, arch, geo, cfg.smooth_alpha, shifts)
 
     head_affine = cfg.mode == "affinequant"
     attempts = [(cfg.norm_form, head_affine, 1.0), (cfg.norm_form, head_affine, 0.1)]
@@ -379,13 +378,13 @@ def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Te
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + i)
     probe = list(range(min(INIT_PROBE_SEGMENTS, fp_buf.shape[0])))
     log.probe_segments = len(probe)
-    epochs = cfg.total_epochs
+    epochs = cfg.epochs
     qlayer = None
     for form, affine, lr_scale in attempts:
         try:
             gen.manual_seed(cfg.seed * 100_003 + i)
-            build = lambda ini: LayerCalib(fp_layer, arch, geo, cfg, norm_form=form, head_affine=affine, alpha=alpha,
-                                           init=ini, shifts=shift, name=f"layers.{i}")  # noqa: E731
+            build = lambda ini: LayerCalib(fp_layer, arch, geo, cfg, norm_form=form, head_affine=affine,  # noqa: E731
+                                           alpha=cfg.alpha_sf, init=ini, shifts=shift, name=f"layers.{i}")
             candidates = {"smoothquant": init, "identity": None}
             if "A_down" in init:  # A_down's SmoothQuant start helps only at layers with massive down_proj inputs
                 candidates["smoothquant, identity down"] = {k: v for k, v in init.items() if k != "A_down"}
@@ -452,9 +451,7 @@ def calibrate(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *, ckp
     arch, geo = models.arch_of(model), models.geometry(model)
     layers = models.decoder_layers(model)
     L = len(layers)
-    alpha = cfg.alpha_sf
-    if cfg.mode == "omniquant":
-        alpha = 0.0  # diagonal transforms only: nothing off the diagonal to scale
+    alpha = cfg.alpha_sf  # resolved (0 for omniquant: nothing off the diagonal to scale)
     meta = run_config(cfg, model_name, L, alpha, amp)
     logs: list[dict] = []
     start = 0
@@ -480,7 +477,7 @@ def calibrate(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *, ckp
     inps, layer_kwargs = capture(model, segments, batch)
     fp_buf, q_buf = inps, inps.clone()
     say(f"calibrating {L} layers: {cfg.mode} {cfg.label}, {segments.shape[0]} x {segments.shape[1]} tokens, "
-        f"{cfg.total_epochs} epochs, alpha_sf {alpha:g}, norm transform {cfg.norm_form}, loss {cfg.loss}"
+        f"{cfg.epochs} epochs, alpha_sf {alpha:g}, norm transform {cfg.norm_form}, loss {cfg.loss}"
         + (f" (sink weight {cfg.sink_weight:g})" if cfg.loss == "token" and cfg.sink_weight != 1 else "")
         + (f", {cfg.rotate} rotation" if cfg.rotate != "none" else "")
         + (f" (block {cfg.norm_block})" if cfg.norm_form == "block" else "")
@@ -497,7 +494,7 @@ def calibrate(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *, ckp
             start = i + 1
             say(f"layer {i + 1}/{L}: resumed from {path.name}")
         else:
-            qlayer, ll = calibrate_layer(i, L, fp_layer, fp_buf, q_buf, layer_kwargs[i], arch, geo, cfg, alpha=alpha,
+            qlayer, ll = calibrate_layer(i, L, fp_layer, fp_buf, q_buf, layer_kwargs[i], arch, geo, cfg,
                                          amp=amp, batch=batch, progress=progress, say=say)
             log = asdict(ll)
             say(ll.line(L))

@@ -32,17 +32,6 @@ def band_at(epoch: int, epochs: int, size: int) -> int:
     return 1 + round((size - 1) * min(epoch, epochs - 1) / (epochs - 1))
 
 
-def auto_alpha_sf(hidden: int, wbits: int, abits: int) -> float:
-    """Stability factor by the paper's settings: 1.0 for small models (hidden <= 1024, as OPT-125M) at >= 3 bits,
-    0.1 for W4A4-like settings, small models at 2 bits and larger models with activation quantization, 1e-2 for larger
-    models weight-only (the paper's LLaMA setting)."""
-    if abits <= 4:
-        return 0.1
-    if hidden <= 1024:
-        return 1.0 if wbits >= 3 else 0.1
-    return 1e-2 if abits >= 16 else 0.1
-
-
 class QuantSpec:
     """How a consumer weight is fake-quantized in the training path (LWC logits u, l or None)."""
 
