@@ -92,8 +92,9 @@ def check_calibratable(model: nn.Module, cfg: QuantConfig) -> None:
     if getattr(model.config, "do_layer_norm_before", True) is False:
         raise ValueError("this OPT variant applies its layer norms after attention/MLP (do_layer_norm_before=False): "
                          "norm-side transforms have no norm to sit behind; use --mode rtn")
-    if arch.rope and geo.head_dim % 2:
-        raise ValueError(f"rotary embeddings need an even head_dim, got {geo.head_dim}")
+    if arch.rope and (geo.rotary_dim or geo.head_dim) % 2:
+        raise ValueError(f"rotary embeddings need an even number of rotated channels per head, got "
+                         f"{geo.rotary_dim or geo.head_dim}")
     if cfg.norm_form == "block" and geo.hidden % cfg.norm_block:
         raise ValueError(f"norm block {cfg.norm_block} does not divide the hidden size {geo.hidden}")
     for n in arch.linears:
