@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of position 0 (the attention-sink token) in the token loss")
     g.add_argument("--rotate", choices=ROTATIONS, default="none",
                    help="rotate the residual stream before quantizing (exact in full precision; LLaMA, Mistral, Qwen2/3, "
-                        "Phi-3; refused on OPT and Gemma 2/3, docs/architectures.md): "
+                        "Phi-3, Gemma; refused on OPT and Gemma 2/3, docs/architectures.md): "
                         "hadamard (with random signs from --seed) or random orthogonal; spreads outlier channels")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration segments and the sample order")
     g.add_argument("--out", type=Path, default=None,

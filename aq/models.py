@@ -176,7 +176,10 @@ PHI3 = replace(LLAMA, modules={"q": "self_attn.qkv_proj", "k": "self_attn.qkv_pr
                                "o": "self_attn.o_proj", "gate": "mlp.gate_up_proj", "up": "mlp.gate_up_proj",
                                "down": "mlp.down_proj"},
                fused={"self_attn.qkv_proj": ("q", "k", "v"), "mlp.gate_up_proj": ("gate", "up")})
-# Gemma 2 / 3: RMSNorm scales by (1 + w); a norm after attention and after the MLP (post_attention_layernorm,
+# Gemma: RMSNorm scales by (1 + w), LLaMA's layout otherwise (the embedding's sqrt(hidden) scale commutes with a
+# rotation, which folds 1 + w into the readers and leaves w = 0).
+GEMMA = replace(LLAMA, norm_offset=1.0)
+# Gemma 2 / 3: RMSNorm scales by (1 + w) too; a norm after attention and after the MLP (post_attention_layernorm,
 # post_feedforward_layernorm) sit on o / down's outputs, outside every site; the MLP reads pre_feedforward_layernorm.
 # The scaled embedding and the tied lm_head are outside the layers. Gemma 3 adds q/k norms (no A_qk, as Qwen3).
 _GEMMA_NO_ROTATION = ("the norms after attention and after the MLP scale o / down's outputs per channel before the "
@@ -187,7 +190,7 @@ GEMMA3 = replace(GEMMA2, sites=llama_sites("input_layernorm", "pre_feedforward_l
 
 # HF config.model_type -> architecture. A new LLaMA-like family is one line here.
 ARCHS: dict[str, Arch] = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": QWEN3, "phi3": PHI3,
-                          "gemma2": GEMMA2, "gemma3_text": GEMMA3, "opt": OPT}
+                          "gemma": GEMMA, "gemma2": GEMMA2, "gemma3_text": GEMMA3, "opt": OPT}
 
 
 def arch_of(model: nn.Module) -> Arch:

@@ -37,6 +37,8 @@ def _build(model_type: str):
         cfg, cls = tf.Qwen3Config(**kw, head_dim=16, tie_word_embeddings=False), tf.Qwen3ForCausalLM
     elif model_type == "phi3":
         cfg, cls = tf.Phi3Config(**kw, pad_token_id=0, bos_token_id=1, eos_token_id=2), tf.Phi3ForCausalLM
+    elif model_type == "gemma":  # (1 + w) norms, scaled embedding, tied lm_head
+        cfg, cls = tf.GemmaConfig(**kw, head_dim=16), tf.GemmaForCausalLM
     elif model_type == "gemma2":  # tied lm_head, soft-capping, alternating sliding / full attention
         cfg = tf.Gemma2Config(**kw, head_dim=16, sliding_window=16, attn_logit_softcapping=5.0,
                               final_logit_softcapping=3.0, query_pre_attn_scalar=16)
@@ -56,7 +58,7 @@ def _build(model_type: str):
     return model
 
 
-NEW = ["qwen2", "mistral", "qwen3", "phi3", "gemma2", "gemma3_text"]
+NEW = ["qwen2", "mistral", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text"]
 IDS = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
 
 
@@ -159,7 +161,7 @@ def test_partial_rotary_qk_transform(mode, torch_backend):
 @pytest.mark.parametrize("mt", NEW)
 def test_rotation_exact_where_enabled(mt):
     model = _build(mt)
-    if mt.startswith("gemma"):  # (1 + w) norms after attention / MLP scale o / down's outputs: not a rotation
+    if mt in ("gemma2", "gemma3_text"):  # norms after attention / MLP scale o / down's outputs: not a rotation
         with pytest.raises(ValueError, match="norms after attention"):
             check_rotatable(model)
         return

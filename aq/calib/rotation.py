@@ -8,7 +8,8 @@ channel over all of them: the activations after a norm have no outlier channel l
 works), and the weights become more Gaussian per group (better low-bit rounding). It is exact in full precision for
 RMSNorm models, because rms(h Q) = rms(h):
 
-  norm weights w are folded into the linears that read the norm, then set to 1;
+  norm scales w are folded into the linears that read the norm, which then scales by 1 (Gemma's (1 + w) norms: the
+  scale 1 + w folded, w set to 0; Arch.norm_offset);
   readers (q, k, v, gate, up, lm_head):  W  <- (W * w) Q          (input columns rotated)
   writers (o, down) and the embedding:   W  <- Q^T W,  b <- b Q,  E <- E Q   (outputs into the stream rotated)
 
@@ -107,10 +108,13 @@ def check_rotatable(model: nn.Module) -> None:
                          f"{arch.no_rotation}. Use --rotate none")
 
 
-def _rmsnorm_weight(norm: nn.Module) -> torch.Tensor:
+def _rmsnorm_weight(norm: nn.Module, offset: float) -> torch.Tensor:
+    """The norm's per-channel scale (offset + weight, Arch.norm_offset); the norm is left scaling by 1."""
     if getattr(norm, "bias", None) is not None:
         raise ValueError(f"{type(norm).__name__} has a bias: a rotation cannot be folded through it")
-    return norm.weight.detach().double()
+    w = norm.weight.detach().double() + offset
+    norm.weight.fill_(1.0 - offset)
+    return w
 
 
 @torch.no_grad()
@@ -144,13 +148,11 @@ def rotate_residual(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> 
     for layer in models.decoder_layers(model):
         for site in arch.norm_sites:
             norm, readers = layer.get_submodule(site.producer), arch.consumer_modules(site)
-            w = _rmsnorm_weight(norm)
+            w = _rmsnorm_weight(norm, arch.norm_offset)
             for r in readers:
                 _read(layer.get_submodule(r), w, Q)
-            norm.weight.fill_(1.0)
         _write(layer.get_submodule(arch.module("o")), Q)
         _write(layer.get_submodule(arch.module("down")), Q)
     final = model.get_submodule(arch.final_norm)
-    _read(head, _rmsnorm_weight(final), Q)
-    final.weight.fill_(1.0)
+    _read(head, _rmsnorm_weight(final, arch.norm_offset), Q)
     return Q
