@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alpha-sf", type=float, default=None,
                    help="stability factor (off-diagonal scale); default by model size and bits (1.0 for small models "
                         "at >= 3 bits, 0.1 for W4A4 and 2-bit, 1e-2 for larger weight-only)")
+    g.add_argument("--smooth-alpha", type=float, default=None,
+                   help="SmoothQuant migration strength of the initial transforms (max|X|^a / max|W|^(1-a)); default "
+                        "0.75 with activations of 4 bits or fewer, else 0.5")
     g.add_argument("--lr-transform", type=float, default=5e-3, help="AdamW learning rate of the transforms and shifts")
     g.add_argument("--lr-clip", type=float, default=1e-2, help="AdamW learning rate of the clipping logits")
     g.add_argument("--rounding", choices=ROUNDINGS, default="rtn",
@@ -177,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sink-weight", type=float, default=1.0,
                    help="weight of position 0 (the attention-sink token) in the token loss")
     g.add_argument("--rotate", choices=ROTATIONS, default="none",
-                   help="rotate the residual stream before quantizing (exact in full precision, RMSNorm models): "
+                   help="rotate the residual stream before quantizing (exact in full precision; LLaMA, Mistral, "
+                        "Qwen2/3, Phi-3, Gemma; refused on OPT and Gemma 2/3, docs/architectures.md): "
                         "hadamard (with random signs from --seed) or random orthogonal; spreads outlier channels")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration segments and the sample order")
     g.add_argument("--out", type=Path, default=None,
@@ -254,8 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
                 checks.positive_int(v, flag)
         given_cfg = QuantConfig(
             wbits=args.wbits, abits=args.abits, group_size=args.group_size, symmetric=args.symmetric, mode=args.mode,
-            norm_transform=form, norm_block=block or DEFAULT_NORM_BLOCK, alpha_sf=args.alpha_sf, lwc=not args.no_lwc,
-            act_order=args.act_order, rounding=args.rounding, shifts=AUTO_ON_OFF[args.shifts],
+            norm_transform=form, norm_block=block or DEFAULT_NORM_BLOCK, alpha_sf=args.alpha_sf,
+            smooth_alpha=args.smooth_alpha, lwc=not args.no_lwc, act_order=args.act_order, rounding=args.rounding,
+            shifts=AUTO_ON_OFF[args.shifts],
             down_transform=AUTO_ON_OFF[args.down_transform],
             epochs=args.epochs, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
             calib_data=args.calib_data, lr_transform=args.lr_transform, lr_clip=args.lr_clip,
@@ -278,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
         _say(f"warning: {msg}")
     if short:
         _say(f"note: no GPU: short calibration schedule ({cfg.nsamples} segments x {cfg.seqlen} tokens, "
-             f"{cfg.total_epochs} epochs) that finishes in minutes; the paper's is 128 x 2048, 20 epochs "
+             f"{cfg.epochs} epochs) that finishes in minutes; the paper's is 128 x 2048, 20 epochs "
              "(pass --nsamples/--seqlen/--epochs)")
 
     windows = args.eval_windows if args.eval_windows is not None else (CPU_EVAL_WINDOWS if on_cpu else None)
@@ -332,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"model": args.model, "config": cfg.to_dict(), "perplexity": rows, "eval_windows": windows,
               "seqlen": eval_seqlen, "quantize_seconds": qtime, "peak_gpu_gib": peak, "device": str(args.device),
               "gpu": torch.cuda.get_device_name() if cuda else None, "short_cpu_schedule": short,
-              "epochs": cfg.total_epochs if cfg.mode != "rtn" else 0}
+              "epochs": cfg.epochs if cfg.mode != "rtn" else 0}
     if calib_info is not None:
         result.update(alpha_sf=calib_info["alpha_sf"], resumed_layers=calib_info["resumed_layers"],
                       layers=calib_info["layers"])

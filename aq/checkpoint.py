@@ -14,8 +14,9 @@ DIR/
 
 Tensors in `model.safetensors` (names are the model's module names, e.g. `model.layers.0.self_attn.q_proj`):
 
-- For each quantized linear `L` (a FakeQuantLinear of the calibrated model), with N outputs, K inputs, wbits b and
-  group size g (g = K when quantized per output channel):
+- For each quantized linear `L` (an aq.qmodel.FakeQuantLinear of the calibrated model: its codes, scales and zero
+  points as they are, the codes packed), with N outputs, K inputs, wbits b and group size g (g = K when quantized per
+  output channel):
 
   | tensor | dtype | shape | meaning |
   |---|---|---|---|
@@ -26,16 +27,18 @@ Tensors in `model.safetensors` (names are the model's module names, e.g. `model.
 
   Packing (aq.packing's storage codes): c = 2 bits per code for b = 2, 4 for b = 3, 4, 8 for b = 5..8; code k of row
   n sits in byte k // (8 / c) at bit offset c * (k % (8 / c)) (lowest bits first).
+
   The weight is w = (q - z) * s, per group of g consecutive input columns. Activation bits (abits; 16 = weight-only)
   and the rest of the layer's settings are in the manifest.
 - For each norm that carries a transform left after calibration (a norm-side A^-1 that could not be folded), at norm
   site `S`: `S.norm.<param>` (the norm's own parameters) and `S.transform` (float32): [K] for a diagonal,
   [K / h, h, h] for a block-diagonal (output block b = input block b @ T[b]) or [K, K] for a full matrix, always
-  right-multiplied: norm_out @ T.
+  right-multiplied: norm_out @ T (the state of an aq.qmodel.TransformedNorm).
 - Every other tensor of the model's state dict (embeddings, norms, lm_head, ...) under its own name, in its own dtype.
   Tensors shared by several names (tied embeddings) are stored once; the manifest's `aliases` maps the other names.
 
-`quant_config.json`:
+`quant_config.json` (`linears`, `norm_transforms` and `qkv_abits` are an aq.qmodel.QModelSpec, the description that
+calibration's per-layer resume files also hold):
 
 ```
     {"format": "aq-checkpoint", "version": 2,
@@ -44,21 +47,25 @@ Tensors in `model.safetensors` (names are the model's module names, e.g. `model.
      "model_config": {"hidden_size": 576, "rms_norm_eps": 1e-05, "hidden_act": "silu", "rope_parameters": {...}, ...},
      "config_sha256": "...",                                  # sha256 of config.json as written
      "linears": {"model.layers.0.self_attn.q_proj": {"in_features": 576, "out_features": 576, "wbits": 4,
-                 "group_size": 64, "abits": 16, "bias": false}, ...},
-     "norm_transforms": {"model.layers.0.input_layernorm": {"form": "blockdiag", "shape": [9, 64, 64]}, ...},
+                 "group_size": 64, "abits": 16, "bias": false, "symmetric": false}, ...},
+     "norm_transforms": {"model.layers.0.input_layernorm": {"form": "block", "shape": [9, 64, 64]}, ...},
      "qkv_abits": {"model.layers.0.self_attn": 4, ...},     # attention inputs quantized per token and head
      "aliases": {"lm_head.weight": "model.embed_tokens.weight"},
      "tensors": {"file": "model.safetensors", "bytes": 123456789, "sha256": "..."}}
 ```
 
+`form` is `diagonal`, `block` or `full`; version-2 checkpoints written before aq.qmodel named the block form
+`blockdiag`, which is read as `block` (nothing else changed, so they load unchanged).
+
 ## Loading
 
 `load_checkpoint(DIR)` builds the model from `config.json` (no base weights needed: the checkpoint holds every
-tensor), puts back each quantized linear as a FakeQuantLinear (the fake-quantized model calibration produced: same
-codes, same fp32 scales), each norm transform as aq.patch.TransformedNorm and the Q/K/V activation bits of attention
-modules (aq.calib.attention), and with `patch=True` hands the model to aq.patch.patch_model (kernel-backed modules).
-`load_checkpoint(DIR, model=m)` loads into an existing model of the
-same architecture instead, after checking that its config and every linear's shape match.
+tensor), installs the modules the manifest's QModelSpec describes (aq.qmodel: a FakeQuantLinear per quantized
+linear, a TransformedNorm per norm transform, the Q/K/V activation bits of attention modules) and loads every tensor
+into them: the fake-quantized model calibration produced, with the same codes and the same fp32 scales. No path
+goes codes -> floats -> codes. `load_checkpoint(DIR, model=m)` loads into an existing model of the same architecture
+instead, after checking that its config and every linear's shape match. `aq.load_checkpoint(DIR, patch=True)` then
+hands the model to aq.patch.patch_model (kernel-backed modules); aq.checkpoint itself knows only aq.qmodel.
 
 ## What is verified
 
@@ -91,10 +98,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aq import primitives
-from aq.calib.rtn import FakeQuantLinear
-from aq.config import QuantConfig
 from aq.packing import container_bits, pack_storage_codes, unpack_storage_codes
+from aq import models, primitives
+from aq.config import QuantConfig
+from aq.qmodel import LinearSpec, QModelSpec, enable_qkv_quant
 
 FORMAT = "aq-checkpoint"
 VERSION = 2  # 2: config.json and the manifest are covered by the integrity check; 1 is refused (its were not)
@@ -111,7 +118,7 @@ COMPUTE_KEYS = SHAPE_KEYS + (
     "rope_parameters", "partial_rotary_factor", "max_position_embeddings", "attention_bias", "mlp_bias",
     "pretraining_tp", "do_layer_norm_before", "_remove_final_layer_norm", "enable_bias",
     "layer_norm_elementwise_affine", "sliding_window", "attn_logit_softcapping", "final_logit_softcapping",
-    "query_pre_attn_scalar")
+    "query_pre_attn_scalar", "hidden_activation")
 
 
 class CheckpointError(ValueError):
@@ -147,21 +154,6 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point() and p.device.type != "meta":
-            return p.dtype
-    return torch.float32
-
-
-def _norm_sites(model: nn.Module) -> list[str]:
-    from aq import models
-
-    arch = models.arch_of(model)
-    n = len(model.get_submodule(arch.layers))
-    return [f"{arch.layers}.{i}.{s}" for i in range(n) for s in (arch.attn_norm, arch.mlp_norm)]
-
-
 # --------------------------------------------------------------------------------------------------------------- save
 @torch.no_grad()
 def save_checkpoint(model: nn.Module, cfg: QuantConfig, out_dir: str | os.PathLike, tokenizer=None,
@@ -170,41 +162,22 @@ def save_checkpoint(model: nn.Module, cfg: QuantConfig, out_dir: str | os.PathLi
     cfg = cfg.resolve(model)
     from safetensors.torch import save_file
 
-    from aq.patch import split_norm, transform_form
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if (out / MANIFEST).exists():
         (out / MANIFEST).unlink()  # the folder is not a valid checkpoint until the new manifest lands
-    tensors: dict[str, torch.Tensor] = {}
-    linears: dict[str, dict] = {}
-    covered: set[str] = set()  # state-dict prefixes written in the quantized form
-    for name, m in model.named_modules():
-        if isinstance(m, FakeQuantLinear):
-            codes = m.codes()
-            tensors[f"{name}.qweight"] = pack_storage_codes(codes, m.wbits)
-            tensors[f"{name}.scale"] = m.scale.float()
-            tensors[f"{name}.zero"] = m.zero.round().to(torch.uint8)
-            if m.bias is not None:
-                tensors[f"{name}.bias"] = m.bias
-            linears[name] = dict(in_features=m.in_features, out_features=m.out_features, wbits=m.wbits,
-                                 group_size=m.group_size, abits=m.abits, bias=m.bias is not None,
-                                 symmetric=bool(getattr(m, "symmetric", False)))
-            covered.add(name + ".")
-    if not linears:
+    spec = QModelSpec.of(model)
+    if not spec.linears:
         raise ValueError("the model has no FakeQuantLinear modules: nothing quantized to save")
-    norm_transforms: dict[str, dict] = {}
-    for site in _norm_sites(model):
-        mod = model.get_submodule(site)
-        norm, t = split_norm(mod)
-        if t is None:
-            continue
-        for k, v in norm.state_dict().items():
-            tensors[f"{site}.norm.{k}"] = v
-        tensors[f"{site}.transform"] = t.float()
-        norm_transforms[site] = dict(form=transform_form(t), shape=list(t.shape))
-        covered.add(site + ".")
-    qkv_abits = {n: int(m.aq_qkv_abits) for n, m in model.named_modules() if hasattr(m, "aq_qkv_abits")}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in spec.linears.items():  # the codes packed, zero points as bytes (docs/checkpoint.md)
+        m = model.get_submodule(name)
+        tensors[f"{name}.qweight"] = pack_storage_codes(m.codes(), info.wbits)
+        tensors[f"{name}.scale"] = m.scale.float()
+        tensors[f"{name}.zero"] = m.zero.round().to(torch.uint8)
+        if m.bias is not None:
+            tensors[f"{name}.bias"] = m.bias
+    covered = {name + "." for name in spec.linears}  # state-dict prefixes written in the quantized form above
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for k, v in model.state_dict().items():
@@ -215,7 +188,8 @@ def save_checkpoint(model: nn.Module, cfg: QuantConfig, out_dir: str | os.PathLi
             aliases[k] = seen[key]
             continue
         seen[key] = k
-        tensors[k] = v
+        # norm transforms in float32 whatever the model's dtype (docs/checkpoint.md)
+        tensors[k] = v.float() if k.endswith(".transform") and k[:-len(".transform")] in spec.norm_transforms else v
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
     config_bytes = model.config.to_json_string(use_diff=False).encode()
@@ -223,10 +197,10 @@ def save_checkpoint(model: nn.Module, cfg: QuantConfig, out_dir: str | os.PathLi
     manifest = {
         "format": FORMAT, "version": VERSION, "quant_config": cfg.to_dict(), "base_model": base_model,
         "model_type": model.config.model_type, "architectures": getattr(model.config, "architectures", None)
-        or [type(model).__name__], "dtype": _dtype_name(_model_dtype(model)),
+        or [type(model).__name__], "dtype": _dtype_name(models.model_dtype(model)),
         "model_config": {k: config_dict[k] for k in COMPUTE_KEYS if k in config_dict},
         "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
-        "linears": linears, "norm_transforms": norm_transforms, "qkv_abits": qkv_abits, "aliases": aliases,
+        **spec.to_json(), "aliases": aliases,
     }
     tmp = out / (TENSORS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION),
@@ -318,9 +292,9 @@ def _check_signed(d: Path, f: Path, man: dict) -> dict:
     return saved_cfg
 
 
-def _check_linear_tensors(name: str, info: dict, tensors: dict) -> None:
+def _check_linear_tensors(name: str, info: LinearSpec, tensors: dict) -> None:
     """The manifest's bits, groups and shapes agree with the stored tensors (codes and zero points in range)."""
-    N, K, b, g = info["out_features"], info["in_features"], info["wbits"], info["group_size"]
+    N, K, b, g = info.out_features, info.in_features, info.wbits, info.group_size
     qw, scale, zero = (tensors.get(f"{name}.{t}") for t in ("qweight", "scale", "zero"))
     if qw is None or scale is None or zero is None:
         return  # reported as an incomplete checkpoint by the caller
@@ -351,17 +325,15 @@ def _build_model(d: Path, dtype: torch.dtype, device):
 
 @torch.no_grad()
 def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module | None = None, *, device="cpu",
-                    dtype: torch.dtype | None = None, patch: bool = False, verify_hash: bool = True,
-                    **patch_kw) -> nn.Module:
-    """Load a checkpoint written by save_checkpoint: the fake-quantized model (patch=False) or the kernel-backed one.
+                    dtype: torch.dtype | None = None, verify_hash: bool = True) -> nn.Module:
+    """Load a checkpoint written by save_checkpoint: the fake-quantized model (aq.qmodel), in eval mode.
 
     model: load into this model (same architecture, checked) instead of building one from the saved config.
-    dtype: dtype of the float tensors (default: the one saved). patch_kw go to aq.patch.patch_model.
+    dtype: dtype of the float tensors (default: the one saved). For the kernel-backed model, aq.load_checkpoint(...,
+    patch=True) or aq.patch.patch_model on the result.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from aq.patch import TransformedNorm, patch_model
 
     d = Path(ckpt_dir)
     man = read_manifest(d)
@@ -369,6 +341,10 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module | None = None,
     saved_cfg = _check_signed(d, f, man)
     if saved_cfg.get("model_type") != man.get("model_type"):
         raise CheckpointError(f"{d}: config.json and the manifest disagree on the model type")
+    try:
+        spec = QModelSpec.from_json(man)
+    except ValueError as e:
+        raise CheckpointError(f"{d / MANIFEST}: {e}") from None
     dtype = dtype or getattr(torch, man.get("dtype", "float32"))
     try:
         tensors = load_file(str(f), device="cpu")
@@ -381,77 +357,59 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module | None = None,
         _check_config(model, man)
     qcfg = QuantConfig(**{k: v for k, v in man["quant_config"].items() if k in QuantConfig.__dataclass_fields__})
 
-    # quantized linears -> FakeQuantLinear, after checking the model has them with these shapes
+    # the model must have every quantized linear, with these shapes
     problems = []
-    for name, info in man["linears"].items():
+    for name, info in spec.linears.items():
         try:
             lin = model.get_submodule(name)
         except AttributeError:
             problems.append(f"{name}: no such module in the model")
             continue
         shape = (getattr(lin, "out_features", None), getattr(lin, "in_features", None))
-        if shape != (info["out_features"], info["in_features"]):
-            problems.append(f"{name}: model has {shape}, checkpoint {(info['out_features'], info['in_features'])}")
+        if shape != (info.out_features, info.in_features):
+            problems.append(f"{name}: model has {shape}, checkpoint {(info.out_features, info.in_features)}")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise CheckpointError("the checkpoint does not match the model: " + "; ".join(problems[:5]) + more)
+    for site, info in spec.norm_transforms.items():
+        t = tensors.get(f"{site}.transform")
+        if t is None:
+            raise CheckpointError(f"{f} has no tensor '{site}.transform': the checkpoint is incomplete")
+        if tuple(t.shape) != info.shape:
+            raise CheckpointError(f"{site}.transform has shape {list(t.shape)}, the manifest says {list(info.shape)}")
 
     def take(key: str) -> torch.Tensor:
         if key not in tensors:
             raise CheckpointError(f"{f} has no tensor {key!r}: the checkpoint is incomplete")
         return tensors.pop(key)
 
-    for name, info in man["linears"].items():
+    for name, info in spec.linears.items():
         _check_linear_tensors(name, info, tensors)
-    for name, info in man["linears"].items():
-        N, K, b, g = info["out_features"], info["in_features"], info["wbits"], info["group_size"]
-        codes = unpack_storage_codes(take(f"{name}.qweight"), b, K)
-        scale, zero = take(f"{name}.scale").float(), take(f"{name}.zero").float()
-        ng = K // primitives.check_group_size(K, g)
-        if codes.shape != (N, K) or scale.shape != (N, ng) or zero.shape != (N, ng):
-            raise CheckpointError(f"{name}: stored tensors have the wrong shapes for [{N}, {K}] with groups of {g}")
-        w = primitives.dequantize(codes, scale, zero, g, dtype)
-        bias = take(f"{name}.bias").to(dtype) if info["bias"] else None
-        fq = FakeQuantLinear(w, bias, scale, zero, b, g, info["abits"])
-        fq.symmetric = info.get("symmetric", False)
-        parent, _, child = name.rpartition(".")
-        model.get_submodule(parent).register_module(child, fq)
-    for site, info in man.get("norm_transforms", {}).items():
-        if f"{site}.transform" not in tensors:
-            raise CheckpointError(f"{f} has no tensor '{site}.transform': the checkpoint is incomplete")
-        t = tensors[f"{site}.transform"]  # stays in `tensors`: it is part of the TransformedNorm's state
-        if list(t.shape) != info["shape"]:
-            raise CheckpointError(f"{site}.transform has shape {list(t.shape)}, the manifest says {info['shape']}")
-        mod = model.get_submodule(site)
-        norm = mod.norm if isinstance(mod, TransformedNorm) else mod
-        tn = TransformedNorm(norm, t)
-        parent, _, child = site.rpartition(".")
-        model.get_submodule(parent).register_module(child, tn)
-
-    # the rest: strict, so that a tensor missing from (or foreign to) the file is an error
+    # the stored form -> the state of aq.qmodel.FakeQuantLinear (codes unpacked, zero points as floats)
+    state: dict[str, torch.Tensor] = {}
+    for name, info in spec.linears.items():
+        state[f"{name}.qcodes"] = unpack_storage_codes(take(f"{name}.qweight"), info.wbits, info.in_features)
+        state[f"{name}.scale"] = take(f"{name}.scale").float()
+        state[f"{name}.zero"] = take(f"{name}.zero").float()
+        if info.bias:
+            state[f"{name}.bias"] = take(f"{name}.bias").to(dtype)
     for alias, target in man.get("aliases", {}).items():
         if target not in tensors:
             raise CheckpointError(f"alias {alias} -> {target}: {target} is not in {f}")
         tensors[alias] = tensors[target]
-    sd_keys = set(model.state_dict().keys())
-    quant_keys = {k for k in sd_keys if any(k.startswith(n + ".") for n in man["linears"])}
-    rest_expected = sd_keys - quant_keys
-    missing = sorted(rest_expected - set(tensors))
-    unexpected = sorted(set(tensors) - rest_expected)
+    state.update((k, v.to(dtype) if v.is_floating_point() and not k.endswith(".transform") else v)
+                 for k, v in tensors.items())
+    try:
+        spec.install(model, dtype)  # the quantized modules in place, to be filled by their state
+    except AttributeError as e:
+        raise CheckpointError(f"the checkpoint does not match the model: {e}") from None
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise CheckpointError(f"{f} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    rest = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".transform") else v
-            for k, v in tensors.items()}
-    model.load_state_dict(rest, strict=False)
-    qkv = man.get("qkv_abits") or {}
-    if qkv:  # per-token quantization of attention's Q, K, V (weight-activation calibration), simulated
-        from aq.calib.attention import enable_qkv_quant, set_qkv_abits
-
-        for n, bits in qkv.items():
-            set_qkv_abits(model.get_submodule(n), bits)
+    model.load_state_dict(state, strict=True)
+    if spec.qkv_abits:  # per-token quantization of attention's Q, K, V (weight-activation calibration), simulated
         enable_qkv_quant(model)
     model.to(device)
     model.aq_quant_config = qcfg
-    if patch:
-        patch_model(model, **patch_kw)
     return model.eval()

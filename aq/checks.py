@@ -48,8 +48,8 @@ def check_windows(n_tokens: int, seqlen: int, name: str, what: str = "evaluation
 
 # command-line destinations that only training uses (mode rtn ignores them), with their flags
 _TRAINING_ARGS = {"epochs": "--epochs", "nsamples": "--nsamples", "calib_data": "--calib-data",
-                  "batch_size": "--batch-size", "alpha_sf": "--alpha-sf", "lr_transform": "--lr-transform",
-                  "lr_clip": "--lr-clip", "no_lwc": "--no-lwc", "shifts": "--shifts",
+                  "batch_size": "--batch-size", "alpha_sf": "--alpha-sf", "smooth_alpha": "--smooth-alpha",
+                  "lr_transform": "--lr-transform", "lr_clip": "--lr-clip", "no_lwc": "--no-lwc", "shifts": "--shifts",
                   "down_transform": "--down-transform", "norm_transform": "--norm-transform", "amp": "--amp",
                   "resume": "--resume", "seed": "--seed", "loss": "--loss", "sink_weight": "--sink-weight"}
 

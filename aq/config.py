@@ -21,6 +21,8 @@ DEFAULT_NORM_BLOCK = 64
 LOSSES = ("mse", "token")
 # Rotation of the residual stream folded into the weights before calibration (aq.calib.rotation).
 ROTATIONS = ("none", "hadamard", "random")
+# SmoothQuant migration strength of the initial transforms (aq.calib.loop): stronger when activations get few bits
+SMOOTH_ALPHA = {"low_abits": 0.75, "other": 0.5}
 CPU_SCHEDULE = {"nsamples": 4, "seqlen": 256, "epochs": 2}  # the short schedule used without a GPU (minutes on a CPU)
 GPU_SCHEDULE = {"nsamples": 128, "seqlen": 2048}           # the paper's
 AUTO = "auto"
@@ -37,7 +39,8 @@ class QuantConfig:
     # transforms (mode affinequant / omniquant)
     norm_transform: str = DEFAULT_NORM_TRANSFORM
     norm_block: int = DEFAULT_NORM_BLOCK  # block size of the "block" form
-    alpha_sf: float | None = None  # stability factor; None = by model size and bits (aq.calib.transforms.auto_alpha_sf)
+    alpha_sf: float | None = None  # stability factor; None = by model size and bits (auto_alpha_sf); omniquant: 0
+    smooth_alpha: float | None = None  # SmoothQuant alpha of the initial scales; None = 0.75 at abits <= 4, else 0.5
     act_order: bool = False      # mode gptq: columns in order of decreasing Hessian diagonal
     rounding: str = "rtn"        # omniquant / affinequant: final rounding of the merged weights (ROUNDINGS)
     lwc: bool = True             # learnable weight clipping
@@ -81,6 +84,8 @@ class QuantConfig:
         positive_int(self.norm_block, "norm block")
         if self.alpha_sf is not None and not 0 <= self.alpha_sf <= 1:
             raise ValueError(f"alpha_sf (stability factor) must be in [0, 1], got {self.alpha_sf}")
+        if self.smooth_alpha is not None and not 0 <= self.smooth_alpha <= 1:
+            raise ValueError(f"smooth_alpha (SmoothQuant alpha) must be in [0, 1], got {self.smooth_alpha}")
         if self.epochs is not None:
             positive_int(self.epochs, "epochs")
         for name in ("nsamples", "seqlen", "batch_size"):
@@ -103,22 +108,29 @@ class QuantConfig:
         return on_cpu and self.mode != "rtn" and self.nsamples is None and self.seqlen is None and self.epochs is None
 
     def resolve(self, model_or_hidden=None, device=None) -> "QuantConfig":
-        """A copy with every "auto" / None decided, the one place where they are (the API and the CLI both use it).
-        model_or_hidden: the model (or its hidden size) -- alpha_sf depends on it and stays None without one;
-        device: "cpu" picks the short CPU schedule when nsamples, seqlen and epochs are all None. Idempotent."""
+        """A copy with every "auto" / None decided, the one place where they are (the API and the CLI both use it;
+        everything downstream reads the resolved fields): group size, stability factor, SmoothQuant alpha, the form
+        of the norm-side transforms, shifts, the down transform and the schedule.
+        model_or_hidden: the model (or its hidden size) -- alpha_sf depends on it and stays None without one (but for
+        omniquant, whose transforms are diagonal: 0); device: "cpu" picks the short CPU schedule when nsamples, seqlen
+        and epochs are all None. Idempotent."""
         short = self.short_schedule(device)
         sched = CPU_SCHEDULE if short else {**GPU_SCHEDULE, "epochs": 40 if self.wbits <= 2 else 20}
         group = self.group_size
         if group == AUTO:  # the W4A4 kernel takes per-channel weights; weight-only runs use groups of 64
             group = 64 if self.weight_only else None
         alpha = self.alpha_sf
-        if alpha is None and model_or_hidden is not None:
-            from aq.calib.transforms import auto_alpha_sf  # lazy: aq.calib imports this module
+        if self.mode == "omniquant":
+            alpha = 0.0  # diagonal transforms only: nothing off the diagonal to scale
+        elif alpha is None and model_or_hidden is not None:
             hidden = model_or_hidden if isinstance(model_or_hidden, int) else _hidden_size(model_or_hidden)
             alpha = auto_alpha_sf(hidden, self.wbits, self.abits)
+        smooth = self.smooth_alpha
+        if smooth is None:
+            smooth = SMOOTH_ALPHA["low_abits" if self.abits <= 4 else "other"]
         trained = self.mode != "rtn"
         return replace(
-            self, group_size=group, alpha_sf=alpha,
+            self, group_size=group, alpha_sf=alpha, smooth_alpha=smooth, norm_transform=self.norm_form,
             # shifts: weight-activation runs, where the producer has a bias (the loop skips bias-free producers)
             shifts=self.shifts if self.shifts is not None else (trained and not self.weight_only),
             down_transform=self.down_on,
@@ -129,12 +141,6 @@ class QuantConfig:
     @property
     def weight_only(self) -> bool:
         return self.abits >= 16
-
-    @property
-    def total_epochs(self) -> int:
-        if self.epochs is not None:
-            return self.epochs
-        return 40 if self.wbits <= 2 else 20
 
     @property
     def down_on(self) -> bool:
@@ -158,6 +164,17 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def auto_alpha_sf(hidden: int, wbits: int, abits: int) -> float:
+    """Stability factor by the paper's settings: 1.0 for small models (hidden <= 1024, as OPT-125M) at >= 3 bits,
+    0.1 for W4A4-like settings, small models at 2 bits and larger models with activation quantization, 1e-2 for larger
+    models weight-only (the paper's LLaMA setting)."""
+    if abits <= 4:
+        return 0.1
+    if hidden <= 1024:
+        return 1.0 if wbits >= 3 else 0.1
+    return 1e-2 if abits >= 16 else 0.1
 
 
 def _hidden_size(model) -> int:

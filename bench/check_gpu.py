@@ -447,7 +447,8 @@ def check_patch(c: Checker, n: int):
     from aq.config import QuantConfig
     from aq.kernels import w4a4 as Q
     from aq.kernels import w4a16 as W
-    from aq.patch import W4A4Linear, W4A16Linear, patch_model
+    from aq.deploy import W4A4Linear, W4A16Linear
+    from aq.patch import patch_model
 
     for i in range(n):
         if i and c.out_of_time():

@@ -188,7 +188,7 @@ def bench(args) -> dict:
             elif name == "w4a4":
                 patch_model(model, QuantConfig(wbits=4, abits=4, group_size=None))
             elif name == "bf16-aqnorm":  # the bf16 model with aq's one-kernel norms: isolates the linears' share
-                from aq.patch import FusedNorm
+                from aq.deploy import FusedNorm
                 norms = [n for n, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")]
                 for n in norms:
                     parent, _, child = n.rpartition(".")

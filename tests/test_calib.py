@@ -12,10 +12,11 @@ import torch
 from aq import models
 from aq.calib import loop
 from aq.calib.layer import LayerCalib
-from aq.calib.rtn import FakeQuantLinear, quantize_rtn
-from aq.calib.transforms import MIN_MARGIN, NormTransform, auto_alpha_sf, band_at
-from aq.config import QuantConfig
+from aq.calib.rtn import quantize_rtn
+from aq.calib.transforms import MIN_MARGIN, band_at
+from aq.config import QuantConfig, auto_alpha_sf
 from aq.primitives import dequantize
+from aq.qmodel import FakeQuantLinear, QModelSpec, TransformedNorm
 from tests.conftest import tiny_llama, tiny_opt
 
 
@@ -64,10 +65,10 @@ def test_random_transforms_with_quantization_off_keep_the_logits(make, mode, for
     g = torch.Generator().manual_seed(1)
     kvd = geo.kv_heads * geo.head_dim
     for i in range(len(layers)):
-        shifts = {} if arch.rope else {"attn": torch.zeros(64), "mlp": torch.zeros(64), "vo": torch.zeros(kvd)}
+        shifts = {} if arch.rope else {"A_qkv": torch.zeros(64), "A_up": torch.zeros(64), "A_vo": torch.zeros(kvd)}
         c = LayerCalib(layers[i], arch, geo, cfg, norm_form=cfg.norm_form, head_affine=mode == "affinequant",
                        alpha=0.7, quantize=False, shifts=shifts)
-        assert (c.t_down is not None) == (arch.mlp_up is not None)
+        assert ("A_down" in c.t) == ("gate" in arch.modules)
         _randomize(c, g)
         c.set_epoch(3, 4)  # the last epoch: full band
         c.refresh()
@@ -82,10 +83,10 @@ def test_random_transforms_with_quantization_off_keep_the_logits(make, mode, for
     assert float((out - ref).norm() / ref.norm()) < 1e-4
     norm = layers[0].get_submodule(arch.attn_norm)
     if cfg.norm_form == "diagonal":
-        assert not isinstance(norm, NormTransform)  # folded into the norm weight
+        assert not isinstance(norm, TransformedNorm)  # folded into the norm weight
     else:
-        assert isinstance(norm, NormTransform) and norm.form == form
-        assert norm.inverse.shape == ((64, 64) if form == "full" else (4, 16, 16))
+        assert isinstance(norm, TransformedNorm) and norm.form == form
+        assert norm.transform.shape == ((64, 64) if form == "full" else (4, 16, 16))
 
 
 def test_unrestricted_qk_transform_breaks_rope_equivalence():
@@ -137,8 +138,8 @@ def test_calibrated_model_is_in_the_handed_on_form(make, cfg, torch_backend):
             assert int(codes.max()) <= 2 ** cfg.wbits - 1
             assert torch.equal(dequantize(codes, m.scale, m.zero, m.group_size), m.weight)
         norm = layer.get_submodule(arch.attn_norm)
-        assert isinstance(norm, NormTransform) == (cfg.norm_form != "diagonal")
-        attn = layer.get_submodule(arch.q.rpartition(".")[0])
+        assert isinstance(norm, TransformedNorm) == (cfg.norm_form != "diagonal")
+        attn = layer.get_submodule(arch.attention)
         assert getattr(attn, "aq_qkv_abits", 16) == cfg.abits
     if cfg.abits < 16:
         assert model.config._attn_implementation.startswith("aq_qkv_")
@@ -234,7 +235,7 @@ def test_divergence_restores_the_layer_then_falls_back(monkeypatch, torch_backen
 
     def nan_first_attempts(self, x, **kw):
         out = real_forward(self, x, **kw)
-        if self.t_attn.form != "diagonal" and torch.is_grad_enabled():
+        if self.t["A_qkv"].form != "diagonal" and torch.is_grad_enabled():
             calls["n"] += 1
             return out * float("nan")
         return out
@@ -276,9 +277,9 @@ def test_bad_settings_fail_before_any_work():
 def test_norm_transform_module_block_matches_dense():
     norm = torch.nn.LayerNorm(8)
     inv = torch.randn(2, 4, 4)
-    nt = NormTransform(copy.deepcopy(norm), inv, "block")
+    nt = TransformedNorm(copy.deepcopy(norm), inv, "block")
     x = torch.randn(3, 8)
     assert torch.allclose(nt(x), norm(x) @ torch.block_diag(*inv), atol=1e-6)
     with pytest.raises(ValueError):
-        NormTransform(norm, torch.randn(8, 8), "diagonal")
-    assert json.dumps(loop.layer_spec(torch.nn.Sequential(nt)))  # the spec is plain JSON
+        TransformedNorm(norm, torch.randn(8, 8), "diagonal")
+    assert json.dumps(QModelSpec.of(torch.nn.Sequential(nt)).to_json())  # the spec is plain JSON

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from aq import calibrate, eval as aq_eval
-from aq.calib.rtn import FakeQuantLinear, quantize_rtn
+from aq.calib.rtn import quantize_rtn
 from aq.config import QuantConfig
 from aq.primitives import dequantize, fake_quant
+from aq.qmodel import FakeQuantLinear
 from tests.conftest import tiny_llama, tiny_opt
 
 
@@ -222,6 +223,17 @@ def test_resolve_decides_every_auto():
         (64, False, False, 0.1, 40, 128, 2048)
     assert w.resolve(64, device="cuda") == w  # idempotent
     assert QuantConfig(epochs=3).resolve(device="cpu").nsamples == 128  # a schedule given: no short schedule
+
+
+def test_resolve_decides_the_calibration_autos_too():
+    """Stability factor, SmoothQuant alpha and the norm-side form are decided by resolve, not by the loop."""
+    assert QuantConfig(mode="omniquant", alpha_sf=0.5).resolve().alpha_sf == 0.0  # diagonal transforms only
+    assert QuantConfig(abits=4).resolve().smooth_alpha == 0.75 and QuantConfig().resolve().smooth_alpha == 0.5
+    assert QuantConfig(smooth_alpha=0.3).resolve().smooth_alpha == 0.3
+    assert QuantConfig(abits=4, norm_transform="full").resolve().norm_transform == "diagonal"
+    assert QuantConfig(norm_transform="full").resolve().norm_transform == "full"
+    with pytest.raises(ValueError, match="smooth_alpha"):
+        QuantConfig(smooth_alpha=1.5)
 
 
 def test_patch_model_takes_the_default_w4a4_config():

@@ -3,12 +3,14 @@ import json
 import pytest
 import torch
 
-from aq.calib.rtn import FakeQuantLinear, quantize_rtn
-from aq.checkpoint import (CheckpointError, MANIFEST, TENSORS, load_checkpoint, read_manifest,
-                           save_checkpoint)
-from aq.config import QuantConfig
+import aq
+from aq.calib.rtn import quantize_rtn
+from aq.checkpoint import CheckpointError, MANIFEST, TENSORS, load_checkpoint, read_manifest, save_checkpoint
 from aq.packing import pack_storage_codes, unpack_storage_codes
-from aq.patch import TransformedNorm, W4A4Linear, patched_summary
+from aq.config import QuantConfig
+from aq.deploy import W4A4Linear
+from aq.patch import patched_summary
+from aq.qmodel import FakeQuantLinear, TransformedNorm
 from tests.conftest import make_tokenizer, tiny_llama, tiny_opt
 
 IDS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -75,7 +77,7 @@ def test_load_into_a_given_model_and_patched(tmp_path):
     torch.nn.init.zeros_(into.model.norm.weight)  # every tensor comes from the checkpoint
     m = load_checkpoint(tmp_path / "ck", model=into)
     assert m is into and torch.equal(logits(fq), logits(m))
-    pm = load_checkpoint(tmp_path / "ck", patch=True)
+    pm = aq.load_checkpoint(tmp_path / "ck", patch=True)
     assert patched_summary(pm)["W4A4Linear"] == 8 and isinstance(pm.model.layers[0].mlp.down_proj, W4A4Linear)
     ref = logits(fq)
     assert ((logits(pm) - ref).norm() / ref.norm()) < 1e-5
@@ -226,4 +228,31 @@ def test_format_version_1_is_refused_with_the_reason(tmp_path):
     man["version"] = 1
     (d / MANIFEST).write_text(json.dumps(man))
     with pytest.raises(CheckpointError, match="version 1 .*not covered by the integrity check"):
+        load_checkpoint(d)
+
+
+def test_the_block_form_named_blockdiag_by_earlier_writers_loads_and_symmetry_travels(tmp_path):
+    """Version-2 checkpoints written before aq.qmodel call the block form 'blockdiag' and may lack 'symmetric': they
+    load as written; an unknown form is refused naming it; a symmetric model comes back symmetric."""
+    cfg = QuantConfig(wbits=4, abits=16, group_size=16, symmetric=True)
+    fq = quantize_rtn(tiny_llama(), cfg)
+    lay = fq.model.layers[0]
+    lay.post_attention_layernorm = TransformedNorm(lay.post_attention_layernorm,
+                                                   torch.eye(16) + 0.1 * torch.randn(4, 16, 16))
+    d = tmp_path / "ck"
+    save_checkpoint(fq, cfg, d)
+    assert all(m.symmetric for m in load_checkpoint(d).modules() if isinstance(m, FakeQuantLinear))
+    man = json.loads((d / MANIFEST).read_text())
+    site = "model.layers.0.post_attention_layernorm"
+    assert man["norm_transforms"][site]["form"] == "block"
+    man["norm_transforms"][site]["form"] = "blockdiag"
+    for info in man["linears"].values():
+        del info["symmetric"]
+    resign(d, man)
+    m = load_checkpoint(d)
+    assert isinstance(m.model.layers[0].post_attention_layernorm, TransformedNorm)
+    assert torch.equal(logits(m), logits(fq))
+    man["norm_transforms"][site]["form"] = "banded"
+    resign(d, man)
+    with pytest.raises(CheckpointError, match="unknown form 'banded'"):
         load_checkpoint(d)

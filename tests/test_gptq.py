@@ -7,7 +7,7 @@ import torch
 
 from aq import calibrate
 from aq.calib.gptq import DAMP, Hessian, gptq_linear, gptq_quantize
-from aq.calib.rtn import FakeQuantLinear
+from aq.qmodel import FakeQuantLinear
 from aq.config import QuantConfig
 from aq.primitives import choose_qparams, dequantize, fake_quant
 from tests.conftest import tiny_llama

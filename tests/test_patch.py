@@ -3,13 +3,14 @@ import copy
 import pytest
 import torch
 
-from aq.calib.rtn import FakeQuantLinear, quantize_rtn
+from aq.calib.rtn import quantize_rtn
 from aq.config import QuantConfig
 from aq.kernels.w4a16 import dequantize_weight
 from aq.models import arch_of
-from aq.patch import (DeferredNorm, FusedNorm, QuantEmbedding, TransformedNorm, W4A4Linear, W4A16Linear, patch_model,
-                      patched_summary, weight_bytes)
+from aq.deploy import DeferredNorm, FusedNorm, QuantEmbedding, W4A4Linear, W4A16Linear
+from aq.patch import patch_model, patched_summary, weight_bytes
 from aq.primitives import fake_quant
+from aq.qmodel import FakeQuantLinear, TransformedNorm
 from tests.conftest import tiny_llama, tiny_opt
 
 IDS = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -68,7 +69,7 @@ def test_w4a4_patched_is_the_fake_quant_model_in_fp32(make, fuse):
         lay, attn_norm, _ = _norms(pm)[0]
         assert isinstance(getattr(lay, attn_norm), DeferredNorm)
         assert lay.self_attn.q_proj._fused[0].linear._norm_site[0] is getattr(lay, attn_norm)
-        assert not lay.get_submodule(arch_of(pm).o)._norm_site
+        assert not lay.get_submodule(arch_of(pm).module("o"))._norm_site
     # integer GEMM + exact per-token codes: the fp32 fake-quant model up to float summation order
     assert rel(logits(fq), logits(pm)) < 1e-5
 
@@ -81,7 +82,7 @@ def test_patch_of_a_plain_model_equals_patch_of_its_rtn_model():
         assert na == nb and torch.equal(ta, tb), na
 
 
-@pytest.mark.parametrize("form", ["diagonal", "blockdiag"])
+@pytest.mark.parametrize("form", ["diagonal", "block"])
 @pytest.mark.parametrize("abits", [16, 4])
 def test_norm_transforms_run_inside_the_norm_kernel(form, abits):
     torch.manual_seed(1)

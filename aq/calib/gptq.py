@@ -18,10 +18,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from aq import models
-from aq.calib.rtn import FakeQuantLinear
 from aq.config import QuantConfig
 from aq.kernels.fake_quant import fake_quant
-from aq.primitives import check_group_size, choose_qparams, dequantize
+from aq.primitives import check_group_size, choose_qparams
+from aq.qmodel import FakeQuantLinear, set_submodule
 
 BLOCK = 128    # columns per lazy batch update
 DAMP = 0.01    # fraction of the mean Hessian diagonal added to the diagonal
@@ -119,32 +119,34 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
     return Q, scale, zero
 
 
-def gptq_linear(linear: nn.Linear, H: torch.Tensor, cfg: QuantConfig, **kw) -> FakeQuantLinear:
-    """A FakeQuantLinear whose weight GPTQ rounded (with cfg's bits, group size and symmetry)."""
+def gptq_linear(linear: nn.Linear, H: torch.Tensor, cfg: QuantConfig, qparams=None, **kw) -> FakeQuantLinear:
+    """A FakeQuantLinear whose weight GPTQ rounded (with cfg's bits, group size, symmetry and act order; qparams:
+    fixed (scale, zero) instead of GPTQ's own, with the columns in their order)."""
     w = linear.weight.detach()
-    Q, scale, zero = gptq_quantize(w, H, cfg.wbits, cfg.group_size, cfg.symmetric, act_order=cfg.act_order, **kw)
-    scale, zero = scale.float(), zero.float()
-    w_fq = dequantize(Q.to(torch.uint8), scale, zero, cfg.group_size, w.dtype)
+    Q, scale, zero = gptq_quantize(w, H, cfg.wbits, cfg.group_size, cfg.symmetric,
+                                   act_order=cfg.act_order and qparams is None, qparams=qparams, **kw)
     bias = None if linear.bias is None else linear.bias.detach()
-    return FakeQuantLinear(w_fq, bias, scale, zero, cfg.wbits, cfg.group_size, cfg.abits)
+    return FakeQuantLinear(Q.to(torch.uint8), scale, zero, bias, wbits=cfg.wbits, group_size=cfg.group_size,
+                           abits=cfg.abits, symmetric=cfg.symmetric, dtype=w.dtype)
 
 
 def stages(arch: models.Arch) -> list[tuple[str, ...]]:
     """True-sequential order inside a layer: each stage's inputs come from the stages before it already quantized."""
-    return [(arch.q, arch.k, arch.v), (arch.o,), tuple(arch.mlp_in), (arch.mlp_out,)]
+    attn, mlp = arch.norm_sites[:2]
+    return [arch.consumer_modules(attn), (arch.module("o"),), arch.consumer_modules(mlp), (arch.module("down"),)]
 
 
 @torch.no_grad()
-def layer_hessians(layer: nn.Module, names: tuple[str, ...], buf: torch.Tensor, kwargs: dict, batch: int
-                   ) -> dict[str, torch.Tensor]:
+def layer_hessians(layer: nn.Module, names: tuple[str, ...], buf: torch.Tensor, kwargs: dict, batch: int,
+                   abits: int = 16) -> dict[str, torch.Tensor]:
     """Hessians of the inputs of the named linears of `layer` over the segments in buf (the layer runs; buf is
-    left unchanged)."""
+    left unchanged), quantized per token to abits first when < 16 (what those linears will see once quantized)."""
     acc = {n: Hessian(layer.get_submodule(n).in_features, buf.device) for n in names}
 
     def hook(m, args, n):
         x = args[0]
-        if getattr(m, "abits", 16) < 16:  # a FakeQuantLinear of a weight-activation run sees its inputs quantized
-            x = fake_quant(x, m.abits, None)
+        if abits < 16:
+            x = fake_quant(x, abits, None)
         acc[n].add(x)
 
     hooks = [layer.get_submodule(n).register_forward_pre_hook(lambda m, args, n=n: hook(m, args, n)) for n in names]
@@ -184,31 +186,25 @@ def quantize_gptq(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *,
         + (f", {cfg.rotate} rotation" if cfg.rotate != "none" else ""))
     for i, layer in enumerate(tqdm(layers, desc=f"GPTQ {cfg.label}", leave=False, disable=not progress)):
         _sequential(layer, arch, buf, layer_kwargs[i], batch,
-                    lambda lin, H: gptq_linear(lin, H, cfg, damp=damp, groups=groups))
+                    lambda _n, lin, H: gptq_linear(lin, H, cfg, damp=damp, groups=groups))
         propagate(layer, buf, layer_kwargs[i], batch)
     return model
 
 
-def _sequential(layer: nn.Module, arch: models.Arch, buf: torch.Tensor, kwargs: dict, batch: int, make) -> None:
-    """Replace the layer's linears stage by stage (true-sequential) by make(linear, its input Hessian)."""
-    from aq.calib.layer import _set
-
+def _sequential(layer: nn.Module, arch: models.Arch, buf: torch.Tensor, kwargs: dict, batch: int, make,
+                abits: int = 16) -> None:
+    """Replace the layer's linears stage by stage (true-sequential) by make(name, linear, its input Hessian)."""
     for stage in stages(arch):
-        hs = layer_hessians(layer, stage, buf, kwargs, batch)
+        hs = layer_hessians(layer, stage, buf, kwargs, batch, abits)
         for n in stage:
-            _set(layer, n, make(layer.get_submodule(n), hs[n]))
+            set_submodule(layer, n, make(n, layer.get_submodule(n), hs[n]))
 
 
 @torch.no_grad()
-def gptq_round_layer(qlayer: nn.Module, arch: models.Arch, buf: torch.Tensor, kwargs: dict, cfg: QuantConfig,
-                     batch: int) -> None:
-    """Round a merged layer whose FakeQuantLinears hold unrounded weights (LayerCalib.merged(unrounded=True)) with
-    GPTQ, in place: the Hessians come from the layer's quantized-stream inputs buf (unchanged), the group qparams
-    are the learned clipping's (static groups, so the learned ranges are the ones used)."""
-    def make(fq: FakeQuantLinear, H: torch.Tensor) -> FakeQuantLinear:
-        Q, scale, zero = gptq_quantize(fq.weight.detach(), H, cfg.wbits, cfg.group_size, cfg.symmetric,
-                                       qparams=(fq.scale, fq.zero))
-        w = dequantize(Q.to(torch.uint8), fq.scale, fq.zero, cfg.group_size, fq.weight.dtype)
-        return FakeQuantLinear(w, fq.bias, fq.scale, fq.zero, cfg.wbits, cfg.group_size, fq.abits)
-
-    _sequential(qlayer, arch, buf, kwargs, batch, make)
+def gptq_round_layer(qlayer: nn.Module, qparams: dict, arch: models.Arch, buf: torch.Tensor, kwargs: dict,
+                     cfg: QuantConfig, batch: int) -> None:
+    """Round a merged layer whose linears hold unrounded weights (LayerCalib.merged_unrounded) with GPTQ, in place:
+    the Hessians come from the layer's quantized-stream inputs buf (unchanged), the group qparams are the learned
+    clipping's, qparams[name] = (scale, zero) (static groups, so the learned ranges are the ones used)."""
+    _sequential(qlayer, arch, buf, kwargs, batch, lambda n, lin, H: gptq_linear(lin, H, cfg, qparams[n]),
+                abits=cfg.abits)

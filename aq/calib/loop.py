@@ -3,7 +3,8 @@ layer, then for each layer in order train its transforms and clipping on MSE(fp 
 merge them for good, propagate both streams, and checkpoint.
 
 Checkpoints (`ckpt_dir`): run.json (the configuration and what was resolved from it) and one layer_NNN.pt per finished
-layer ({"spec", "state", "log"}: how to rebuild the quantized layer from the FP one, its state_dict, its log line).
+layer ({"spec", "state", "log"}: the aq.qmodel.QModelSpec that rebuilds the quantized layer from the FP one, its
+state_dict, its log line).
 Resuming loads the finished layers and recomputes both streams through them, which repeats the uninterrupted run's
 computation exactly, so a resumed run ends with the same result.
 
@@ -26,17 +27,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from aq import checks, models
-from aq.calib.attention import enable_qkv_quant, set_qkv_abits
 from aq.calib.gptq import gptq_round_layer
-from aq.calib.layer import LayerCalib, _parent, _set
+from aq.calib.layer import LayerCalib, _set, active_sites
 from aq.calib.loss import layer_loss, position0_share
 from aq.calib.rotation import rotate_residual
-from aq.calib.rtn import FakeQuantLinear, check_model
-from aq.calib.transforms import NormTransform
+from aq.calib.rtn import check_model
 from aq.config import QuantConfig
 from aq.primitives import check_group_size
+from aq.qmodel import FakeQuantLinear, QModelSpec, enable_qkv_quant, set_qkv_abits
 
-CKPT_VERSION = 1
+CKPT_VERSION = 2  # 2: layer files hold integer codes and an aq.qmodel.QModelSpec; 1 is refused (other settings)
 INIT_PROBE_SEGMENTS = 4  # segments on which the initial transforms (SmoothQuant scales vs identity) are compared
 
 
@@ -92,8 +92,9 @@ def check_calibratable(model: nn.Module, cfg: QuantConfig) -> None:
     if getattr(model.config, "do_layer_norm_before", True) is False:
         raise ValueError("this OPT variant applies its layer norms after attention/MLP (do_layer_norm_before=False): "
                          "norm-side transforms have no norm to sit behind; use --mode rtn")
-    if arch.rope and geo.head_dim % 2:
-        raise ValueError(f"rotary embeddings need an even head_dim, got {geo.head_dim}")
+    if arch.rope and (geo.rotary_dim or geo.head_dim) % 2:
+        raise ValueError(f"rotary embeddings need an even number of rotated channels per head, got "
+                         f"{geo.rotary_dim or geo.head_dim}")
     if cfg.norm_form == "block" and geo.hidden % cfg.norm_block:
         raise ValueError(f"norm block {cfg.norm_block} does not divide the hidden size {geo.hidden}")
     for n in arch.linears:
@@ -192,21 +193,24 @@ class _ChannelStats:
 
 def _init_scales(stats: _ChannelStats, layer: nn.Module, arch: models.Arch, geo: models.Geometry, alpha: float,
                  shifts: dict[str, bool]) -> tuple[dict, dict]:
-    """SmoothQuant-style initial scales s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) for A_qkv, A_up and A_vo (the
-    activation range taken after the shift, when there is one), and shifts (max + min) / 2 where enabled."""
-    consumers = {"attn": [arch.q, arch.k, arch.v], "mlp": list(arch.mlp_in), "vo": [arch.o], "down": [arch.mlp_out]}
+    """SmoothQuant-style initial scales s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) for the watched sites (the
+    activation range taken after the shift, when there is one), and shifts (max + min) / 2 where enabled; keyed by
+    site name."""
+    rows = arch.rows(geo, layer)
     init, shift = {}, {}
-    for key, names in consumers.items():
+    for site in arch.sites:
+        key = site.name
         if key not in stats.amax:  # a transform this run does not use
             continue
-        w_amax = torch.stack([layer.get_submodule(n).weight.detach().float().abs().amax(0) for n in names]).amax(0)
+        w_amax = torch.stack([layer.get_submodule(rows[r][0]).weight.detach()[rows[r][1]:rows[r][2]].float().abs()
+                              .amax(0) for r in site.consumers]).amax(0)
         cmax, cmin = stats.cmax[key], stats.cmin[key]
         if shifts.get(key):
             delta = (cmax + cmin) / 2
             a_amax = (cmax - cmin) / 2
         else:
             delta, a_amax = None, stats.amax[key]
-        if key == "vo":  # o's input channels -> per kv head channel (the query heads of a group share the transform)
+        if site.form == "head":  # o's input channels -> per kv head channel (a group's query heads share it)
             g = geo.groups
 
             def per_kv(t, red):
@@ -222,6 +226,24 @@ def _init_scales(stats: _ChannelStats, layer: nn.Module, arch: models.Arch, geo:
         if delta is not None:
             shift[key] = delta
     return init, shift
+
+
+def _watched(fp_layer: nn.Module, arch: models.Arch, geo: models.Geometry, cfg: QuantConfig
+             ) -> tuple[dict[str, str], dict[str, bool]]:
+    """(site name -> the linear whose inputs give its statistics, site name -> whether it gets a shift) for the sites
+    with an initialization (all but "qk"): a norm site shifts when its norm has a bias, a head site when its producer
+    has one."""
+    shifts_on = bool(cfg.shifts)  # resolved by calibrate() (QuantConfig.resolve)
+    watched, shifts = {}, {}
+    for site in active_sites(arch, geo, cfg):
+        if site.form == "qk":
+            continue
+        watched[site.name] = arch.module(site.consumers[0])
+        if site.form == "norm":
+            shifts[site.name] = shifts_on and getattr(fp_layer.get_submodule(site.producer), "bias", None) is not None
+        elif site.form == "head":
+            shifts[site.name] = shifts_on and fp_layer.get_submodule(arch.module(site.producer)).bias is not None
+    return watched, shifts
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -259,42 +281,6 @@ def _atomic_json(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
-
-
-def layer_spec(qlayer: nn.Module) -> dict:
-    """How to rebuild a calibrated layer from its FP counterpart: which linears are FakeQuantLinear (with their
-    settings), which norms carry a NormTransform, the attention's Q/K/V activation bits."""
-    spec = {"linears": {}, "norms": {}, "qkv_abits": {}}
-    for n, m in qlayer.named_modules():
-        if isinstance(m, FakeQuantLinear):
-            spec["linears"][n] = {"wbits": m.wbits, "group_size": m.group_size, "abits": m.abits,
-                                  "bias": m.bias is not None}
-        elif isinstance(m, NormTransform):
-            spec["norms"][n] = {"form": m.form, "shape": list(m.inverse.shape)}
-        elif hasattr(m, "aq_qkv_abits"):
-            spec["qkv_abits"][n] = m.aq_qkv_abits
-    return spec
-
-
-def rebuild_layer(fp_layer: nn.Module, spec: dict, state: dict) -> nn.Module:
-    """Inverse of layer_spec: the calibrated layer with its saved state."""
-    new = copy.deepcopy(fp_layer)
-    for n, s in spec["linears"].items():
-        lin = new.get_submodule(n)
-        N, K = lin.weight.shape
-        ng = K // check_group_size(K, s["group_size"])
-        w = torch.empty_like(lin.weight)
-        b = torch.empty(N, dtype=w.dtype, device=w.device) if s["bias"] else None
-        z = torch.empty((N, ng), dtype=torch.float32, device=w.device)
-        _set(new, n, FakeQuantLinear(w, b, z, z.clone(), s["wbits"], s["group_size"], s["abits"]))
-    for n, s in spec["norms"].items():
-        norm = new.get_submodule(n)
-        p = next(norm.parameters())
-        _set(new, n, NormTransform(norm, torch.empty(s["shape"], dtype=torch.float32, device=p.device), s["form"]))
-    for n, bits in spec["qkv_abits"].items():
-        set_qkv_abits(new.get_submodule(n), bits)
-    new.load_state_dict(state, strict=True)
-    return new
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -352,7 +338,7 @@ def _train(calib: LayerCalib, q_buf, fp_buf, kwargs, cfg: QuantConfig, epochs: i
         if not margin > 0:  # an inverse failed or a transform lost dominance in this epoch (keep_dominant_ prevents it)
             raise _Unstable(f"a transform was not strictly diagonally dominant in epoch {epoch + 1} "
                             f"(relative margin {margin:.3e})")
-        bar.set_postfix(loss=f"{epoch_loss:.4g}", band=getattr(calib.t_attn, "band", 1))
+        bar.set_postfix(loss=f"{epoch_loss:.4g}", band=calib.band)
     return epoch_loss
 
 
@@ -362,7 +348,7 @@ def _rtn_layer(fp_layer: nn.Module, arch: models.Arch, cfg: QuantConfig) -> nn.M
         lin = new.get_submodule(n)
         _set(new, n, FakeQuantLinear.from_linear(lin, cfg.wbits, cfg.group_size, cfg.abits, cfg.symmetric))
     if cfg.abits < 16:
-        set_qkv_abits(new.get_submodule(_parent(arch.q)[0]), cfg.abits)
+        set_qkv_abits(new.get_submodule(arch.attention), cfg.abits)
     return new
 
 
@@ -371,28 +357,20 @@ def _finite_layer(layer: nn.Module) -> bool:
 
 
 def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Tensor, q_buf: torch.Tensor,
-                    kwargs: dict, arch: models.Arch, geo: models.Geometry, cfg: QuantConfig, *, alpha: float,
+                    kwargs: dict, arch: models.Arch, geo: models.Geometry, cfg: QuantConfig, *,
                     amp, batch: int, progress: bool, say) -> tuple[nn.Module, LayerLog]:
     """Train layer i; on return fp_buf holds the FP layer's outputs (the next layer's FP inputs). Returns the merged
     quantized layer (q_buf is not propagated here) and its log."""
     t0 = time.time()
     log = LayerLog(index=i)
     dev = fp_buf.device
-    shifts_on = bool(cfg.shifts)  # resolved by calibrate() (QuantConfig.resolve)
-    norm_has_bias = {k: getattr(fp_layer.get_submodule(n), "bias", None) is not None
-                     for k, n in (("attn", arch.attn_norm), ("mlp", arch.mlp_norm))}
-    shifts = {"attn": shifts_on and norm_has_bias["attn"], "mlp": shifts_on and norm_has_bias["mlp"],
-              "vo": shifts_on and fp_layer.get_submodule(arch.v).bias is not None}
-    watched = {"attn": arch.q, "mlp": arch.mlp_in[0], "vo": arch.o}
-    if cfg.down_on and arch.mlp_up is not None:
-        watched["down"] = arch.mlp_out
+    watched, shifts = _watched(fp_layer, arch, geo, cfg)
     stats = _ChannelStats({k: fp_layer.get_submodule(n) for k, n in watched.items()})
     try:
         propagate(fp_layer, fp_buf, kwargs, batch)  # fp_buf: FP inputs -> FP outputs (the training targets)
     finally:
         stats.remove()
-    sq_alpha = 0.75 if cfg.abits <= 4 else 0.5
-    init, shift = _init_scales(stats, fp_layer, arch, geo, sq_alpha, shifts)
+    init, shift = _init_scales(stats, fp_layer, arch, geo, cfg.smooth_alpha, shifts)
 
     head_affine = cfg.mode == "affinequant"
     attempts = [(cfg.norm_form, head_affine, 1.0), (cfg.norm_form, head_affine, 0.1)]
@@ -401,16 +379,16 @@ def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Te
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + i)
     probe = list(range(min(INIT_PROBE_SEGMENTS, fp_buf.shape[0])))
     log.probe_segments = len(probe)
-    epochs = cfg.total_epochs
+    epochs = cfg.epochs
     qlayer = None
     for form, affine, lr_scale in attempts:
         try:
             gen.manual_seed(cfg.seed * 100_003 + i)
-            build = lambda ini: LayerCalib(fp_layer, arch, geo, cfg, norm_form=form, head_affine=affine, alpha=alpha,
-                                           init=ini, shifts=shift, name=f"layers.{i}")  # noqa: E731
+            build = lambda ini: LayerCalib(fp_layer, arch, geo, cfg, norm_form=form, head_affine=affine,  # noqa: E731
+                                           alpha=cfg.alpha_sf, init=ini, shifts=shift, name=f"layers.{i}")
             candidates = {"smoothquant": init, "identity": None}
-            if "down" in init:  # A_down's SmoothQuant start helps only at layers with massive down_proj inputs
-                candidates["smoothquant, identity down"] = {k: v for k, v in init.items() if k != "down"}
+            if "A_down" in init:  # A_down's SmoothQuant start helps only at layers with massive down_proj inputs
+                candidates["smoothquant, identity down"] = {k: v for k, v in init.items() if k != "A_down"}
             probed = {k: _probe_loss(build(v), q_buf, fp_buf, kwargs, probe, amp, cfg) for k, v in candidates.items()}
             finite = {k: v[0] for k, v in probed.items() if math.isfinite(v[0])}
             if not finite:
@@ -424,9 +402,11 @@ def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Te
                               f"layer {i + 1}/{n_layers}", progress, log)
             log.loss_probe, log.pos0_probe = _probe_loss(calib, q_buf, fp_buf, kwargs, probe, amp, cfg)
             log.offdiag = calib.offdiag_share()
-            qlayer = calib.merged(fp_layer, unrounded=cfg.rounding == "gptq")
             if cfg.rounding == "gptq":
-                gptq_round_layer(qlayer, arch, q_buf, kwargs, cfg, batch)
+                qlayer, qparams = calib.merged_unrounded(fp_layer)
+                gptq_round_layer(qlayer, qparams, arch, q_buf, kwargs, cfg, batch)
+            else:
+                qlayer = calib.merged(fp_layer)
             log.margin = calib.margin()
             if not _finite_layer(qlayer):
                 raise _Unstable("non-finite merged weights")
@@ -472,9 +452,7 @@ def calibrate(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *, ckp
     arch, geo = models.arch_of(model), models.geometry(model)
     layers = models.decoder_layers(model)
     L = len(layers)
-    alpha = cfg.alpha_sf
-    if cfg.mode == "omniquant":
-        alpha = 0.0  # diagonal transforms only: nothing off the diagonal to scale
+    alpha = cfg.alpha_sf  # resolved (0 for omniquant: nothing off the diagonal to scale)
     meta = run_config(cfg, model_name, L, alpha, amp)
     logs: list[dict] = []
     start = 0
@@ -500,7 +478,7 @@ def calibrate(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *, ckp
     inps, layer_kwargs = capture(model, segments, batch)
     fp_buf, q_buf = inps, inps.clone()
     say(f"calibrating {L} layers: {cfg.mode} {cfg.label}, {segments.shape[0]} x {segments.shape[1]} tokens, "
-        f"{cfg.total_epochs} epochs, alpha_sf {alpha:g}, norm transform {cfg.norm_form}, loss {cfg.loss}"
+        f"{cfg.epochs} epochs, alpha_sf {alpha:g}, norm transform {cfg.norm_form}, loss {cfg.loss}"
         + (f" (sink weight {cfg.sink_weight:g})" if cfg.loss == "token" and cfg.sink_weight != 1 else "")
         + (f", {cfg.rotate} rotation" if cfg.rotate != "none" else "")
         + (f" (block {cfg.norm_block})" if cfg.norm_form == "block" else "")
@@ -511,18 +489,18 @@ def calibrate(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *, ckp
         path = None if ckpt_dir is None else ckpt_dir / f"layer_{i:03d}.pt"
         if resume and path is not None and path.is_file() and start == i:
             saved = torch.load(path, map_location=fp_buf.device, weights_only=False)
-            qlayer = rebuild_layer(fp_layer, saved["spec"], saved["state"])
+            qlayer = QModelSpec.from_json(saved["spec"]).rebuild(fp_layer, saved["state"])
             propagate(fp_layer, fp_buf, layer_kwargs[i], batch)
             log = saved["log"]
             start = i + 1
             say(f"layer {i + 1}/{L}: resumed from {path.name}")
         else:
-            qlayer, ll = calibrate_layer(i, L, fp_layer, fp_buf, q_buf, layer_kwargs[i], arch, geo, cfg, alpha=alpha,
+            qlayer, ll = calibrate_layer(i, L, fp_layer, fp_buf, q_buf, layer_kwargs[i], arch, geo, cfg,
                                          amp=amp, batch=batch, progress=progress, say=say)
             log = asdict(ll)
             say(ll.line(L))
             if path is not None:
-                _atomic_save({"spec": layer_spec(qlayer), "state": qlayer.state_dict(), "log": log}, path)
+                _atomic_save({"spec": QModelSpec.of(qlayer).to_json(), "state": qlayer.state_dict(), "log": log}, path)
         layers[i] = qlayer
         propagate(qlayer, q_buf, layer_kwargs[i], batch)
         logs.append(log)
@@ -540,7 +518,7 @@ def load_calibrated(model: nn.Module, ckpt_dir: Path) -> nn.Module:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the calibration in {ckpt_dir} did not finish")
         saved = torch.load(path, map_location=dev, weights_only=False)
-        layers[i] = rebuild_layer(layers[i], saved["spec"], saved["state"])
+        layers[i] = QModelSpec.from_json(saved["spec"]).rebuild(layers[i], saved["state"])
     if meta["config"]["abits"] < 16:
         enable_qkv_quant(model)
     return model

@@ -8,12 +8,17 @@ channel over all of them: the activations after a norm have no outlier channel l
 works), and the weights become more Gaussian per group (better low-bit rounding). It is exact in full precision for
 RMSNorm models, because rms(h Q) = rms(h):
 
-  norm weights w are folded into the linears that read the norm, then set to 1;
+  norm scales w are folded into the linears that read the norm, which then scales by 1 (Gemma's (1 + w) norms: the
+  scale 1 + w folded, w set to 0; Arch.norm_offset);
   readers (q, k, v, gate, up, lm_head):  W  <- (W * w) Q          (input columns rotated)
   writers (o, down) and the embedding:   W  <- Q^T W,  b <- b Q,  E <- E Q   (outputs into the stream rotated)
 
-A tied lm_head is untied (it now differs from the embedding by the final norm's weight). LayerNorm (OPT) subtracts the
-mean, which a rotation does not commute with, so OPT is refused.
+A tied lm_head is untied (it now differs from the embedding by the final norm's weight). Readers and writers come from
+the architecture's data (the consumers of its norm sites; o and down), so fused linears (Phi-3) and norms after q / k
+(Qwen3: they act on q / k's outputs, which the rotation leaves alone) need nothing more. Where it is not exact,
+Arch.no_rotation says why and the run is refused: LayerNorm (OPT) subtracts the mean, which a rotation does not
+commute with; Gemma 2 / 3 scale o / down's outputs per channel by their post-attention / post-MLP norms before the
+residual add.
 
 Q is a Hadamard matrix with random row signs, scaled by 1/sqrt(d) ("hadamard", the default: flat, so every output
 mixes every channel equally) or a Haar-random orthogonal matrix ("random"); both come from the run's seed, so a run is
@@ -29,7 +34,6 @@ from torch import nn
 from aq import models
 from aq.config import ROTATIONS
 
-ROTATABLE = ("llama", "mistral", "qwen2")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -91,17 +95,26 @@ def rotation_matrix(d: int, kind: str = "hadamard", seed: int = 0) -> torch.Tens
 # folding into a model
 # ---------------------------------------------------------------------------------------------------------------------
 
+def rotatable() -> tuple[str, ...]:
+    """The model types whose residual rotation is exact (Arch.no_rotation empty)."""
+    return tuple(mt for mt, a in models.ARCHS.items() if not a.no_rotation)
+
+
 def check_rotatable(model: nn.Module) -> None:
-    mt = getattr(model.config, "model_type", None)
-    if mt not in ROTATABLE:
-        raise ValueError(f"--rotate needs an RMSNorm model ({', '.join(ROTATABLE)}); {mt!r} normalizes with a mean "
-                         "that a rotation does not commute with: use --rotate none")
+    arch = models.arch_of(model)
+    if arch.no_rotation:
+        mt = getattr(model.config, "model_type", None)
+        raise ValueError(f"--rotate is exact only for {', '.join(rotatable())}; on {mt!r} it is not: "
+                         f"{arch.no_rotation}. Use --rotate none")
 
 
-def _rmsnorm_weight(norm: nn.Module) -> torch.Tensor:
+def _rmsnorm_weight(norm: nn.Module, offset: float) -> torch.Tensor:
+    """The norm's per-channel scale (offset + weight, Arch.norm_offset); the norm is left scaling by 1."""
     if getattr(norm, "bias", None) is not None:
         raise ValueError(f"{type(norm).__name__} has a bias: a rotation cannot be folded through it")
-    return norm.weight.detach().double()
+    w = norm.weight.detach().double() + offset
+    norm.weight.fill_(1.0 - offset)
+    return w
 
 
 @torch.no_grad()
@@ -133,15 +146,13 @@ def rotate_residual(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> 
             model._tied_weights_keys = None
     emb.weight.copy_((emb.weight.double() @ Q).to(emb.weight.dtype))
     for layer in models.decoder_layers(model):
-        for norm_name, readers in ((arch.attn_norm, (arch.q, arch.k, arch.v)), (arch.mlp_norm, arch.mlp_in)):
-            norm = layer.get_submodule(norm_name)
-            w = _rmsnorm_weight(norm)
+        for site in arch.norm_sites:
+            norm, readers = layer.get_submodule(site.producer), arch.consumer_modules(site)
+            w = _rmsnorm_weight(norm, arch.norm_offset)
             for r in readers:
                 _read(layer.get_submodule(r), w, Q)
-            norm.weight.fill_(1.0)
-        _write(layer.get_submodule(arch.o), Q)
-        _write(layer.get_submodule(arch.mlp_out), Q)
+        _write(layer.get_submodule(arch.module("o")), Q)
+        _write(layer.get_submodule(arch.module("down")), Q)
     final = model.get_submodule(arch.final_norm)
-    _read(head, _rmsnorm_weight(final), Q)
-    final.weight.fill_(1.0)
+    _read(head, _rmsnorm_weight(final, arch.norm_offset), Q)
     return Q

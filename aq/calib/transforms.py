@@ -1,5 +1,5 @@
-"""The learnable transforms of AffineQuant calibration, their gradual mask, and NormTransform (what a norm-side
-transform leaves in the calibrated model when it cannot be folded into the norm weight).
+"""The learnable transforms of AffineQuant calibration and their gradual mask (what a norm-side transform leaves in the
+calibrated model when it cannot be folded into the norm weight is aq.qmodel.TransformedNorm).
 
 A transform T sits between a producer of activations X and its consumers W: X becomes (X - delta) T^-1, every consumer
 weight W T^T and every consumer bias b + delta W^T, so X W^T + b is unchanged until W T^T is quantized (ALGORITHM.md).
@@ -30,17 +30,6 @@ def band_at(epoch: int, epochs: int, size: int) -> int:
     if size <= 1 or epochs <= 1:
         return max(size, 1)
     return 1 + round((size - 1) * min(epoch, epochs - 1) / (epochs - 1))
-
-
-def auto_alpha_sf(hidden: int, wbits: int, abits: int) -> float:
-    """Stability factor by the paper's settings: 1.0 for small models (hidden <= 1024, as OPT-125M) at >= 3 bits,
-    0.1 for W4A4-like settings, small models at 2 bits and larger models with activation quantization, 1e-2 for larger
-    models weight-only (the paper's LLaMA setting)."""
-    if abits <= 4:
-        return 0.1
-    if hidden <= 1024:
-        return 1.0 if wbits >= 3 else 0.1
-    return 1e-2 if abits >= 16 else 0.1
 
 
 class QuantSpec:
@@ -211,19 +200,24 @@ class _Expanded(nn.Module):
 class RopeTransform(nn.Module):
     """The query/key transform of a model with rotary embeddings, per key/value head: q' = q B, k' = k B^-T.
 
-    It must commute with the rotation RoPE applies to each channel pair (i, i + head_dim/2) (the HF "rotate_half"
+    It must commute with the rotation RoPE applies to each channel pair (i, i + rotary_dim/2) (the HF "rotate_half"
     layout), so B acts on every pair as one complex scalar c = re + i*im: z_q' = c z_q, z_k' = z_k / conj(c). Scores
     q'.k' = Re(sum c z_q conj(z_k) / c) are unchanged for any c != 0, at every position. In the gradual mask `im` is an
-    off-diagonal entry (|i - j| = head_dim/2): it enters times alpha once the band passes head_dim/2, and only in the
-    affine form (omniquant: real c, a diagonal pair-tied scale)."""
+    off-diagonal entry (|i - j| = rotary_dim/2): it enters times alpha once the band passes rotary_dim/2, and only in
+    the affine form (omniquant: real c, a diagonal pair-tied scale). Partial rotary embeddings (rotary_dim < head_dim:
+    the last head_dim - rotary_dim channels of a head are not rotated) give those channels a real scale `s` each
+    (q * s, k / s)."""
 
-    def __init__(self, name: str, kv_heads: int, head_dim: int, groups: int, affine: bool, alpha: float = 1.0):
+    def __init__(self, name: str, kv_heads: int, head_dim: int, groups: int, affine: bool, alpha: float = 1.0,
+                 rotary_dim: int | None = None):
         super().__init__()
-        if head_dim % 2:
-            raise ValueError(f"{name}: rotary embeddings need an even head_dim, got {head_dim}")
-        self.name, self.hd, self.groups, self.alpha = name, head_dim, groups, float(alpha)
-        self.re = nn.Parameter(torch.ones(kv_heads, head_dim // 2))
-        self.im = nn.Parameter(torch.zeros(kv_heads, head_dim // 2)) if affine else None
+        rd = head_dim if rotary_dim is None else rotary_dim
+        if rd % 2 or not 0 < rd <= head_dim:
+            raise ValueError(f"{name}: rotary embeddings need an even rotary_dim in (0, head_dim={head_dim}], got {rd}")
+        self.name, self.hd, self.rd, self.groups, self.alpha = name, head_dim, rd, groups, float(alpha)
+        self.re = nn.Parameter(torch.ones(kv_heads, rd // 2))
+        self.im = nn.Parameter(torch.zeros(kv_heads, rd // 2)) if affine else None
+        self.s = nn.Parameter(torch.ones(kv_heads, head_dim - rd)) if rd < head_dim else None
         self.band = head_dim
 
     def set_epoch(self, epoch: int, epochs: int) -> None:
@@ -233,7 +227,7 @@ class RopeTransform(nn.Module):
         re = self.re.detach().double() if exact else self.re
         if self.im is None:
             return re, None
-        on = exact or self.band > self.hd // 2
+        on = exact or self.band > self.rd // 2
         im = (self.im.detach().double() if exact else self.im) * (self.alpha if on else 0.0)
         return re, im
 
@@ -250,18 +244,28 @@ class RopeTransform(nn.Module):
             y1, y2 = re * x1 - im * x2, im * x1 + re * x2
         return torch.stack((y1, y2), 1).reshape(w.shape)
 
+    def _head_rows(self, w: torch.Tensor, re, im, s) -> torch.Tensor:
+        """The rotated channels of each head through _pairs, the others times s."""
+        if s is None:
+            return self._pairs(w, re, im, self.hd)
+        x = w.reshape(re.shape[0], self.hd, -1)
+        rot = self._pairs(x[:, :self.rd].reshape(-1, x.shape[-1]), re, im, self.rd).reshape(x.shape[0], self.rd, -1)
+        return torch.cat((rot, x[:, self.rd:] * s.unsqueeze(-1).to(w.dtype)), 1).reshape(w.shape)
+
     def rows(self, wq: torch.Tensor, wk: torch.Tensor, exact: bool = False):
         """(q rows, k rows) transformed; wq [heads*hd, cols], wk [kv*hd, cols] (bias as an extra column if any)."""
         if exact:
             wq, wk = wq.double(), wk.double()
         re, im = self._c(exact)
+        s = None if self.s is None else (self.s.detach().double() if exact else self.s)
         norm2 = re * re if im is None else re * re + im * im
-        if exact and not bool((norm2 > 0).all()):
-            raise ValueError(f"{self.name}: a rotary-pair scale is zero")
+        if exact and not (bool((norm2 > 0).all()) and (s is None or bool((s != 0).all()))):
+            raise ValueError(f"{self.name}: a rotary-pair or pass-through scale is zero")
         rq = re.repeat_interleave(self.groups, 0)
         iq = None if im is None else im.repeat_interleave(self.groups, 0)
-        q = self._pairs(wq, rq, iq, self.hd)
-        k = self._pairs(wk, re / norm2, None if im is None else im / norm2, self.hd)
+        sq = None if s is None else s.repeat_interleave(self.groups, 0)
+        q = self._head_rows(wq, rq, iq, sq)
+        k = self._head_rows(wk, re / norm2, None if im is None else im / norm2, None if s is None else 1 / s)
         return q, k
 
 
@@ -294,39 +298,3 @@ class HeadTransform(nn.Module):
         k, t.margin = AF.masked_inverse_act(wk.T, t.A.T, t.band, t._block_arg, t.alpha, t.name, gemm=GEMM,
                                             return_margin=True, check=False)             # W_k^T (A*M)^-T
         return q, k.T
-
-
-class NormTransform(nn.Module):
-    """A norm followed by a transform that could not be folded into its weight: y = norm(x) @ inverse.
-
-    This is what a full or block-diagonal A_qkv / A_up leaves in a calibrated weight-only model, in place of the norm
-    (the norm itself moves to `.norm`; a shift, if any, is already folded into the norm's bias). Contract:
-      form "full":  inverse [d, d]        -> a dense d x d product per token (costly at inference);
-      form "block": inverse [d // b, b, b] -> y[..., j*b:(j+1)*b] @ inverse[j] for each block j (d*b MACs per token,
-                    meant to run inside the norm kernel).
-    A diagonal transform never reaches this module: it is folded into the norm weight (and bias) instead.
-    """
-
-    def __init__(self, norm: nn.Module, inverse: torch.Tensor, form: str):
-        super().__init__()
-        if form not in ("full", "block"):
-            raise ValueError(f"NormTransform form must be 'full' or 'block', got {form!r}")
-        if (form == "full") != (inverse.dim() == 2):
-            raise ValueError(f"NormTransform {form}: inverse of shape {tuple(inverse.shape)}")
-        self.norm, self.form = norm, form
-        self.register_buffer("inverse", inverse.contiguous())
-
-    @property
-    def block(self) -> int:
-        return self.inverse.shape[-1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.norm(x)
-        inv = self.inverse.to(y.dtype)
-        if self.form == "full":
-            return y @ inv
-        nb, b, _ = inv.shape
-        return torch.einsum("...nb,nbc->...nc", y.unflatten(-1, (nb, b)), inv).flatten(-2)
-
-    def extra_repr(self) -> str:
-        return f"form={self.form}, block={self.block}"
