@@ -138,7 +138,8 @@ def layer_hessians(layer: nn.Module, names: tuple[str, ...], buf: torch.Tensor, 
                    ) -> dict[str, torch.Tensor]:
     """Hessians of the inputs of the named linears of `layer` over the segments in buf (the layer runs; buf is
     left unchanged)."""
-    acc = {n: Hessian(layer.get_submodule(n).in_features, buf.device) for n in names}
+    dev = next(layer.parameters()).device
+    acc = {n: Hessian(layer.get_submodule(n).in_features, dev) for n in names}
 
     def hook(m, args, n):
         x = args[0]
@@ -147,10 +148,10 @@ def layer_hessians(layer: nn.Module, names: tuple[str, ...], buf: torch.Tensor, 
         acc[n].add(x)
 
     hooks = [layer.get_submodule(n).register_forward_pre_hook(lambda m, args, n=n: hook(m, args, n)) for n in names]
-    dt = next(layer.parameters()).dtype
+    p = next(layer.parameters())
     try:
-        for s in range(0, buf.shape[0], batch):
-            layer(buf[s:s + batch].to(dt), **kwargs)
+        for s in range(0, buf.shape[0], batch):  # buf may be kept off the layer's device (streamed calibration)
+            layer(buf[s:s + batch].to(p.device, p.dtype), **kwargs)
     finally:
         for h in hooks:
             h.remove()
@@ -162,7 +163,7 @@ def quantize_gptq(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *,
                   progress: bool = True, say=print, damp: float = DAMP, groups: str = "dynamic") -> nn.Module:
     """GPTQ every decoder-layer linear of `model` in place, layer by layer: a layer's Hessians come from the outputs
     of the already-quantized layers before it, and inside a layer from the already-quantized stages before."""
-    from aq.calib.loop import capture, propagate  # late: aq.calib.loop is heavy and imports the training code
+    from aq.calib.pipeline import capture, propagate  # late: the pipeline imports aq.calib.layer
 
     cfg = cfg.resolve(model)
     if not cfg.weight_only:

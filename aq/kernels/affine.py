@@ -614,7 +614,7 @@ def _blocked_gtx(g: torch.Tensor, x: torch.Tensor, band: int, M: torch.Tensor, C
     return out.mul_(M)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=64)  # every mask of a step stays cached (a captured CUDA graph must not rebuild one)
 def _mask_cached(d: int, band: int, block: int, alpha: float, device: str) -> torch.Tensor:
     return affine_mask(d, band, block, alpha, device=device)
 
