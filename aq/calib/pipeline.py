@@ -373,7 +373,7 @@ def run_layers(model: nn.Module, segments: torch.Tensor, calibrate_one: Callable
                 move(fp_layer, dev)
             path = None if ckpt_dir is None else ckpt_dir / f"layer_{i:03d}.pt"
             if resume and path is not None and path.is_file() and start == i:
-                saved = torch.load(path, map_location=dev, weights_only=False)
+                saved = torch.load(path, map_location=dev if dev.type != "cpu" else "cpu", weights_only=False)
                 qlayer = rebuild_layer(fp_layer, saved["spec"], saved["state"])
                 propagate(fp_layer, fp_buf, layer_kwargs[i], batch)
                 log = saved["log"]

@@ -62,9 +62,10 @@ def train_step(calib, opt: torch.optim.Optimizer, x: torch.Tensor, target: torch
 
 
 def make_optimizer(groups: list[dict], device: torch.device, capturable: bool) -> torch.optim.Optimizer:
-    """AdamW without weight decay; fused on CUDA; capturable (step counts on the device) for a captured step."""
+    """AdamW without weight decay; fused on CUDA; capturable (step counts on the device) for a captured CUDA step
+    (torch offers it on accelerators only; the CPU tests' stand-in graphs need none)."""
     kw = {"fused": True} if device.type == "cuda" else {}
-    if capturable:
+    if capturable and device.type == "cuda":
         kw["capturable"] = True
     return torch.optim.AdamW(groups, weight_decay=0.0, **kw)
 
