@@ -27,7 +27,9 @@ from aq import checks, eval as aq_eval, models
 from aq import data as data_mod  # `data` is also an argument name of the API
 from aq.calib import loop
 from aq.calib.gptq import quantize_gptq
+from aq.calib.pipeline import BUFFERS, streamed
 from aq.calib.rtn import quantize_rtn
+from aq.calib.step import STEP_CAPTURES
 from aq.checkpoint import save_checkpoint
 from aq.config import (CPU_SCHEDULE, DEFAULT_NORM_BLOCK, DEFAULT_NORM_TRANSFORM, GPU_SCHEDULE, LOSSES, MODES,
                        NORM_TRANSFORMS, ROTATIONS, ROUNDINGS, QuantConfig)
@@ -44,10 +46,12 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 def run(model, tokenizer, config: QuantConfig | None = None, data="c4", out: str | os.PathLike | None = None, *,
-        resume: bool = False, amp: str = "auto", model_name: str = "", progress: bool = False, say=print) -> dict:
+        resume: bool = False, amp: str = "auto", model_name: str = "", progress: bool = False, say=print,
+        device: str | torch.device | None = None, step_capture: str = "auto", buffers: str = "auto") -> dict:
     """aq.calibrate with its report: {"config" (resolved), "calib" (the loop's log or None for rtn), "seconds"}."""
-    cfg = (config or QuantConfig()).resolve(model, _device_of(model))
-    on_cpu = _device_of(model).type == "cpu"
+    dev = torch.device(device) if device is not None else _device_of(model)
+    cfg = (config or QuantConfig()).resolve(model, dev)
+    on_cpu = dev.type == "cpu"
     if amp not in AMP:
         raise ValueError(f"amp must be one of {', '.join(AMP)}, got {amp!r}")
     if resume and out is None:
@@ -66,7 +70,7 @@ def run(model, tokenizer, config: QuantConfig | None = None, data="c4", out: str
         dtype = (torch.bfloat16 if amp == "auto" and not on_cpu else AMP[amp])
         info = loop.calibrate(model, segments, cfg, ckpt_dir=None if out is None else Path(out) / "ckpt",
                               resume=resume, model_name=model_name, amp=dtype, batch=1 if on_cpu else 8,
-                              progress=progress, say=say)
+                              progress=progress, say=say, device=dev, step_capture=step_capture, buffers=buffers)
     seconds = time.time() - t0
     if out is not None:
         save_checkpoint(model, cfg, out, tokenizer=tokenizer, base_model=model_name or None)
@@ -79,7 +83,10 @@ def calibrate(model, tokenizer, config: QuantConfig | None = None, data="c4", ou
     QuantConfig.resolve for this model and device) and return it (its linears are FakeQuantLinear modules; run
     aq.patch_model for the kernels). data: a name or file ("c4", "wikitext2", .txt/.jsonl), a list of texts or token
     ids (1-D, or [N, T] segments). out: also write the checkpoint there (docs/checkpoint.md). Keywords: resume, amp
-    (auto|bf16|fp16|off), model_name (recorded in the checkpoint), progress, say (a print-like logger)."""
+    (auto|bf16|fp16|off), model_name (recorded in the checkpoint), progress, say (a print-like logger), device (where
+    calibration runs; a model kept on the CPU with device "cuda" is streamed one layer at a time), step_capture
+    (auto|off|graph: CUDA-graph training steps), buffers (auto|device|cpu: where the activation streams live).
+    GPTQ and RTN run where the model is."""
     run(model, tokenizer, config, data, out, **kw)
     return model
 
@@ -180,6 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "calibration checkpoints (ckpt/)")
     g.add_argument("--resume", action="store_true", help="continue the calibration checkpointed in --out")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    g.add_argument("--stream", choices=tuple(AUTO_ON_OFF), default="auto",
+                   help="keep the model in CPU memory and move one decoder layer at a time to --device for its "
+                        "calibration (and for evaluation); auto: when the weights would take more than half of the "
+                        "device's free memory. omniquant/affinequant only (gptq/rtn run where the model is)")
+    g.add_argument("--calib-buffers", choices=BUFFERS, default="auto",
+                   help="where the calibration activations (two float32 streams of nsamples x seqlen x hidden) live: "
+                        "device, or cpu (pinned; slower steps, same values); auto: the device when a memory "
+                        "estimate says they fit")
+    g.add_argument("--step-capture", choices=STEP_CAPTURES, default="auto",
+                   help="run the training step as a CUDA graph (captured once per epoch's mask structure, replayed "
+                        "for every step; auto: on CUDA devices, falling back to eager steps if the capture fails) "
+                        "or eagerly (off)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-data", default="wikitext2,c4", help="comma-separated evaluation sets (names or files)")
     e.add_argument("--eval-windows", type=int, default=None,
@@ -189,6 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype")
     return p
+
+
+def _should_stream(model, device: str, choice: bool | None, mode: str) -> bool:
+    """Whether to keep the model on the CPU and stream its layers to `device` (--stream)."""
+    dev = torch.device(device)
+    if choice is not None:
+        if choice and mode in ("gptq", "rtn"):
+            raise ValueError(f"--stream on: mode {mode} runs where the model is (stream omniquant/affinequant only)")
+        return choice and dev.type != "cpu"
+    if dev.type != "cuda" or mode in ("gptq", "rtn"):
+        return False
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights > 0.5 * torch.cuda.mem_get_info(dev)[0]
 
 
 def _say(msg: str) -> None:
@@ -244,7 +276,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.time()
     try:
-        model, tok = models.load_model(args.model, getattr(torch, args.dtype), args.device)
+        model, tok = models.load_model(args.model, getattr(torch, args.dtype), "cpu")
+        stream = _should_stream(model, args.device, AUTO_ON_OFF[args.stream], cfg.mode)
+        if not stream:
+            model.to(args.device)
         loop.check_calibratable(model, cfg)
         checks.check_seqlen(model.config, eval_seqlen, "evaluation window (--seqlen)")
         segments = None
@@ -254,18 +289,21 @@ def main(argv: list[str] | None = None) -> dict:
         eval_tokens = aq_eval.eval_token_sets(tok, eval_sets, eval_seqlen)  # every set holds a window: checked now
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    _say(f"loaded {args.model} ({type(model).__name__}) on {args.device} in {time.time() - t0:.1f}s")
+    _say(f"loaded {args.model} ({type(model).__name__}) on {'cpu, streamed to ' if stream else ''}{args.device} in "
+         f"{time.time() - t0:.1f}s")
 
     rows: dict[str, dict[str, float]] = {}
     if not args.skip_fp:
-        rows["FP"] = aq_eval.perplexities(model, tok, eval_tokens, eval_seqlen, windows, batch, "FP")
+        with streamed(model, args.device):
+            rows["FP"] = aq_eval.perplexities(model, tok, eval_tokens, eval_seqlen, windows, batch, "FP")
     cuda = not on_cpu and torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     try:
         report = run(model, tok, cfg, segments, args.out, resume=args.resume, amp=args.amp, model_name=args.model,
-                     progress=not args.no_progress, say=_say)
+                     progress=not args.no_progress, say=_say, device=args.device if stream else None,
+                     step_capture=args.step_capture, buffers=args.calib_buffers)
     except ValueError as e:  # settings / checkpoint mismatches found before the first layer
         sys.exit(f"error: {e}")
     if cuda:
@@ -276,7 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         _say(f"quantized checkpoint written to {args.out} (format: docs/checkpoint.md)")
     name = f"{MODE_NAMES[cfg.mode]} {cfg.label}"
-    rows[name] = aq_eval.perplexities(model, tok, eval_tokens, eval_seqlen, windows, batch, cfg.label)
+    with streamed(model, args.device):
+        rows[name] = aq_eval.perplexities(model, tok, eval_tokens, eval_seqlen, windows, batch, cfg.label)
     print()
     print("| setting | " + " | ".join(eval_sets) + " |")
     print("|---|" + "---|" * len(eval_sets))

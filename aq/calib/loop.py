@@ -336,7 +336,7 @@ def calibrate(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *, ckp
         raise ValueError(f"step_capture must be one of {', '.join(step_mod.STEP_CAPTURES)}, got {step_capture!r}")
     if buffers not in pipeline.BUFFERS:
         raise ValueError(f"buffers must be one of {', '.join(pipeline.BUFFERS)}, got {buffers!r}")
-    dev = torch.device(device) if device is not None else pipeline.device_of(model)
+    dev = pipeline.resolve_device(device) if device is not None else pipeline.device_of(model)
     if step_capture == "graph" and dev.type != "cuda":
         raise ValueError(f"step_capture 'graph' needs a CUDA device, calibration runs on {dev}")
     cfg = cfg.resolve(model)

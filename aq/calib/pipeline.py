@@ -52,6 +52,15 @@ def device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def resolve_device(device: torch.device | str) -> torch.device:
+    """torch.device with a CUDA index filled in ("cuda" -> "cuda:<current>"), so that it compares equal to the device
+    of the tensors placed there."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class _Placeholder(nn.Module):
     """Stands in for decoder layer i during capture: records the call's keyword arguments, and either passes the
     hidden states through or stops the forward (raising _Stop) after handing them to `sink`."""
@@ -107,7 +116,7 @@ def capture(model: nn.Module, segments: torch.Tensor, batch: int, device: torch.
 
     device: where the embeddings run (default: the model's device); the kwargs' tensors live there. out: the
     [N, T, d] float32 tensor to fill (on any device; default a new one on `device`)."""
-    device = torch.device(device) if device is not None else device_of(model)
+    device = resolve_device(device) if device is not None else device_of(model)
     L = len(models.decoder_layers(model))
     layer_kwargs: list[dict] = [{} for _ in range(L)]
     # the kwargs of every layer: placeholders pass the embeddings through, the last one stops before the head
@@ -351,7 +360,7 @@ def run_layers(model: nn.Module, segments: torch.Tensor, calibrate_one: Callable
     layers = models.decoder_layers(model)
     L = len(layers)
     home = device_of(model)
-    dev = torch.device(device) if device is not None else home
+    dev = resolve_device(device) if device is not None else home
     stream = home != dev if stream is None else stream
     N, T = segments.shape
     shape = (N, T, model.config.hidden_size)
@@ -414,7 +423,7 @@ def streamed(model: nn.Module, device: torch.device):
     """Run forward passes of a model kept on the CPU on `device`: the modules outside the decoder layers move there for
     the duration, each decoder layer only during its own forward (moved in by a pre-hook, back by a hook). For
     evaluating a model larger than the device; a no-op when the model is already there."""
-    device = torch.device(device)
+    device = resolve_device(device)
     home = device_of(model)
     if home == device:
         yield model
