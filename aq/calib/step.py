@@ -25,6 +25,7 @@ from aq.calib.transforms import RopeTransform, Transform
 
 STEP_CAPTURES = ("auto", "off", "graph")  # auto: a CUDA graph on CUDA devices, eager elsewhere
 GRAPH_WARMUP = 2  # eager steps of a new mask structure before it is captured
+_capture_failed: str | None = None  # set by the first failed capture: "auto" stays eager for the rest of the process
 
 
 def autocast(device: torch.device, amp: torch.dtype | None):
@@ -114,7 +115,7 @@ def graphs_for(step_capture: str, device: torch.device):
     """The graph backend for a --step-capture choice on `device` (None: eager steps)."""
     if step_capture not in STEP_CAPTURES:
         raise ValueError(f"step capture must be one of {', '.join(STEP_CAPTURES)}, got {step_capture!r}")
-    if step_capture == "off" or (step_capture == "auto" and device.type != "cuda"):
+    if step_capture == "off" or (step_capture == "auto" and (device.type != "cuda" or _capture_failed)):
         return None
     if device.type != "cuda":
         raise ValueError(f"step capture 'graph' needs a CUDA device, the layer is on {device}")
@@ -157,8 +158,10 @@ class StepRunner:
             except Exception as e:  # noqa: BLE001 -- reported, then the eager path (or re-raised when strict)
                 if self.strict:
                     raise
-                self.say(f"warning: CUDA graph capture of the training step failed ({type(e).__name__}: {e}); "
-                         "this layer continues with eager steps")
+                global _capture_failed
+                _capture_failed = f"{type(e).__name__}: {e}"
+                self.say(f"warning: CUDA graph capture of the training step failed ({_capture_failed}); "
+                         "eager steps from here on")
                 self.graphs = None
                 return self._step(x, target)
             self.captures += 1
