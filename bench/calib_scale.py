@@ -38,10 +38,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aq import models  # noqa: E402
-from aq.calib import loop  # noqa: E402
-from aq.config import QuantConfig  # noqa: E402
-from bench.calib_step import SHAPES, check_capture, time_step  # noqa: E402
+from aq import models
+from aq.calib import loop
+from aq.config import QuantConfig
+from bench.calib_step import SHAPES, check_capture, time_step
 
 W4G64 = dict(mode="affinequant", wbits=4, group_size=64)
 CASES = {  # name -> (shape, config, layers of the CPU model)
@@ -143,7 +143,7 @@ def plan_run(step_ms: float | None, seconds: float, quick: bool, nsamples: int |
     nseg, ep = nsamples or nseg, epochs or ep
     if step_ms is None or nsamples or epochs:
         return nseg, ep
-    fits = lambda n, e: n * e * step_ms * 1.5e-3 + 10 <= seconds  # noqa: E731 -- 1.5x: warm-ups, captures, probes
+    fits = lambda n, e: n * e * step_ms * 1.5e-3 + 10 <= seconds
     while not fits(nseg, ep):
         if ep > 1:
             ep -= 1
@@ -218,6 +218,12 @@ def fmt(v, f="{:.2f}"):
     return "" if v is None else f.format(v)
 
 
+def _both(r: dict, key: str) -> str:
+    """The row's value with the eager one in brackets, where measured."""
+    eager = r.get("eager_" + key)
+    return fmt(r.get(key)) + ("" if eager is None else f" ({fmt(eager)})")
+
+
 def write(out: Path, gpu: str, rows: dict, settings: dict, notes: list[str], check: dict | None = None) -> None:
     (out / "calib_speed.json").write_text(json.dumps({"gpu": gpu, "rows": rows, "settings": settings,
                                                        "notes": notes, "check": check}, indent=1))
@@ -237,11 +243,8 @@ def write(out: Path, gpu: str, rows: dict, settings: dict, notes: list[str], che
             lines.append(f"| {name} | | | {fmt(r.get('s_per_layer'), '{:.1f}')} | {what} | "
                          f"{fmt(r.get('peak_gpu_gib'))} | | whole CLI run |")
             continue
-        def both(key):
-            eager = r.get("eager_" + key)
-            return fmt(r.get(key)) + ("" if eager is None else f" ({fmt(eager)})")
-        step = both("wall_ms_per_step") if r.get("wall_ms_per_step") is not None else r.get("step_error", "")[:80]
-        gpu_ms = both("gpu_ms_per_step") if r.get("gpu_ms_per_step") is not None else ""
+        step = _both(r, "wall_ms_per_step") if r.get("wall_ms_per_step") is not None else r.get("step_error", "")[:80]
+        gpu_ms = _both(r, "gpu_ms_per_step") if r.get("gpu_ms_per_step") is not None else ""
         run = (f"{r['layers_calibrated']} layers x {r['segments']} seg x {r['epochs']} ep, {r['run_seconds']:.0f}s"
                if "run_seconds" in r else r.get("run_error", "not run")[:100])
         whole = r.get("s_per_layer")

@@ -31,13 +31,13 @@ def test_blocks_path_matches_dense_and_reference(d, block, band):
     x = torch.randn(3, 11, d, generator=g)
     alpha = 0.7
     for path in ("dense", "blocks", "deterministic"):
-        _close(_grads(lambda w_, A_: AF.masked_weight(w_, A_, band, block, alpha, gemm=path), w, A),
+        _close(_grads(lambda w_, A_, path=path: AF.masked_weight(w_, A_, band, block, alpha, gemm=path), w, A),
                _grads(lambda w_, A_: AF.masked_weight_reference(w_, A_, band, block, alpha), w, A))
-        _close(_grads(lambda x_, A_: AF.masked_inverse_act(x_, A_, band, block, alpha, gemm=path), x, A),
+        _close(_grads(lambda x_, A_, path=path: AF.masked_inverse_act(x_, A_, band, block, alpha, gemm=path), x, A),
                _grads(lambda x_, A_: AF.masked_inverse_act_reference(x_, A_, band, block, alpha), x, A))
         u = torch.randn(37, d // 16, generator=g) + 3
-        got = _grads(lambda w_, A_, u_: AF.transform_fake_quant(w_, A_, 4, 16, band, block, alpha, u_, None,
-                                                                gemm=path), w, A, u)
+        got = _grads(lambda w_, A_, u_, path=path: AF.transform_fake_quant(w_, A_, 4, 16, band, block, alpha, u_,
+                                                                           None, gemm=path), w, A, u)
         ref = _grads(lambda w_, A_, u_: AF.transform_fake_quant(w_, A_, 4, 16, band, block, alpha, u_, None,
                                                                 gemm="dense"), w, A, u)
         _close(got[:3], ref[:3], 1e-4)  # values, dW, dA (the LWC gradient is a sum of rounding residuals)

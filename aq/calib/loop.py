@@ -21,15 +21,23 @@ from tqdm.auto import tqdm
 
 from aq import checks, models
 from aq.calib import pipeline
+from aq.calib import step as step_mod
 from aq.calib.attention import enable_qkv_quant, set_qkv_abits
 from aq.calib.gptq import gptq_round_layer
 from aq.calib.layer import LayerCalib, _parent, _set
 from aq.calib.loss import layer_loss, position0_share
-from aq.calib.pipeline import (CKPT_VERSION, PAUSE_ENV, capture, layer_spec, load_calibrated,  # noqa: F401 (API)
-                               propagate, rebuild_layer, take)
+from aq.calib.pipeline import (  # noqa: F401 (API)
+    CKPT_VERSION,
+    PAUSE_ENV,
+    capture,
+    layer_spec,
+    load_calibrated,
+    propagate,
+    rebuild_layer,
+    take,
+)
 from aq.calib.rotation import rotate_residual
 from aq.calib.rtn import FakeQuantLinear, check_model
-from aq.calib import step as step_mod
 from aq.calib.step import autocast
 from aq.config import QuantConfig
 from aq.primitives import check_group_size

@@ -20,8 +20,8 @@ import copy
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -312,7 +312,7 @@ def load_calibrated(model: nn.Module, ckpt_dir: Path) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _hms(s: float) -> str:
-    s = int(round(s))
+    s = round(s)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 

@@ -16,7 +16,7 @@ replayed, is a real training step: the captured run is the eager run's computati
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -155,7 +155,7 @@ class StepRunner:
         if self.graph is None:
             try:
                 self.graph = self.graphs.capture(lambda: self._step(sx, st))
-            except Exception as e:  # noqa: BLE001 -- reported, then the eager path (or re-raised when strict)
+            except Exception as e:
                 if self.strict:
                     raise
                 global _capture_failed
