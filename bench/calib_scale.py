@@ -103,7 +103,8 @@ def cpu_model(shape: str, layers: int, dtype: torch.dtype, fill_dev: torch.devic
     return model.eval()
 
 
-def layer_run(model, kw: dict, k: int, nseg: int, epochs: int, dev: torch.device, seqlen: int = SEQLEN) -> dict:
+def layer_run(model, kw: dict, k: int, nseg: int, epochs: int, dev: torch.device, seqlen: int = SEQLEN,
+              buffers: str = "auto") -> dict:
     """Calibrate the first k layers of a CPU-resident model, streamed to dev; the model's FP layers are restored
     afterwards (so the next case starts from the same model)."""
     layers = models.decoder_layers(model)
@@ -117,7 +118,7 @@ def layer_run(model, kw: dict, k: int, nseg: int, epochs: int, dev: torch.device
     try:
         info = loop.calibrate(model, ids, cfg, amp=torch.bfloat16 if dev.type == "cuda" else None,
                               batch=1 if dev.type == "cpu" else 8, progress=False, say=print, device=dev,
-                              max_layers=k)
+                              max_layers=k, buffers=buffers)
     finally:
         for i, layer in enumerate(saved):
             layers[i] = layer
@@ -128,7 +129,7 @@ def layer_run(model, kw: dict, k: int, nseg: int, epochs: int, dev: torch.device
     other = sum(r["seconds"] - r["train_seconds"] for r in logs) / len(logs)
     steps = sum(r["steps"] for r in logs) / len(logs)
     scale_train = PAPER_EPOCHS * PAPER_SEGMENTS / (epochs * nseg)
-    return {"layers_calibrated": k, "segments": nseg, "epochs": epochs, "run_seconds": wall,
+    return {"layers_calibrated": k, "segments": nseg, "epochs": epochs, "run_seconds": wall, "buffers": buffers,
             "measured_s_per_layer": train + other, "train_s_per_layer": train, "other_s_per_layer": other,
             "steps_per_layer": steps, "run_ms_per_step": train / max(steps, 1) * 1e3,
             "s_per_layer": train * scale_train + other * PAPER_SEGMENTS / nseg,
@@ -245,7 +246,8 @@ def write(out: Path, gpu: str, rows: dict, settings: dict, notes: list[str], che
             continue
         step = _both(r, "wall_ms_per_step") if r.get("wall_ms_per_step") is not None else r.get("step_error", "")[:80]
         gpu_ms = _both(r, "gpu_ms_per_step") if r.get("gpu_ms_per_step") is not None else ""
-        run = (f"{r['layers_calibrated']} layers x {r['segments']} seg x {r['epochs']} ep, {r['run_seconds']:.0f}s"
+        run = (f"{r['layers_calibrated']} layers x {r['segments']} seg x {r['epochs']} ep, streams: {r['buffers']}, "
+               f"{r['run_seconds']:.0f}s"
                if "run_seconds" in r else r.get("run_error", "not run")[:100])
         whole = r.get("s_per_layer")
         lines.append(f"| {name} | {step} | {gpu_ms} | {fmt(whole, '{:.1f}')} | "
@@ -270,6 +272,8 @@ def main():
     ap.add_argument("--epochs", type=int, default=None, help="epochs of each layer run (default by budget)")
     ap.add_argument("--cli-share", type=float, default=0.4, help="share of the budget for the default-CLI case")
     ap.add_argument("--no-eager", action="store_true", help="skip the eager step timings")
+    ap.add_argument("--buffers-70b", default="cpu", choices=("auto", "device", "cpu"),
+                    help="where the 70B layer run keeps its activation streams")
     ap.add_argument("--no-check", action="store_true", help="skip the captured-vs-eager check of one layer")
     args = ap.parse_args()
     budget = Budget(args.budget_s)
@@ -362,7 +366,9 @@ def main():
                 row["run_error"] = f"skipped: a layer run does not fit its budget share ({share:.0f}s)"
                 continue
             try:
-                row.update(layer_run(model, kw, k, plan[0], plan[1], dev, seqlen))
+                # 70B: the activation streams (17 GB at 128 x 2048) in pinned CPU memory, for the <= 40 GB target
+                buffers = args.buffers_70b if shape == "llama3-70b" else "auto"
+                row.update(layer_run(model, kw, k, plan[0], plan[1], dev, seqlen, buffers))
                 row["model_layers_on_cpu"] = n_model
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
