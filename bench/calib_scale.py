@@ -90,8 +90,8 @@ def cpu_model(shape: str, layers: int, dtype: torch.dtype, fill_dev: torch.devic
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(num_hidden_layers=layers, tie_word_embeddings=False, **SHAPES[shape])
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    model = model.to_empty(device="cpu").to(dtype)
+        model = LlamaForCausalLM(cfg).to(dtype)  # on meta: no memory yet, then allocated once in dtype
+    model = model.to_empty(device="cpu")
     g = torch.Generator(device=fill_dev).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -245,7 +245,7 @@ def write(out: Path, gpu: str, rows: dict, settings: dict, notes: list[str], che
                          f"{fmt(r.get('peak_gpu_gib'))} | | whole CLI run |")
             continue
         step = _both(r, "wall_ms_per_step") if r.get("wall_ms_per_step") is not None else r.get("step_error", "")[:80]
-        gpu_ms = _both(r, "gpu_ms_per_step") if r.get("gpu_ms_per_step") is not None else ""
+        gpu_ms = _both(r, "gpu_ms_per_step")
         run = (f"{r['layers_calibrated']} layers x {r['segments']} seg x {r['epochs']} ep, streams: {r['buffers']}, "
                f"{r['run_seconds']:.0f}s"
                if "run_seconds" in r else r.get("run_error", "not run")[:100])
