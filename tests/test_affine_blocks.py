@@ -57,3 +57,18 @@ def test_blocks_inverse_checks_dominance():
     assert float(m) < 0
     with pytest.raises(ValueError, match="gemm must be one of"):
         AF.masked_weight(torch.randn(4, 32), A, None, 16, gemm="fast")
+
+
+def test_newton_schulz_inverse_matches_lu_at_the_dominance_floor():
+    """Rows at exactly the training's dominance floor (off-diagonal mass 0.95 |a_ii|, MIN_MARGIN = 0.05) and a
+    smaller margin (0.01): the Newton-Schulz inverse agrees with LU to float64 rounding."""
+    g = torch.Generator().manual_seed(3)
+    for margin in (0.05, 0.01):
+        a = torch.randn(5, 48, 48, generator=g, dtype=torch.float64)
+        diag = 0.5 + torch.rand(5, 48, generator=g, dtype=torch.float64)
+        a.diagonal(dim1=1, dim2=2).zero_()
+        a *= ((1 - margin) * diag / a.abs().sum(2)).unsqueeze(2)
+        a += torch.diag_embed(diag * torch.sign(torch.randn(5, 48, generator=g, dtype=torch.float64)))
+        assert abs(float(AF._margin_blocks(a)) - margin) < 1e-9
+        ns, lu = AF.newton_schulz_inverse(a), torch.linalg.inv(a)
+        assert float((ns - lu).abs().max() / lu.abs().max()) < 1e-12
