@@ -622,7 +622,7 @@ def _blocked_gtx(g: torch.Tensor, x: torch.Tensor, band: int, M: torch.Tensor, C
     return out.mul_(M)
 
 
-@functools.lru_cache(maxsize=64)  # every mask of a step stays cached (a captured CUDA graph must not rebuild one)
+@functools.lru_cache(maxsize=8)  # the few masks of a step stay cached (a captured CUDA graph must not rebuild one)
 def _mask_cached(d: int, band: int, block: int, alpha: float, device: str) -> torch.Tensor:
     return affine_mask(d, band, block, alpha, device=device)
 
@@ -656,6 +656,11 @@ def _diag_blocks(m: torch.Tensor, b: int) -> torch.Tensor:
     return m.view(nb, b, nb, b).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
 
+def _block_mask(block: int, band: int, alpha: float, device) -> torch.Tensor:
+    """The mask inside one diagonal block, [block, block] (the same for every block); broadcasts over [nb, b, b]."""
+    return _mask(block, band, block, alpha, device)
+
+
 def _from_blocks(blocks: torch.Tensor) -> torch.Tensor:
     """The block-diagonal [d, d] float32 matrix with these [nb, b, b] blocks (zeros elsewhere)."""
     nb, b, _ = blocks.shape
@@ -673,14 +678,16 @@ def _by_blocks(x: torch.Tensor, blocks: torch.Tensor, dm: int) -> torch.Tensor:
     return _mm32(xb, blocks.to(t)).transpose(0, 1).reshape(R, d)
 
 
-def _blocks_grad(p: torch.Tensor, q: torch.Tensor, mask_blocks: torch.Tensor, dm: int) -> torch.Tensor:
-    """(p^T q) * M on the diagonal blocks only, as a [d, d] float32 matrix (zeros off the blocks); p, q [R, d]."""
+def _blocks_grad(p: torch.Tensor, q: torch.Tensor, block_mask: torch.Tensor, dm: int) -> torch.Tensor:
+    """(p^T q) * M on the diagonal blocks only, as a [d, d] float32 matrix (zeros off the blocks); p, q [R, d];
+    block_mask: the [b, b] mask inside every block."""
     R, d = p.shape
-    nb, b, _ = mask_blocks.shape
+    b = block_mask.shape[-1]
+    nb = d // b
     t = _torch_dtype(dm, torch.float32)
     pb = p.to(t).view(R, nb, b).permute(1, 2, 0)          # [nb, b, R]
     qb = q.to(t).view(R, nb, b).transpose(0, 1)           # [nb, R, b]
-    return _from_blocks(_mm32(pb, qb).mul_(mask_blocks))
+    return _from_blocks(_mm32(pb, qb).mul_(block_mask))
 
 
 def _margin_blocks(blocks: torch.Tensor) -> torch.Tensor:
@@ -744,7 +751,7 @@ class _MaskedWeight(torch.autograd.Function):
         if path == "band":
             out = band_mm(w, A, band, block, alpha, out_dtype=w.dtype, dot_mode=dm)
         elif path == "blocks":
-            Mb = _diag_blocks(_mask(d, band, block, alpha, A.device), block)
+            Mb = _block_mask(block, band, alpha, A.device)
             out = _by_blocks(w, (_diag_blocks(A, block) * Mb).transpose(1, 2), dm).to(w.dtype)
         else:
             out = _dense_mm(w, (A * _mask(d, band, block, alpha, A.device)).T, dm).to(w.dtype)
@@ -765,7 +772,7 @@ class _MaskedWeight(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 gA = band_grad(gy, w, band, block, alpha, dot_mode=dm)
         elif path == "blocks":
-            Mb = _diag_blocks(_mask(d, band, block, alpha, A.device), block)
+            Mb = _block_mask(block, band, alpha, A.device)
             if ctx.needs_input_grad[0]:
                 gw = _by_blocks(gy, _diag_blocks(A, block) * Mb, dm).to(w.dtype)
             if ctx.needs_input_grad[1]:
@@ -797,7 +804,7 @@ class _TransformFakeQuant(torch.autograd.Function):
             if path == "band":
                 wt = band_mm(w, A, band, block, alpha, out_dtype=torch.float32, dot_mode=dm)
             elif path == "blocks":  # Am: the masked diagonal blocks [nb, b, b]
-                Am = _diag_blocks(A, block) * _diag_blocks(_mask(d, band, block, alpha, A.device), block)
+                Am = _diag_blocks(A, block) * _block_mask(block, band, alpha, A.device)
                 wt = _by_blocks(w, Am.transpose(1, 2), dm)
             else:
                 t = _torch_dtype(dm, torch.float32)
@@ -830,7 +837,7 @@ class _TransformFakeQuant(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 gw = _by_blocks(gwt, Am, dm).to(w.dtype)
             if ctx.needs_input_grad[1]:
-                gA = _blocks_grad(gwt, w, _diag_blocks(_mask(d, band, block, alpha, A.device), block), dm)
+                gA = _blocks_grad(gwt, w, _block_mask(block, band, alpha, A.device), dm)
         else:
             M = _mask(d, band, block, alpha, A.device)
             wd = w.to(t)
@@ -887,7 +894,7 @@ class _MaskedInverseAct(torch.autograd.Function):
             if path == "band":
                 gA = band_grad(y, gx, band, block, alpha, scale=-1.0, dot_mode=dm)
             elif path == "blocks":
-                gA = _blocks_grad(y, gx, _diag_blocks(_mask(d, band, block, alpha, y.device), block), dm).neg_()
+                gA = _blocks_grad(y, gx, _block_mask(block, band, alpha, y.device), dm).neg_()
             else:
                 gA = -(_dense_mm(y.T, gx, dm).float() * _mask(d, band, block, alpha, y.device))
         gx = gx.to(y.dtype) if ctx.needs_input_grad[0] else None
@@ -941,7 +948,7 @@ def masked_inverse_act(x: torch.Tensor, A: torch.Tensor, band: int | None = None
     path = _gemm_path(x.numel() // d, d, bnd, blk, x.device, gemm)
     path = "dense" if path == "blocked" else path
     if path == "blocks":  # only the diagonal blocks are masked, checked and inverted
-        Amb = _diag_blocks(A.detach(), blk) * _diag_blocks(_mask(d, bnd, blk, alpha, A.device), blk)
+        Amb = _diag_blocks(A.detach(), blk) * _block_mask(blk, bnd, alpha, A.device)
         inv, margin = inverse_blocks(Amb, name, check)
     else:
         Am = A.detach() * _mask(d, bnd, blk, alpha, A.device)
