@@ -257,3 +257,19 @@ def test_progress_estimates_the_time_left():
     assert p.step(3, 20.0) == " (mean 15.0s/layer, ~0:15 left)"
     p.close()
     assert pipeline._hms(3725) == "1:02:05"
+
+
+def test_cli_streams_when_the_weights_would_crowd_the_gpu(monkeypatch):
+    from aq.calibrate import _should_stream, build_parser
+    model = tiny_llama()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert not _should_stream(model, "cpu", None, "affinequant") and not _should_stream(model, "cpu", True, "omniquant")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (weights, 1 << 40))  # weights > half the free
+    assert _should_stream(model, "cuda", None, "affinequant")
+    assert not _should_stream(model, "cuda", None, "gptq") and not _should_stream(model, "cuda", False, "affinequant")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (3 * weights, 1 << 40))
+    assert not _should_stream(model, "cuda", None, "affinequant")
+    with pytest.raises(ValueError, match="stream omniquant/affinequant only"):
+        _should_stream(model, "cuda", True, "rtn")
+    args = build_parser().parse_args(["--stream", "on", "--calib-buffers", "cpu", "--step-capture", "off"])
+    assert (args.stream, args.calib_buffers, args.step_capture) == ("on", "cpu", "off")
