@@ -9,7 +9,8 @@ What the graph may not see changing: the tensors it reads and writes must keep t
 into static tensors before each replay; parameters, optimizer state and the accumulators persist), and the Python-level
 choices made while tracing must stay the same. The only such choice that changes during training is the gradual mask's
 band (once an epoch: it selects kernels, masks and loop bounds), so a graph is captured per mask structure
-(structure_key), after GRAPH_WARMUP eager steps with that structure (Triton autotuning and cached masks happen there),
+(structure_key), after eager steps with that structure (GRAPH_WARMUP before the first capture: Triton autotuning,
+cuBLAS handles; RECAPTURE_WARMUP later: the new band's masks are built and cached there),
 and replayed for every other step of that structure; a short last batch runs eagerly. Every step, eager, warm-up or
 replayed, is a real training step: the captured run is the eager run's computation.
 """
@@ -24,7 +25,8 @@ from aq.calib.loss import layer_loss
 from aq.calib.transforms import RopeTransform, Transform
 
 STEP_CAPTURES = ("auto", "off", "graph")  # auto: a CUDA graph on CUDA devices, eager elsewhere
-GRAPH_WARMUP = 2  # eager steps of a new mask structure before it is captured
+GRAPH_WARMUP = 2  # eager steps before the first capture (later structures: RECAPTURE_WARMUP)
+RECAPTURE_WARMUP = 1  # a new band needs one eager step (its masks are built and cached there)
 _capture_failed: str | None = None  # set by the first failed capture: "auto" stays eager for the rest of the process
 
 
@@ -145,7 +147,7 @@ class StepRunner:
         key = structure_key(self.calib)
         if key != self.key:
             self.key, self.graph, self.warm = key, None, 0
-        if self.warm < GRAPH_WARMUP:
+        if self.warm < (GRAPH_WARMUP if self.captures == 0 else RECAPTURE_WARMUP):
             self.warm += 1
             if self.static is None:
                 self.static = (torch.empty_like(x), torch.empty_like(target))
