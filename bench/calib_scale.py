@@ -141,9 +141,10 @@ def layer_run(model, kw: dict, k: int, nseg: int, epochs: int, dev: torch.device
 def plan_run(step_ms: float | None, seconds: float, quick: bool, nsamples: int | None, epochs: int | None):
     """(segments, epochs) of a layer run that should take about `seconds` per layer (None: it does not fit)."""
     nseg, ep = (16, 1) if quick else (PAPER_SEGMENTS, 2)
-    nseg, ep = nsamples or nseg, epochs or ep
-    if step_ms is None or nsamples or epochs:
-        return nseg, ep
+    if nsamples or epochs:
+        return nsamples or nseg, epochs or ep
+    if step_ms is None:  # the step timing failed: the smallest run
+        return 16, 1
     fits = lambda n, e: n * e * step_ms * 1.5e-3 + 10 <= seconds
     while not fits(nseg, ep):
         if ep > 1:
@@ -361,7 +362,8 @@ def main():
             k = min(k, n_model)
             share = (budget.left() - cli_budget - 10) / max(runs_left, 1)
             runs_left -= 1
-            plan = plan_run(row.get("wall_ms_per_step"), share / k, args.quick, args.nsamples, args.epochs)
+            step_ms = row.get("wall_ms_per_step") or row.get("eager_wall_ms_per_step")
+            plan = plan_run(step_ms, share / k, args.quick, args.nsamples, args.epochs)
             if plan is None:
                 row["run_error"] = f"skipped: a layer run does not fit its budget share ({share:.0f}s)"
                 continue
