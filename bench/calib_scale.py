@@ -388,6 +388,8 @@ def main():
         if dev.type != "cuda":
             rows[CLI_CASE] = {"error": "skipped: no GPU", "seconds": None}
         else:
+            gc.collect()
+            torch.cuda.empty_cache()  # the CLI runs in its own process on the same GPU
             timeout = budget.left() - 15
             rows[CLI_CASE] = run_cli(args.model, timeout) if timeout > 30 else {"error": "skipped: budget",
                                                                                  "seconds": None}
