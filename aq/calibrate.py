@@ -65,7 +65,7 @@ def run(model, tokenizer, config: QuantConfig | None = None, data="c4", out: str
         checks.check_seqlen(model.config, cfg.seqlen, "calibration segment (seqlen)")
         segments = data_mod.calib_segments(tokenizer, data, cfg.nsamples, cfg.seqlen, cfg.seed)
     if cfg.mode == "gptq":
-        quantize_gptq(model, segments, cfg, batch=1 if on_cpu else 8, progress=progress, say=say)
+        quantize_gptq(model, segments, cfg, batch=1 if on_cpu else 8, progress=progress, say=say, device=dev)
     elif cfg.mode != "rtn":
         dtype = (torch.bfloat16 if amp == "auto" and not on_cpu else AMP[amp])
         info = loop.calibrate(model, segments, cfg, ckpt_dir=None if out is None else Path(out) / "ckpt",
@@ -86,7 +86,7 @@ def calibrate(model, tokenizer, config: QuantConfig | None = None, data="c4", ou
     (auto|bf16|fp16|off), model_name (recorded in the checkpoint), progress, say (a print-like logger), device (where
     calibration runs; a model kept on the CPU with device "cuda" is streamed one layer at a time), step_capture
     (auto|off|graph: CUDA-graph training steps), buffers (auto|device|cpu: where the activation streams live).
-    GPTQ and RTN run where the model is."""
+    RTN runs where the model is (the CPU for a streamed model)."""
     run(model, tokenizer, config, data, out, **kw)
     return model
 
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", choices=tuple(AUTO_ON_OFF), default="auto",
                    help="keep the model in CPU memory and move one decoder layer at a time to --device for its "
                         "calibration (and for evaluation); auto: when the weights would take more than half of the "
-                        "device's free memory. omniquant/affinequant only (gptq/rtn run where the model is)")
+                        "device's free memory. rtn then quantizes on the CPU (evaluation is streamed)")
     g.add_argument("--calib-buffers", choices=BUFFERS, default="auto",
                    help="where the calibration activations (two float32 streams of nsamples x seqlen x hidden) live: "
                         "device, or cpu (pinned; slower steps, same values); auto: the device when a memory "
@@ -210,14 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _should_stream(model, device: str, choice: bool | None, mode: str) -> bool:
+def _should_stream(model, device: str, choice: bool | None) -> bool:
     """Whether to keep the model on the CPU and stream its layers to `device` (--stream)."""
     dev = torch.device(device)
     if choice is not None:
-        if choice and mode in ("gptq", "rtn"):
-            raise ValueError(f"--stream on: mode {mode} runs where the model is (stream omniquant/affinequant only)")
         return choice and dev.type != "cpu"
-    if dev.type != "cuda" or mode in ("gptq", "rtn"):
+    if dev.type != "cuda":
         return False
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return weights > 0.5 * torch.cuda.mem_get_info(dev)[0]
@@ -277,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     try:
         model, tok = models.load_model(args.model, getattr(torch, args.dtype), "cpu")
-        stream = _should_stream(model, args.device, AUTO_ON_OFF[args.stream], cfg.mode)
+        stream = _should_stream(model, args.device, AUTO_ON_OFF[args.stream])
         if not stream:
             model.to(args.device)
         loop.check_calibratable(model, cfg)

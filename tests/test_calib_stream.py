@@ -264,13 +264,21 @@ def test_cli_streams_when_the_weights_would_crowd_the_gpu(monkeypatch):
     from aq.calibrate import _should_stream, build_parser
     model = tiny_llama()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    assert not _should_stream(model, "cpu", None, "affinequant") and not _should_stream(model, "cpu", True, "omniquant")
+    assert not _should_stream(model, "cpu", None) and not _should_stream(model, "cpu", True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (weights, 1 << 40))  # weights > half the free
-    assert _should_stream(model, "cuda", None, "affinequant")
-    assert not _should_stream(model, "cuda", None, "gptq") and not _should_stream(model, "cuda", False, "affinequant")
+    assert _should_stream(model, "cuda", None) and not _should_stream(model, "cuda", False)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (3 * weights, 1 << 40))
-    assert not _should_stream(model, "cuda", None, "affinequant")
-    with pytest.raises(ValueError, match="stream omniquant/affinequant only"):
-        _should_stream(model, "cuda", True, "rtn")
+    assert not _should_stream(model, "cuda", None) and _should_stream(model, "cuda", True)
     args = build_parser().parse_args(["--stream", "on", "--calib-buffers", "cpu", "--step-capture", "off"])
     assert (args.stream, args.calib_buffers, args.step_capture) == ("on", "cpu", "off")
+
+
+def test_streamed_gptq_equals_the_resident_one(monkeypatch):
+    from aq.calib.gptq import quantize_gptq
+    cfg = QuantConfig(mode="gptq", wbits=3, group_size=16)
+    ref = quantize_gptq(tiny_llama(), _segments(), cfg, batch=2, progress=False, say=lambda s: None)
+    log = MoveLog(monkeypatch)
+    model = quantize_gptq(tiny_llama(), _segments(), cfg, batch=2, progress=False, say=lambda s: None, device=DEV)
+    a, b = _state(ref), _state(model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert log.max_on_dev == 1 and not log.on_dev and log.model_moves == [DEV, torch.device("cpu")] * 2

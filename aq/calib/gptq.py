@@ -160,10 +160,13 @@ def layer_hessians(layer: nn.Module, names: tuple[str, ...], buf: torch.Tensor, 
 
 @torch.no_grad()
 def quantize_gptq(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *, batch: int = 8,
-                  progress: bool = True, say=print, damp: float = DAMP, groups: str = "dynamic") -> nn.Module:
+                  progress: bool = True, say=print, damp: float = DAMP, groups: str = "dynamic",
+                  device: torch.device | str | None = None) -> nn.Module:
     """GPTQ every decoder-layer linear of `model` in place, layer by layer: a layer's Hessians come from the outputs
-    of the already-quantized layers before it, and inside a layer from the already-quantized stages before."""
-    from aq.calib.pipeline import capture, propagate  # late: the pipeline imports aq.calib.layer
+    of the already-quantized layers before it, and inside a layer from the already-quantized stages before.
+    device: where the work runs (default the model's); a model kept elsewhere (the CPU) is streamed one layer at a
+    time, as in aq.calib.pipeline."""
+    from aq.calib.pipeline import capture, device_of, move, propagate, resolve_device  # late: imports aq.calib.layer
 
     cfg = cfg.resolve(model)
     if not cfg.weight_only:
@@ -177,15 +180,19 @@ def quantize_gptq(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *,
     if cfg.rotate != "none":  # QuaRot-style: GPTQ on the rotated model (same function in full precision)
         from aq.calib.rotation import rotate_residual
         rotate_residual(model, cfg.rotate, cfg.seed)
-    buf, layer_kwargs = capture(model, segments, batch)
+    home = device_of(model)
+    dev = resolve_device(device) if device is not None else home
+    buf, layer_kwargs = capture(model, segments, batch, dev)
     say(f"GPTQ {cfg.label}: {len(layers)} layers, {segments.shape[0]} x {segments.shape[1]} tokens, damp {damp}, "
         f"block {BLOCK}, {'act-order, ' if cfg.act_order else ''}"
         f"{'static' if cfg.act_order or cfg.group_size is None else groups} groups"
         + (f", {cfg.rotate} rotation" if cfg.rotate != "none" else ""))
     for i, layer in enumerate(tqdm(layers, desc=f"GPTQ {cfg.label}", leave=False, disable=not progress)):
+        move(layer, dev)
         _sequential(layer, arch, buf, layer_kwargs[i], batch,
                     lambda lin, H: gptq_linear(lin, H, cfg, damp=damp, groups=groups))
         propagate(layer, buf, layer_kwargs[i], batch)
+        move(layer, home)
     return model
 
 
