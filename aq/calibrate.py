@@ -30,7 +30,9 @@ from aq import export as export_mod
 from aq import data as data_mod  # `data` is also an argument name of the API
 from aq.calib import loop
 from aq.calib.gptq import quantize_gptq
+from aq.calib.pipeline import BUFFERS, streamed
 from aq.calib.rtn import quantize_rtn
+from aq.calib.step import STEP_CAPTURES
 from aq.checkpoint import save_checkpoint
 from aq.config import (CPU_SCHEDULE, DEFAULT_NORM_BLOCK, DEFAULT_NORM_TRANSFORM, GPU_SCHEDULE, LOSSES, MODES,
                        NORM_TRANSFORMS, ROTATIONS, ROUNDINGS, QuantConfig)
@@ -47,10 +49,12 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 def run(model, tokenizer, config: QuantConfig | None = None, data="c4", out: str | os.PathLike | None = None, *,
-        resume: bool = False, amp: str = "auto", model_name: str = "", progress: bool = False, say=print) -> dict:
+        resume: bool = False, amp: str = "auto", model_name: str = "", progress: bool = False, say=print,
+        device: str | torch.device | None = None, step_capture: str = "auto", buffers: str = "auto") -> dict:
     """aq.calibrate with its report: {"config" (resolved), "calib" (the loop's log or None for rtn), "seconds"}."""
-    cfg = (config or QuantConfig()).resolve(model, _device_of(model))
-    on_cpu = _device_of(model).type == "cpu"
+    dev = torch.device(device) if device is not None else _device_of(model)
+    cfg = (config or QuantConfig()).resolve(model, dev)
+    on_cpu = dev.type == "cpu"
     if amp not in AMP:
         raise ValueError(f"amp must be one of {', '.join(AMP)}, got {amp!r}")
     if resume and out is None:
@@ -64,12 +68,12 @@ def run(model, tokenizer, config: QuantConfig | None = None, data="c4", out: str
         checks.check_seqlen(model.config, cfg.seqlen, "calibration segment (seqlen)")
         segments = data_mod.calib_segments(tokenizer, data, cfg.nsamples, cfg.seqlen, cfg.seed)
     if cfg.mode == "gptq":
-        quantize_gptq(model, segments, cfg, batch=1 if on_cpu else 8, progress=progress, say=say)
+        quantize_gptq(model, segments, cfg, batch=1 if on_cpu else 8, progress=progress, say=say, device=dev)
     elif cfg.mode != "rtn":
         dtype = (torch.bfloat16 if amp == "auto" and not on_cpu else AMP[amp])
         info = loop.calibrate(model, segments, cfg, ckpt_dir=None if out is None else Path(out) / "ckpt",
                               resume=resume, model_name=model_name, amp=dtype, batch=1 if on_cpu else 8,
-                              progress=progress, say=say)
+                              progress=progress, say=say, device=dev, step_capture=step_capture, buffers=buffers)
     seconds = time.time() - t0
     if out is not None:
         save_checkpoint(model, cfg, out, tokenizer=tokenizer, base_model=model_name or None)
@@ -82,7 +86,10 @@ def calibrate(model, tokenizer, config: QuantConfig | None = None, data="c4", ou
     QuantConfig.resolve for this model and device) and return it (its linears are FakeQuantLinear modules; run
     aq.patch_model for the kernels). data: a name or file ("c4", "wikitext2", .txt/.jsonl), a list of texts or token
     ids (1-D, or [N, T] segments). out: also write the checkpoint there (docs/checkpoint.md). Keywords: resume, amp
-    (auto|bf16|fp16|off), model_name (recorded in the checkpoint), progress, say (a print-like logger)."""
+    (auto|bf16|fp16|off), model_name (recorded in the checkpoint), progress, say (a print-like logger), device (where
+    calibration runs; a model kept on the CPU with device "cuda" is streamed one layer at a time), step_capture
+    (auto|off|graph: CUDA-graph training steps), buffers (auto|device|cpu: where the activation streams live).
+    RTN runs where the model is (the CPU for a streamed model)."""
     run(model, tokenizer, config, data, out, **kw)
     return model
 
@@ -194,6 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--export-out", type=Path, default=None,
                    help="folder of the export (default: OUT/compressed-tensors, OUT being --out)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    g.add_argument("--stream", choices=tuple(AUTO_ON_OFF), default="auto",
+                   help="keep the model in CPU memory and move one decoder layer at a time to --device for its "
+                        "calibration (and for evaluation); auto: when the weights would take more than half of the "
+                        "device's free memory. rtn then quantizes on the CPU (evaluation is streamed)")
+    g.add_argument("--calib-buffers", choices=BUFFERS, default="auto",
+                   help="where the calibration activations (two float32 streams of nsamples x seqlen x hidden) live: "
+                        "device, or cpu (pinned; slower steps, same values); auto: the device when a memory "
+                        "estimate says they fit")
+    g.add_argument("--step-capture", choices=STEP_CAPTURES, default="auto",
+                   help="run the training step as a CUDA graph (captured once per epoch's mask structure, replayed "
+                        "for every step; auto: on CUDA devices, falling back to eager steps if the capture fails) "
+                        "or eagerly (off)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-data", default="wikitext2,c4", help="comma-separated evaluation sets (names or files)")
     e.add_argument("--eval-windows", type=int, default=None,
@@ -204,6 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype")
     return p
+
+
+def _should_stream(model, device: str, choice: bool | None) -> bool:
+    """Whether to keep the model on the CPU and stream its layers to `device` (--stream)."""
+    dev = torch.device(device)
+    if choice is not None:
+        return choice and dev.type != "cpu"
+    if dev.type != "cuda":
+        return False
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights > 0.5 * torch.cuda.mem_get_info(dev)[0]
 
 
 def _say(msg: str) -> None:
@@ -294,7 +324,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.time()
     try:
-        model, tok = models.load_model(args.model, getattr(torch, args.dtype), args.device)
+        model, tok = models.load_model(args.model, getattr(torch, args.dtype), "cpu")
+        stream = _should_stream(model, args.device, AUTO_ON_OFF[args.stream])
+        if not stream:
+            model.to(args.device)
         loop.check_calibratable(model, cfg)
         checks.check_seqlen(model.config, eval_seqlen, "evaluation window (--seqlen)")
         segments = None
@@ -304,18 +337,21 @@ def main(argv: list[str] | None = None) -> dict:
         eval_tokens = aq_eval.eval_token_sets(tok, eval_sets, eval_seqlen)  # every set holds a window: checked now
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    _say(f"loaded {args.model} ({type(model).__name__}) on {args.device} in {time.time() - t0:.1f}s")
+    _say(f"loaded {args.model} ({type(model).__name__}) on {'cpu, streamed to ' if stream else ''}{args.device} in "
+         f"{time.time() - t0:.1f}s")
 
     rows: dict[str, dict[str, float]] = {}
     if not args.skip_fp:
-        rows["FP"] = aq_eval.perplexities(model, tok, eval_tokens, eval_seqlen, windows, batch, "FP")
+        with streamed(model, args.device):
+            rows["FP"] = aq_eval.perplexities(model, tok, eval_tokens, eval_seqlen, windows, batch, "FP")
     cuda = not on_cpu and torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     try:
         report = run(model, tok, cfg, segments, args.out, resume=args.resume, amp=args.amp, model_name=args.model,
-                     progress=not args.no_progress, say=_say)
+                     progress=not args.no_progress, say=_say, device=args.device if stream else None,
+                     step_capture=args.step_capture, buffers=args.calib_buffers)
     except ValueError as e:  # settings / checkpoint mismatches found before the first layer
         sys.exit(f"error: {e}")
     if cuda:
@@ -328,7 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
     if export_out is not None:
         _export(model, tok, cfg, args, export_out)
     name = f"{MODE_NAMES[cfg.mode]} {cfg.label}"
-    rows[name] = aq_eval.perplexities(model, tok, eval_tokens, eval_seqlen, windows, batch, cfg.label)
+    with streamed(model, args.device):
+        rows[name] = aq_eval.perplexities(model, tok, eval_tokens, eval_seqlen, windows, batch, cfg.label)
     print()
     print("| setting | " + " | ".join(eval_sets) + " |")
     print("|---|" + "---|" * len(eval_sets))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from aq import calibrate, models
-from aq.calib import loop
+from aq.calib import loop, pipeline
 from aq.calib.layer import LayerCalib
 from aq.calib.rotation import check_rotatable, rotate_residual
 from aq.calib.rtn import FakeQuantLinear, quantize_rtn
@@ -84,7 +84,7 @@ def _equivalence(model, arch, cfg, alpha=0.7) -> tuple[float, float]:
         c.refresh()
         x = torch.randn(2, 32, geo.hidden, generator=g)
         with torch.no_grad():
-            fp, live = loop._out(layers[i](x, **kws[i])), c(x, **kws[i])
+            fp, live = pipeline._out(layers[i](x, **kws[i])), c(x, **kws[i])
         worst = max(worst, _rel(live, fp))
         layers[i] = c.merged(layers[i])
     with torch.no_grad():

@@ -1,5 +1,5 @@
 """Kill and resume, for real: `python -m aq.calibrate` in a subprocess, SIGKILLed at a known point of a layer
-checkpoint write (aq.calib.loop's AQ_TEST_PAUSE_WRITE hook stops the write there), then resumed with --resume; the
+checkpoint write (aq.calib.pipeline's AQ_TEST_PAUSE_WRITE hook stops the write there), then resumed with --resume; the
 final checkpoint must equal an uninterrupted run's tensor for tensor."""
 import json
 import os

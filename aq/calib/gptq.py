@@ -141,7 +141,8 @@ def layer_hessians(layer: nn.Module, names: tuple[str, ...], buf: torch.Tensor, 
                    abits: int = 16) -> dict[str, torch.Tensor]:
     """Hessians of the inputs of the named linears of `layer` over the segments in buf (the layer runs; buf is
     left unchanged), quantized per token to abits first when < 16 (what those linears will see once quantized)."""
-    acc = {n: Hessian(layer.get_submodule(n).in_features, buf.device) for n in names}
+    p = next(layer.parameters())
+    acc = {n: Hessian(layer.get_submodule(n).in_features, p.device) for n in names}
 
     def hook(m, args, n):
         x = args[0]
@@ -150,10 +151,9 @@ def layer_hessians(layer: nn.Module, names: tuple[str, ...], buf: torch.Tensor, 
         acc[n].add(x)
 
     hooks = [layer.get_submodule(n).register_forward_pre_hook(lambda m, args, n=n: hook(m, args, n)) for n in names]
-    dt = next(layer.parameters()).dtype
     try:
-        for s in range(0, buf.shape[0], batch):
-            layer(buf[s:s + batch].to(dt), **kwargs)
+        for s in range(0, buf.shape[0], batch):  # buf may be kept off the layer's device (streamed calibration)
+            layer(buf[s:s + batch].to(p.device, p.dtype), **kwargs)
     finally:
         for h in hooks:
             h.remove()
@@ -162,10 +162,13 @@ def layer_hessians(layer: nn.Module, names: tuple[str, ...], buf: torch.Tensor, 
 
 @torch.no_grad()
 def quantize_gptq(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *, batch: int = 8,
-                  progress: bool = True, say=print, damp: float = DAMP, groups: str = "dynamic") -> nn.Module:
+                  progress: bool = True, say=print, damp: float = DAMP, groups: str = "dynamic",
+                  device: torch.device | str | None = None) -> nn.Module:
     """GPTQ every decoder-layer linear of `model` in place, layer by layer: a layer's Hessians come from the outputs
-    of the already-quantized layers before it, and inside a layer from the already-quantized stages before."""
-    from aq.calib.loop import capture, propagate  # late: aq.calib.loop is heavy and imports the training code
+    of the already-quantized layers before it, and inside a layer from the already-quantized stages before.
+    device: where the work runs (default the model's); a model kept elsewhere (the CPU) is streamed one layer at a
+    time, as in aq.calib.pipeline."""
+    from aq.calib.pipeline import capture, device_of, move, propagate, resolve_device  # late: imports aq.calib.layer
 
     cfg = cfg.resolve(model)
     if not cfg.weight_only:
@@ -179,15 +182,19 @@ def quantize_gptq(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *,
     if cfg.rotate != "none":  # QuaRot-style: GPTQ on the rotated model (same function in full precision)
         from aq.calib.rotation import rotate_residual
         rotate_residual(model, cfg.rotate, cfg.seed)
-    buf, layer_kwargs = capture(model, segments, batch)
+    home = device_of(model)
+    dev = resolve_device(device) if device is not None else home
+    buf, layer_kwargs = capture(model, segments, batch, dev)
     say(f"GPTQ {cfg.label}: {len(layers)} layers, {segments.shape[0]} x {segments.shape[1]} tokens, damp {damp}, "
         f"block {BLOCK}, {'act-order, ' if cfg.act_order else ''}"
         f"{'static' if cfg.act_order or cfg.group_size is None else groups} groups"
         + (f", {cfg.rotate} rotation" if cfg.rotate != "none" else ""))
     for i, layer in enumerate(tqdm(layers, desc=f"GPTQ {cfg.label}", leave=False, disable=not progress)):
+        move(layer, dev)
         _sequential(layer, arch, buf, layer_kwargs[i], batch,
                     lambda _n, lin, H: gptq_linear(lin, H, cfg, damp=damp, groups=groups))
         propagate(layer, buf, layer_kwargs[i], batch)
+        move(layer, home)
     return model
 
 

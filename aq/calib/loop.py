@@ -1,12 +1,7 @@
-"""Block-wise calibration of a whole model (AffineQuant / OmniQuant modes): capture the inputs of the first decoder
-layer, then for each layer in order train its transforms and clipping on MSE(fp layer(fp in), quantized layer(q in)),
-merge them for good, propagate both streams, and checkpoint.
-
-Checkpoints (`ckpt_dir`): run.json (the configuration and what was resolved from it) and one layer_NNN.pt per finished
-layer ({"spec", "state", "log"}: the aq.qmodel.QModelSpec that rebuilds the quantized layer from the FP one, its
-state_dict, its log line).
-Resuming loads the finished layers and recomputes both streams through them, which repeats the uninterrupted run's
-computation exactly, so a resumed run ends with the same result.
+"""Block-wise calibration of a whole model (AffineQuant / OmniQuant modes): for each decoder layer in order, train its
+transforms and clipping on MSE(fp layer(fp in), quantized layer(q in)) and merge them for good. The layer-sequential
+pipeline around it (capture, propagation of both streams, streaming a CPU-resident model through a GPU, resume files)
+is aq.calib.pipeline; the training step and its CUDA-graph capture are aq.calib.step.
 
 Robustness: a non-finite loss, or a transform that stops being diagonally dominant (aq.kernels.affine.checked_inverse),
 restarts the layer from its initial state with a 10x smaller learning rate, then with diagonal transforms only; if
@@ -15,9 +10,7 @@ that fails too the layer falls back to round-to-nearest. Every such event is log
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,16 +20,26 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from aq import checks, models
+from aq.calib import pipeline
+from aq.calib import step as step_mod
 from aq.calib.gptq import gptq_round_layer
 from aq.calib.layer import LayerCalib, _set, active_sites
 from aq.calib.loss import layer_loss, position0_share
+from aq.calib.pipeline import (  # noqa: F401 (API)
+    CKPT_VERSION,
+    PAUSE_ENV,
+    capture,
+    load_calibrated,
+    propagate,
+    take,
+)
 from aq.calib.rotation import rotate_residual
 from aq.calib.rtn import check_model
+from aq.calib.step import autocast
 from aq.config import QuantConfig
 from aq.primitives import check_group_size
-from aq.qmodel import FakeQuantLinear, QModelSpec, enable_qkv_quant, set_qkv_abits
+from aq.qmodel import FakeQuantLinear, enable_qkv_quant, set_qkv_abits
 
-CKPT_VERSION = 2  # 2: layer files hold integer codes and an aq.qmodel.QModelSpec; 1 is refused (other settings)
 INIT_PROBE_SEGMENTS = 4  # segments on which the initial transforms (SmoothQuant scales vs identity) are compared
 
 
@@ -67,6 +70,9 @@ class LayerLog:
     pos0_init: float = math.nan   # share of the plain squared error at position 0, initial transforms (probe segments)
     pos0_probe: float = math.nan  # the same after training
     offdiag: float = 0.0          # off-diagonal share of the norm-side transforms' mass after training (0: diagonal)
+    train_seconds: float = 0.0    # of `seconds`, the time in training steps (all attempts)
+    graph_captures: int = 0       # CUDA graphs captured for the training step (aq.calib.step), and their replays
+    graph_replays: int = 0
     events: list = field(default_factory=list)
 
     def line(self, n_layers: int) -> str:
@@ -100,73 +106,6 @@ def check_calibratable(model: nn.Module, cfg: QuantConfig) -> None:
     for n in arch.linears:
         lin = models.decoder_layers(model)[0].get_submodule(n)
         check_group_size(lin.in_features, cfg.group_size)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# capture and propagation
-# ---------------------------------------------------------------------------------------------------------------------
-
-class _Stop(Exception):
-    pass
-
-
-def _hidden_arg(args, kwargs):
-    return args[0] if args else kwargs["hidden_states"]
-
-
-@torch.no_grad()
-def capture(model: nn.Module, segments: torch.Tensor, batch: int) -> tuple[torch.Tensor, list[dict]]:
-    """(inputs of the first decoder layer for every segment [N, T, d] float32, keyword arguments of every layer's call
-    (position embeddings, masks) recorded from a batch-1 forward; they broadcast over any batch)."""
-    layers = models.decoder_layers(model)
-    dev = next(model.parameters()).device
-    layer_kwargs: list[dict] = [{} for _ in layers]
-
-    def record(i):
-        def hook(_m, args, kwargs):
-            layer_kwargs[i] = {k: v for k, v in kwargs.items()
-                               if k not in ("hidden_states", "past_key_values", "use_cache", "past_key_value")}
-        return hook
-
-    hs = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        model(segments[:1].to(dev), use_cache=False)
-    finally:
-        for h in hs:
-            h.remove()
-
-    N, T = segments.shape
-    inps = torch.empty((N, T, model.config.hidden_size), dtype=torch.float32, device=dev)
-    pos = [0]
-
-    def stop(_m, args, kwargs):
-        x = _hidden_arg(args, kwargs)
-        inps[pos[0]:pos[0] + x.shape[0]] = x.float()
-        raise _Stop
-
-    h = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        for s in range(0, N, batch):
-            pos[0] = s
-            try:
-                model(segments[s:s + batch].to(dev), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        h.remove()
-    return inps, layer_kwargs
-
-
-def _out(y):
-    return y[0] if isinstance(y, tuple) else y
-
-
-@torch.no_grad()
-def propagate(layer: nn.Module, buf: torch.Tensor, kwargs: dict, batch: int) -> None:
-    """buf <- layer(buf) in place, `batch` segments at a time, in the layer's own precision."""
-    dt = next(layer.parameters()).dtype
-    for s in range(0, buf.shape[0], batch):
-        buf[s:s + batch] = _out(layer(buf[s:s + batch].to(dt), **kwargs)).float()
 
 
 class _ChannelStats:
@@ -247,98 +186,59 @@ def _watched(fp_layer: nn.Module, arch: models.Arch, geo: models.Geometry, cfg: 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# checkpoints
-# ---------------------------------------------------------------------------------------------------------------------
-
-PAUSE_ENV = "AQ_TEST_PAUSE_WRITE"
-
-
-def _test_pause(stage: str, path: Path, tmp: Path) -> None:
-    """Test hook for tests/test_resume.py, which SIGKILLs a run at a known point of a checkpoint write: with
-    AQ_TEST_PAUSE_WRITE=<stage>:<file name>, the write of that file stops at `stage` (mid: the temporary file cut to
-    half its bytes, as a kill during the write leaves it; after: the file renamed into place), drops a
-    <file>.paused marker and sleeps until killed. Unset (always, outside that test) it does nothing."""
-    if os.environ.get(PAUSE_ENV) != f"{stage}:{path.name}":
-        return
-    if stage == "mid":
-        with open(tmp, "r+b") as f:
-            f.truncate(tmp.stat().st_size // 2)
-    path.with_name(path.name + ".paused").touch()
-    while True:
-        time.sleep(1)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary name, then rename: a kill leaves either the old state or the whole new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    _test_pause("mid", path, tmp)
-    os.replace(tmp, path)
-    _test_pause("after", path, tmp)
-
-
-def _atomic_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # one layer
 # ---------------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def _probe_loss(calib: LayerCalib, q_buf, fp_buf, kwargs, idx: list[int], amp, cfg: QuantConfig) -> tuple[float, float]:
+def _probe_loss(calib: LayerCalib, q_buf, fp_buf, kwargs, idx: list[int], amp, cfg: QuantConfig,
+                dev: torch.device) -> tuple[float, float]:
     """(the training loss over the probe segments, the share of plain squared error at position 0), in one batched
     forward (the layer kwargs broadcast over the batch): each transform is inverted once instead of once per segment."""
     calib.refresh()
-    with _autocast(q_buf, amp):
-        out = calib(q_buf[idx], **kwargs)
-    target = fp_buf[idx]
+    with autocast(dev, amp):
+        out = calib(take(q_buf, idx, dev), **kwargs)
+    target = take(fp_buf, idx, dev)
     return layer_loss(out, target, cfg.loss, cfg.sink_weight).item(), position0_share(out, target)
 
 
-def _autocast(t: torch.Tensor, amp: torch.dtype | None):
-    return torch.autocast(t.device.type, dtype=amp or torch.float32, enabled=amp is not None)
-
-
 def _train(calib: LayerCalib, q_buf, fp_buf, kwargs, cfg: QuantConfig, epochs: int, lr_scale: float,
-           gen: torch.Generator, amp, bar_desc: str, progress: bool, log: LayerLog) -> float:
+           gen: torch.Generator, amp, bar_desc: str, progress: bool, log: LayerLog, dev: torch.device,
+           step_capture: str = "off", say=print) -> float:
+    """Train the layer's transforms and clipping for `epochs` epochs (steps run by aq.calib.step.StepRunner: eager or
+    CUDA-graph replays of the same step function); returns the last epoch's mean loss."""
     groups = [{"params": calib.transform_params(), "lr": cfg.lr_transform * lr_scale},
               {"params": calib.clip_params(), "lr": cfg.lr_clip * lr_scale}]
     groups = [g for g in groups if g["params"]]
     if not groups:
         return math.nan
-    dev = q_buf.device
-    opt = torch.optim.AdamW(groups, weight_decay=0.0, **({"fused": True} if dev.type == "cuda" else {}))
+    t0 = time.perf_counter()
+    graphs = step_mod.graphs_for(step_capture, dev)
+    opt = step_mod.make_optimizer(groups, dev, capturable=graphs is not None)
+    acc = step_mod.Accum(dev)
+    runner = step_mod.StepRunner(calib, opt, kwargs, cfg, amp, acc, graphs, strict=step_capture == "graph", say=say)
     N, B = q_buf.shape[0], cfg.batch_size
     epoch_loss = math.nan
     bar = tqdm(range(epochs), desc=bar_desc, leave=False, disable=not progress, dynamic_ncols=True)
-    for epoch in bar:
-        calib.set_epoch(epoch, epochs)
-        # loss and dominance margin stay on the device within an epoch: one host synchronization per epoch
-        total = torch.zeros((), device=dev)
-        margin_min = torch.ones((), dtype=torch.float64, device=dev)
-        for idx in torch.randperm(N, generator=gen).to(dev).split(B):
-            calib.refresh()
-            with _autocast(q_buf, amp):
-                out = calib(q_buf[idx], **kwargs)
-            loss = layer_loss(out, fp_buf[idx], cfg.loss, cfg.sink_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            calib.keep_dominant_()
-            total += loss.detach() * idx.numel()
-            margin_min = torch.minimum(margin_min, calib.margin_tensor())
-            log.steps += 1
-        epoch_loss, margin = total.item() / N, float(margin_min)
-        log.margin_min = min(log.margin_min, margin)
-        if not math.isfinite(epoch_loss):
-            raise _Unstable(f"non-finite loss in epoch {epoch + 1}")
-        if not margin > 0:  # an inverse failed or a transform lost dominance in this epoch (keep_dominant_ prevents it)
-            raise _Unstable(f"a transform was not strictly diagonally dominant in epoch {epoch + 1} "
-                            f"(relative margin {margin:.3e})")
-        bar.set_postfix(loss=f"{epoch_loss:.4g}", band=calib.band)
+    try:
+        for epoch in bar:
+            calib.set_epoch(epoch, epochs)
+            # loss and dominance margin stay on the device within an epoch: one host synchronization per epoch
+            acc.reset()
+            for idx in torch.randperm(N, generator=gen).split(B):
+                runner(take(q_buf, idx, dev), take(fp_buf, idx, dev))
+                log.steps += 1
+            epoch_loss, margin = acc.total.item() / N, float(acc.margin)
+            log.margin_min = min(log.margin_min, margin)
+            if not math.isfinite(epoch_loss):
+                raise _Unstable(f"non-finite loss in epoch {epoch + 1}")
+            if not margin > 0:  # an inverse failed or a transform lost dominance (keep_dominant_ prevents it)
+                raise _Unstable(f"a transform was not strictly diagonally dominant in epoch {epoch + 1} "
+                                f"(relative margin {margin:.3e})")
+            bar.set_postfix(loss=f"{epoch_loss:.4g}", band=calib.band)
+    finally:
+        log.train_seconds += time.perf_counter() - t0
+        log.graph_captures += runner.captures
+        log.graph_replays += runner.replays
     return epoch_loss
 
 
@@ -358,12 +258,13 @@ def _finite_layer(layer: nn.Module) -> bool:
 
 def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Tensor, q_buf: torch.Tensor,
                     kwargs: dict, arch: models.Arch, geo: models.Geometry, cfg: QuantConfig, *,
-                    amp, batch: int, progress: bool, say) -> tuple[nn.Module, LayerLog]:
-    """Train layer i; on return fp_buf holds the FP layer's outputs (the next layer's FP inputs). Returns the merged
-    quantized layer (q_buf is not propagated here) and its log."""
+                    amp, batch: int, progress: bool, say, step_capture: str = "off") -> tuple[nn.Module, LayerLog]:
+    """Train layer i (on fp_layer's device; the streams may be kept elsewhere); on return fp_buf holds the FP layer's
+    outputs (the next layer's FP inputs). Returns the merged quantized layer (q_buf is not propagated here) and its
+    log."""
     t0 = time.time()
     log = LayerLog(index=i)
-    dev = fp_buf.device
+    dev = pipeline.device_of(fp_layer)
     watched, shifts = _watched(fp_layer, arch, geo, cfg)
     stats = _ChannelStats({k: fp_layer.get_submodule(n) for k, n in watched.items()})
     try:
@@ -389,7 +290,8 @@ def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Te
             candidates = {"smoothquant": init, "identity": None}
             if "A_down" in init:  # A_down's SmoothQuant start helps only at layers with massive down_proj inputs
                 candidates["smoothquant, identity down"] = {k: v for k, v in init.items() if k != "A_down"}
-            probed = {k: _probe_loss(build(v), q_buf, fp_buf, kwargs, probe, amp, cfg) for k, v in candidates.items()}
+            probed = {k: _probe_loss(build(v), q_buf, fp_buf, kwargs, probe, amp, cfg, dev)
+                      for k, v in candidates.items()}
             finite = {k: v[0] for k, v in probed.items() if math.isfinite(v[0])}
             if not finite:
                 raise _Unstable("non-finite loss at the initial transforms")
@@ -399,8 +301,8 @@ def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Te
             calib = build(candidates[log.init])
             log.form, log.lr_scale, log.margin_min, log.steps = form, lr_scale, 1.0, 0
             log.loss = _train(calib, q_buf, fp_buf, kwargs, cfg, epochs, lr_scale, gen, amp,
-                              f"layer {i + 1}/{n_layers}", progress, log)
-            log.loss_probe, log.pos0_probe = _probe_loss(calib, q_buf, fp_buf, kwargs, probe, amp, cfg)
+                              f"layer {i + 1}/{n_layers}", progress, log, dev, step_capture, say)
+            log.loss_probe, log.pos0_probe = _probe_loss(calib, q_buf, fp_buf, kwargs, probe, amp, cfg, dev)
             log.offdiag = calib.offdiag_share()
             if cfg.rounding == "gptq":
                 qlayer, qparams = calib.merged_unrounded(fp_layer)
@@ -440,86 +342,58 @@ def run_config(cfg: QuantConfig, model_name: str, n_layers: int, alpha: float, a
 
 def calibrate(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *, ckpt_dir: Path | None = None,
               resume: bool = False, model_name: str = "", amp: torch.dtype | None = None, batch: int = 8,
-              progress: bool = True, say=print) -> dict:
+              progress: bool = True, say=print, device: torch.device | str | None = None, stream: bool | None = None,
+              buffers: str = "auto", step_capture: str = "auto", max_layers: int | None = None) -> dict:
     """Calibrate `model` in place (its decoder layers are replaced by calibrated ones) on token segments [N, T].
+
+    device: where the work runs (default: the model's device); a model kept on the CPU with device "cuda" is streamed
+    one layer at a time (aq.calib.pipeline; stream=True forces the moves). buffers: where the activation streams live
+    ("auto", "device", "cpu": pipeline.plan_buffers). step_capture: "auto" (a CUDA graph per mask structure on CUDA,
+    eager elsewhere), "off", "graph" (required; fails on a CPU). max_layers: calibrate only the first layers (the rest
+    stay FP; for benchmarks).
 
     Returns {"layers": [LayerLog as dict], "alpha_sf", "resumed_layers", "seconds"}."""
     if cfg.mode == "rtn":
         raise ValueError("calibrate() trains omniquant/affinequant; rtn is aq.calib.rtn.quantize_rtn")
+    if step_capture not in step_mod.STEP_CAPTURES:
+        raise ValueError(f"step_capture must be one of {', '.join(step_mod.STEP_CAPTURES)}, got {step_capture!r}")
+    if buffers not in pipeline.BUFFERS:
+        raise ValueError(f"buffers must be one of {', '.join(pipeline.BUFFERS)}, got {buffers!r}")
+    dev = pipeline.resolve_device(device) if device is not None else pipeline.device_of(model)
+    if step_capture == "graph" and dev.type != "cuda":
+        raise ValueError(f"step_capture 'graph' needs a CUDA device, calibration runs on {dev}")
     cfg = cfg.resolve(model)
     check_calibratable(model, cfg)
     checks.check_seqlen(model.config, segments.shape[1], "calibration segment length")
     arch, geo = models.arch_of(model), models.geometry(model)
-    layers = models.decoder_layers(model)
-    L = len(layers)
-    alpha = cfg.alpha_sf  # resolved (0 for omniquant: nothing off the diagonal to scale)
+    L = len(models.decoder_layers(model))
+    alpha = cfg.alpha_sf
+    if cfg.mode == "omniquant":
+        alpha = 0.0  # diagonal transforms only: nothing off the diagonal to scale
     meta = run_config(cfg, model_name, L, alpha, amp)
-    logs: list[dict] = []
-    start = 0
     if ckpt_dir is not None:
         ckpt_dir = Path(ckpt_dir)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        run_json = ckpt_dir / "run.json"
-        if resume and run_json.is_file():
-            saved = json.loads(run_json.read_text())
-            if saved != meta:
-                diff = {k: (saved.get(k), meta[k]) for k in meta if saved.get(k) != meta[k]}
-                raise ValueError(f"cannot resume from {ckpt_dir}: it was made with other settings {diff}")
-        elif not resume and any(ckpt_dir.glob("layer_*.pt")):
-            raise ValueError(f"{ckpt_dir} already holds layer checkpoints: pass --resume to continue that run, "
-                             "or choose another --out")
-        _atomic_json(meta, run_json)
+        pipeline.open_ckpt_dir(ckpt_dir, meta, resume)
     if cfg.abits < 16:
         enable_qkv_quant(model)
     if cfg.rotate != "none":  # deterministic from the seed, so a resumed run rotates the same way
         rotate_residual(model, cfg.rotate, cfg.seed)
 
     t0 = time.time()
-    inps, layer_kwargs = capture(model, segments, batch)
-    fp_buf, q_buf = inps, inps.clone()
-    say(f"calibrating {L} layers: {cfg.mode} {cfg.label}, {segments.shape[0]} x {segments.shape[1]} tokens, "
-        f"{cfg.epochs} epochs, alpha_sf {alpha:g}, norm transform {cfg.norm_form}, loss {cfg.loss}"
-        + (f" (sink weight {cfg.sink_weight:g})" if cfg.loss == "token" and cfg.sink_weight != 1 else "")
-        + (f", {cfg.rotate} rotation" if cfg.rotate != "none" else "")
-        + (f" (block {cfg.norm_block})" if cfg.norm_form == "block" else "")
-        + (f", {str(amp).replace('torch.', '')} autocast" if amp is not None else ""))
+    intro = (f"calibrating {L} layers: {cfg.mode} {cfg.label}, {segments.shape[0]} x {segments.shape[1]} tokens, "
+             f"{cfg.epochs} epochs, alpha_sf {alpha:g}, norm transform {cfg.norm_form}, loss {cfg.loss}"
+             + (f" (sink weight {cfg.sink_weight:g})" if cfg.loss == "token" and cfg.sink_weight != 1 else "")
+             + (f", {cfg.rotate} rotation" if cfg.rotate != "none" else "")
+             + (f" (block {cfg.norm_block})" if cfg.norm_form == "block" else "")
+             + (f", {str(amp).replace('torch.', '')} autocast" if amp is not None else "")
+             + (", CUDA-graph steps" if step_mod.graphs_for(step_capture, dev) is not None else ""))
 
-    for i in range(L):
-        fp_layer = layers[i]
-        path = None if ckpt_dir is None else ckpt_dir / f"layer_{i:03d}.pt"
-        if resume and path is not None and path.is_file() and start == i:
-            saved = torch.load(path, map_location=fp_buf.device, weights_only=False)
-            qlayer = QModelSpec.from_json(saved["spec"]).rebuild(fp_layer, saved["state"])
-            propagate(fp_layer, fp_buf, layer_kwargs[i], batch)
-            log = saved["log"]
-            start = i + 1
-            say(f"layer {i + 1}/{L}: resumed from {path.name}")
-        else:
-            qlayer, ll = calibrate_layer(i, L, fp_layer, fp_buf, q_buf, layer_kwargs[i], arch, geo, cfg,
-                                         amp=amp, batch=batch, progress=progress, say=say)
-            log = asdict(ll)
-            say(ll.line(L))
-            if path is not None:
-                _atomic_save({"spec": QModelSpec.of(qlayer).to_json(), "state": qlayer.state_dict(), "log": log}, path)
-        layers[i] = qlayer
-        propagate(qlayer, q_buf, layer_kwargs[i], batch)
-        logs.append(log)
+    def one(i, fp_layer, fp_buf, q_buf, kwargs):
+        qlayer, ll = calibrate_layer(i, L, fp_layer, fp_buf, q_buf, kwargs, arch, geo, cfg, amp=amp, batch=batch,
+                                     progress=progress, say=say, step_capture=step_capture)
+        return qlayer, asdict(ll), ll.line(L)
+
+    logs, start = pipeline.run_layers(model, segments, one, batch=batch, device=dev, stream=stream, buffers=buffers,
+                                      step_tokens=cfg.batch_size * segments.shape[1], ckpt_dir=ckpt_dir,
+                                      resume=resume, max_layers=max_layers, progress=progress, intro=intro, say=say)
     return {"layers": logs, "alpha_sf": alpha, "resumed_layers": start, "seconds": time.time() - t0}
-
-
-def load_calibrated(model: nn.Module, ckpt_dir: Path) -> nn.Module:
-    """Replace the decoder layers of an FP model by the calibrated ones saved in ckpt_dir (all layers must be there)."""
-    ckpt_dir = Path(ckpt_dir)
-    layers = models.decoder_layers(model)
-    meta = json.loads((ckpt_dir / "run.json").read_text())
-    dev = next(model.parameters()).device
-    for i in range(len(layers)):
-        path = ckpt_dir / f"layer_{i:03d}.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: the calibration in {ckpt_dir} did not finish")
-        saved = torch.load(path, map_location=dev, weights_only=False)
-        layers[i] = QModelSpec.from_json(saved["spec"]).rebuild(layers[i], saved["state"])
-    if meta["config"]["abits"] < 16:
-        enable_qkv_quant(model)
-    return model
-

@@ -15,10 +15,11 @@ from torch import nn
 from aq.kernels import affine as AF
 from aq.kernels.fake_quant import fake_quant_ste
 
-# GEMM path of the affine kernels. "dense" (cuBLAS products + Triton fake-quant) is bitwise deterministic; the band
-# kernels' gradient splits rows over programs that add atomically (run-to-run noise), and at these sizes (d <= 2048,
-# wide bands for most of the schedule) they are not faster (bench/NOTES-calib.md).
-GEMM = "dense"
+# GEMM path of the affine kernels. "deterministic": cuBLAS products + Triton fake-quant, batched over the diagonal
+# blocks of a block-diagonal transform (block:N, per-head A_vo / A_qk), dense for a full one; bitwise deterministic.
+# The band kernels' gradient splits rows over programs that add atomically (run-to-run noise), and at SmolLM2 sizes
+# they are not faster (bench/NOTES-calib.md). A dense product of a block:64 transform at d = 4096 does 64x the work.
+GEMM = "deterministic"
 # Relative dominance margin kept after every optimizer step (Transform.keep_dominant_): the Levy-Desplanques bound
 # then guarantees an inverse whose norm is at most 1 / (MIN_MARGIN * min |a_ii|).
 MIN_MARGIN = 0.05

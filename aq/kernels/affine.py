@@ -172,19 +172,27 @@ def transform_fake_quant_reference(w, A, bits, group_size, band=None, block=None
 # the band is narrow (share (2 band - 1) / d up to ~0.12 at d = 4096) or the products are small (every path is then
 # bound by launches); dense cuBLAS products win above. The blocked products measured slower than dense at every
 # band where the band kernels lose, so they are never chosen automatically (gemm="blocked" still runs them).
-# AQ_AFFINE_GEMM=band|blocked|dense forces a path everywhere.
+# "blocks":  A*M block-diagonal (block < d): batched cuBLAS products over its diagonal blocks only (work block / d of
+#            a dense product; no atomics, so as deterministic as "dense"; the inverse computed and kept as blocks).
+# gemm="deterministic" (what calibration asks for): "blocks" where A*M is block-diagonal, else "dense".
+# AQ_AFFINE_GEMM=band|blocked|dense|blocks forces a path everywhere.
 BAND_SHARE_MAX = float(os.environ.get("AQ_BAND_SHARE_MAX", "0.12"))
 SMALL_WORK = 4e9  # 2 N d span: below this the products cost little and launch count decides
 CHUNK = 512
-_PATHS = ("band", "blocked", "dense")
+_PATHS = ("band", "blocked", "dense", "blocks")
+DETERMINISTIC = "deterministic"
 
 
 def gemm_path(N: int, d: int, band: int, block: int, device: torch.device, gemm: str | None) -> str:
     gemm = gemm or os.environ.get("AQ_AFFINE_GEMM") or None
+    if gemm == DETERMINISTIC:
+        return "blocks" if block < d else "dense"
+    if gemm == "blocks" and block >= d:
+        return "dense"  # one block: the dense product is the block product
     if gemm in _PATHS:
         return gemm
     if gemm is not None:
-        raise ValueError(f"gemm must be one of {_PATHS} or None, got {gemm!r}")
+        raise ValueError(f"gemm must be one of {_PATHS + (DETERMINISTIC,)} or None, got {gemm!r}")
     if device.type != "cuda":
         return "band"  # the interpreter: tests run the kernels
     span = min(2 * band - 1, block, d)
@@ -268,7 +276,7 @@ def _blocked_gtx(g: torch.Tensor, x: torch.Tensor, band: int, M: torch.Tensor, C
     return out.mul_(M)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)  # the few masks of a step stay cached (a captured CUDA graph must not rebuild one)
 def _mask_cached(d: int, band: int, block: int, alpha: float, device: str) -> torch.Tensor:
     return affine_mask(d, band, block, alpha, device=device)
 
@@ -294,6 +302,98 @@ def _dense_mm(a: torch.Tensor, b: torch.Tensor, dm: int) -> torch.Tensor:
     return torch.matmul(a, b)
 
 
+def _diag_blocks(m: torch.Tensor, b: int) -> torch.Tensor:
+    """The diagonal b x b blocks of a [d, d] matrix as a [d // b, b, b] view (block j: rows and columns j*b..; a copy
+    for a non-contiguous matrix such as A.T)."""
+    nb = m.shape[0] // b
+    m = m if m.is_contiguous() else m.contiguous()
+    return m.view(nb, b, nb, b).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def _block_mask(block: int, band: int, alpha: float, device) -> torch.Tensor:
+    """The mask inside one diagonal block, [block, block] (the same for every block); broadcasts over [nb, b, b]."""
+    return _mask(block, band, block, alpha, device)
+
+
+def _from_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """The block-diagonal [d, d] float32 matrix with these [nb, b, b] blocks (zeros elsewhere)."""
+    nb, b, _ = blocks.shape
+    out = torch.zeros((nb * b, nb * b), dtype=torch.float32, device=blocks.device)
+    _diag_blocks(out, b).copy_(blocks)
+    return out
+
+
+def _by_blocks(x: torch.Tensor, blocks: torch.Tensor, dm: int) -> torch.Tensor:
+    """x @ block_diag(blocks) (fp32 [R, d]) for x [R, d], blocks [nb, b, b]: one batched product."""
+    R, d = x.shape
+    nb, b, _ = blocks.shape
+    t = _torch_dtype(dm, torch.float32)
+    xb = x.to(t).view(R, nb, b).transpose(0, 1)          # [nb, R, b]
+    return _mm32(xb, blocks.to(t)).transpose(0, 1).reshape(R, d)
+
+
+def _blocks_grad(p: torch.Tensor, q: torch.Tensor, block_mask: torch.Tensor, dm: int) -> torch.Tensor:
+    """(p^T q) * M on the diagonal blocks only, as a [d, d] float32 matrix (zeros off the blocks); p, q [R, d];
+    block_mask: the [b, b] mask inside every block."""
+    R, d = p.shape
+    b = block_mask.shape[-1]
+    nb = d // b
+    t = _torch_dtype(dm, torch.float32)
+    pb = p.to(t).view(R, nb, b).permute(1, 2, 0)          # [nb, b, R]
+    qb = q.to(t).view(R, nb, b).transpose(0, 1)           # [nb, R, b]
+    return _from_blocks(_mm32(pb, qb).mul_(block_mask))
+
+
+def _margin_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """_margin_tensor of the block-diagonal matrix with these blocks (the same rows, off-block entries being 0)."""
+    a = blocks.detach().double().abs()
+    diag = a.diagonal(dim1=1, dim2=2)
+    rel = (diag - (a.sum(2) - diag)) / diag
+    rel = torch.where(diag > 0, rel, torch.full_like(rel, float("-inf")))
+    return rel.min()
+
+
+NS_ITERS = 16  # Newton-Schulz steps: the residual squares each step, from (1 - margin): 0.95^(2^16) ~ 1e-1459
+
+
+def newton_schulz_inverse(a: torch.Tensor, iters: int = NS_ITERS) -> torch.Tensor:
+    """Inverses of strictly (row) diagonally dominant matrices a [..., b, b] by Newton-Schulz from X0 = diag(a)^-1:
+    X <- (2I - X a) X, so I - X a squares each step and starts at ||I - X0 a||_inf = 1 - margin < 1. Plain batched
+    products (no LU, no pivoting, no host synchronization: safe inside a CUDA graph, unlike a batched LU that some
+    backends run through MAGMA). Converged to float64 rounding for margins down to ~1e-3 at NS_ITERS; a
+    non-dominant input may not converge (the caller's margin check reports it)."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    x = torch.diag_embed(1.0 / a.diagonal(dim1=-2, dim2=-1))
+    for _ in range(iters):
+        x = (2 * eye - x @ a) @ x
+    return x
+
+
+def inverse_blocks(A_masked_blocks: torch.Tensor, name: str = "", check: bool = True):
+    """(inverses of the diagonal blocks [nb, b, b] of a block-diagonal transform, computed in float64 and returned in
+    the blocks' dtype; dominance margin). check: raise (naming `name`) on a non-dominant or singular transform and
+    return the margin as a float (LU inverse); else no host synchronization, the margin a 0-dim tensor (-inf when the
+    inversion failed), as inverse_with_margin, and the inverse by Newton-Schulz (the training step: capturable)."""
+    margin = _margin_blocks(A_masked_blocks)
+    a64 = A_masked_blocks.detach().double()
+    if check:
+        inv, info = torch.linalg.inv_ex(a64)
+        bad = ~torch.isfinite(inv).all() | (info != 0).any()
+    else:
+        inv = newton_schulz_inverse(a64)
+        bad = ~torch.isfinite(inv).all()
+    if check:
+        label = name or "affine transform"
+        m = float(margin)
+        if not m > 0:
+            raise ValueError(f"{label}: transform is not strictly diagonally dominant (relative margin {m:.3e}); "
+                             "it may be singular: lower the learning rate or grow the mask band more slowly")
+        if bool(bad):
+            raise ValueError(f"{label}: transform is singular (dominance margin {m:.3e})")
+        return inv.to(A_masked_blocks.dtype), m
+    return inv.to(A_masked_blocks.dtype), torch.where(bad, torch.full_like(margin, float("-inf")), margin)
+
+
 _FUSE_GROUPS = (16, 32, 64, 128, 256)
 
 
@@ -311,6 +411,9 @@ class _MaskedWeight(torch.autograd.Function):
         dm = dot_mode_for(w.dtype, w.device)
         if path == "band":
             out = band_mm(w, A, band, block, alpha, out_dtype=w.dtype, dot_mode=dm)
+        elif path == "blocks":
+            Mb = _block_mask(block, band, alpha, A.device)
+            out = _by_blocks(w, (_diag_blocks(A, block) * Mb).transpose(1, 2), dm).to(w.dtype)
         else:
             out = _dense_mm(w, (A * _mask(d, band, block, alpha, A.device)).T, dm).to(w.dtype)
         ctx.save_for_backward(w, A)
@@ -326,6 +429,12 @@ class _MaskedWeight(torch.autograd.Function):
         gw = gA = None
         if path == "band":
             gw, gA = _band_grads(gy, w, A, band, block, alpha, dm, ctx.needs_input_grad)
+        elif path == "blocks":
+            Mb = _block_mask(block, band, alpha, A.device)
+            if ctx.needs_input_grad[0]:
+                gw = _by_blocks(gy, _diag_blocks(A, block) * Mb, dm).to(w.dtype)
+            if ctx.needs_input_grad[1]:
+                gA = _blocks_grad(gy, w, Mb, dm)
         else:
             M = _mask(d, band, block, alpha, A.device)
             if ctx.needs_input_grad[0]:
@@ -352,6 +461,9 @@ class _TransformFakeQuant(torch.autograd.Function):
         else:
             if path == "band":
                 wt = band_mm(w, A, band, block, alpha, out_dtype=torch.float32, dot_mode=dm)
+            elif path == "blocks":  # Am: the masked diagonal blocks [nb, b, b]
+                Am = _diag_blocks(A, block) * _block_mask(block, band, alpha, A.device)
+                wt = _by_blocks(w, Am.transpose(1, 2), dm)
             else:
                 t = _torch_dtype(dm, torch.float32)
                 Am = (A * _mask(d, band, block, alpha, A.device)).to(t)
@@ -376,6 +488,11 @@ class _TransformFakeQuant(torch.autograd.Function):
         gw = gA = None
         if path == "band":
             gw, gA = _band_grads(gwt, w, A, band, block, alpha, dm, ctx.needs_input_grad)
+        elif path == "blocks":
+            if ctx.needs_input_grad[0]:
+                gw = _by_blocks(gwt, Am, dm).to(w.dtype)
+            if ctx.needs_input_grad[1]:
+                gA = _blocks_grad(gwt, w, _block_mask(block, band, alpha, A.device), dm)
         else:
             M = _mask(d, band, block, alpha, A.device)
             wd = w.to(t)
@@ -404,7 +521,9 @@ class _MaskedInverseAct(torch.autograd.Function):
         dm = dot_mode_for(x.dtype, x.device)
         inv_band = 1 if band == 1 else d  # the inverse of a banded matrix is dense (inside its blocks)
         structured = path == "band" and (inv_band < d or block < d)
-        if structured:
+        if path == "blocks":  # inv: the inverses of the diagonal blocks [nb, b, b]
+            y = _by_blocks(x, inv, dm).to(x.dtype)
+        elif structured:
             y = band_mm(x, inv, inv_band, block, 1.0, transpose_b=True, apply_mask=False, out_dtype=x.dtype,
                         dot_mode=dm)
         else:
@@ -419,7 +538,9 @@ class _MaskedInverseAct(torch.autograd.Function):
         band, block, alpha, path, dm, inv_band, structured = ctx.cfg
         d = y.shape[-1]
         gy = gy.contiguous()
-        if structured:
+        if path == "blocks":
+            gx = _by_blocks(gy, inv.transpose(1, 2), dm)
+        elif structured:
             gx = band_mm(gy, inv, inv_band, block, 1.0, apply_mask=False, out_dtype=torch.float32, dot_mode=dm)
         else:
             gx = _dense_mm(gy, inv.T, dm).float()
@@ -427,6 +548,8 @@ class _MaskedInverseAct(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             if path == "band":
                 gA = band_grad(y, gx, band, block, alpha, scale=-1.0, dot_mode=dm)
+            elif path == "blocks":
+                gA = _blocks_grad(y, gx, _block_mask(block, band, alpha, y.device), dm).neg_()
             else:
                 gA = -(_dense_mm(y.T, gx, dm).float() * _mask(d, band, block, alpha, y.device))
         gx = gx.to(y.dtype) if ctx.needs_input_grad[0] else None
@@ -446,8 +569,9 @@ def masked_weight(w: torch.Tensor, A: torch.Tensor, band: int | None = None, blo
                   alpha: float = 1.0, gemm: str | None = None) -> torch.Tensor:
     """w @ (A*M)^T for a weight w [N, d]; differentiable w.r.t. w and A. Output in w's dtype.
 
-    gemm: None (choose), "band" (Triton band kernels) or "dense" (cuBLAS products) on the Triton backend
-    ("blocked" runs as "dense" here)."""
+    gemm: None (choose), "band" (Triton band kernels), "dense" (cuBLAS products), "blocks" (batched cuBLAS products
+    over the diagonal blocks) or "deterministic" (blocks or dense by the structure) on the Triton backend ("blocked"
+    runs as "dense" here)."""
     d = w.shape[-1]
     _check_square(A, d, "masked_weight")
     bnd, blk = norm_structure(d, band, block)
@@ -478,9 +602,13 @@ def masked_inverse_act(x: torch.Tensor, A: torch.Tensor, band: int | None = None
         return y
     path = gemm_path(x.numel() // d, d, bnd, blk, x.device, gemm)
     path = "dense" if path == "blocked" else path
-    Am = A.detach() * _mask(d, bnd, blk, alpha, A.device)
-    structure = (blk if blk < d else None, bnd)
-    inv, margin = checked_inverse(Am, name, *structure) if check else inverse_with_margin(Am, *structure)
+    if path == "blocks":  # only the diagonal blocks are masked, checked and inverted
+        Amb = _diag_blocks(A.detach(), blk) * _block_mask(blk, bnd, alpha, A.device)
+        inv, margin = inverse_blocks(Amb, name, check)
+    else:
+        Am = A.detach() * _mask(d, bnd, blk, alpha, A.device)
+        structure = (blk if blk < d else None, bnd)
+        inv, margin = checked_inverse(Am, name, *structure) if check else inverse_with_margin(Am, *structure)
     y = _MaskedInverseAct.apply(_rows(x), A, inv, bnd, blk, float(alpha), path).reshape(x.shape)
     return (y, margin) if return_margin else y
 
