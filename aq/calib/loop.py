@@ -343,7 +343,7 @@ def run_config(cfg: QuantConfig, model_name: str, n_layers: int, alpha: float, a
 def calibrate(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *, ckpt_dir: Path | None = None,
               resume: bool = False, model_name: str = "", amp: torch.dtype | None = None, batch: int = 8,
               progress: bool = True, say=print, device: torch.device | str | None = None, stream: bool | None = None,
-              buffers: str = "auto", step_capture: str = "auto", max_layers: int | None = None) -> dict:
+              buffers: str = "auto", step_capture: str = "off", max_layers: int | None = None) -> dict:
     """Calibrate `model` in place (its decoder layers are replaced by calibrated ones) on token segments [N, T].
 
     device: where the work runs (default: the model's device); a model kept on the CPU with device "cuda" is streamed
