@@ -9,7 +9,10 @@ What is replaced
   - ``W4A16Linear`` when its abits >= 16: the codes are packed once (aq.kernels.w4a16 layout, scales and zeros in the
     compute dtype) and every call runs the fused dequantize-matmul ``w4a16_linear``;
   - ``W4A4Linear`` when abits < 16 (per-channel weights, wbits <= 4, abits <= 7): the weight codes are packed two per
-    byte and every call runs per-token activation quantization then the int8 tensor-core GEMM ``w4a4_matmul``.
+    byte and every call runs per-token activation quantization then the int8 tensor-core GEMM ``w4a4_matmul``;
+  - ``W8A8Linear`` for every other weight-activation setting (W8A8, W6A6, W4A8, groups along K, ...): codes of up to
+    8 bits in int8 containers (aq.kernels.w8a8), the same activation quantization with signed codes, an int8 GEMM.
+  ``kernel_for`` is the one place that makes this choice (KERNELS says what each serves).
   With a QuantConfig, plain ``nn.Linear`` modules (all but lm_head) are quantized round-to-nearest with exactly the
   qparams ``quantize_rtn`` would choose, so ``patch_model(m, cfg)`` equals ``patch_model(quantize_rtn(m, cfg))``.
 - lm_head and the token embedding stay as they are unless ``lm_head=True`` / ``embeddings=True`` (then they are
@@ -20,8 +23,9 @@ What is replaced
     transform in one Triton kernel (aq.kernels.norm), no dense d x d matmul; a full matrix stays a dense matmul
     (TRANSFORM_FORMS states each form's cost);
   - a weight-activation model (with ``fuse_norm=True``, the default) gets a ``DeferredNorm`` that returns its input
-    untouched: the consuming W4A4Linear modules quantize the raw residual stream with the norm (and its diagonal or
-    block-diagonal transform) fused into the quantization kernel, once per input (q, k and v share the codes).
+    untouched: the consuming W4A4Linear / W8A8Linear modules quantize the raw residual stream with the norm (and its
+    diagonal or block-diagonal transform) fused into the quantization kernel, once per input (q, k and v share the
+    codes).
 Runs on CPU (torch reference path, or interpreted Triton under TRITON_INTERPRET=1) and on CUDA (compiled Triton), and
 works with ``model.generate``. The patched modules keep their tensors as buffers, so ``model.to(device)`` moves them.
 """
@@ -38,6 +42,7 @@ from aq.calib.rtn import FakeQuantLinear
 from aq.config import QuantConfig
 from aq.kernels import w4a4 as k4a4
 from aq.kernels import w4a16 as k4a16
+from aq.kernels import w8a8 as k8a8
 from aq.kernels.norm import apply_transform, norm_transform
 
 HALF = (torch.float16, torch.bfloat16)
@@ -209,7 +214,7 @@ class DeferredNorm(_NormCopy):
     def __init__(self, norm: nn.Module, transform: torch.Tensor | None = None):
         super().__init__(norm, transform)
         self._share = _SharedResult()  # the codes of one input, handed to each consumer once
-        self.consumers = 0  # set by W4A4Linear.attach_norm
+        self.consumers = 0  # set by the consumers' attach_norm
 
     def forward(self, x):
         return x
@@ -220,35 +225,27 @@ class DeferredNorm(_NormCopy):
                            self.eps, None)
         return y if self.transform is None else apply_transform(y, self.transform)
 
-    def quantized(self, x, bits: int, symmetric: bool = False, reader: object = None) -> k4a4.QuantizedActivation:
-        return self._share.get(x, (bits, symmetric), reader, self.consumers, lambda: k4a4.quantize_activation(
+    def quantized(self, x, bits: int, symmetric: bool = False, reader: object = None,
+                  signed: bool = False) -> k4a4.QuantizedActivation:
+        return self._share.get(x, (bits, symmetric, signed), reader, self.consumers, lambda: k4a4.quantize_activation(
             x, bits, symmetric, norm=self.kind, norm_weight=self.weight, norm_bias=self.bias, norm_eps=self.eps,
-            transform=self.transform))
+            transform=self.transform, signed=signed))
 
     def extra_repr(self):
         t = "" if self.transform is None else f", transform={transform_form(self.transform)}"
-        return f"{self.kind}, K={self.weight.shape[0]}, eps={self.eps}{t} (fused into the next W4A4 quantization)"
+        return f"{self.kind}, K={self.weight.shape[0]}, eps={self.eps}{t} (fused into the next activation quantization)"
 
 
-class W4A4Linear(nn.Module):
-    """y = dequant(quant_a(x)) · dequant(Wq)ᵀ + b with integer math: per-token activation quantization (fused with the
-    norm before it when ``norm_site`` is set) and the int8 tensor-core GEMM of aq.kernels.w4a4."""
+class _ActQuantLinear(nn.Module):
+    """What the integer-GEMM linears share: per-token activation quantization of their input, fused with the norm
+    before it once a DeferredNorm is attached. SIGNED: codes shifted to signed int8 containers (aq.kernels.w8a8)."""
+    SIGNED = False
 
-    def __init__(self, weight: k4a4.W4A4Weight, bias: torch.Tensor | None, abits: int, a_symmetric: bool = False):
+    def __init__(self, bias: torch.Tensor | None, abits: int, a_symmetric: bool):
         super().__init__()
-        self.in_features, self.out_features = weight.K, weight.N
-        self.wbits, self.abits, self.w_symmetric, self.a_symmetric = weight.bits, abits, weight.symmetric, a_symmetric
-        self.register_buffer("packed", weight.packed)
-        self.register_buffer("w_scale", weight.scale)
-        self.register_buffer("w_zero", weight.zero)
-        self.register_buffer("w_code_sum", weight.code_sum)
+        self.abits, self.a_symmetric = abits, a_symmetric
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._norm_site: list[DeferredNorm] = []  # a plain list: the site is registered where the norm was
-
-    @property
-    def weight_packed(self) -> k4a4.W4A4Weight:
-        return k4a4.W4A4Weight(self.packed, self.w_scale, self.w_zero, self.w_code_sum, self.out_features,
-                               self.in_features, self.wbits, self.w_symmetric)
 
     def attach_norm(self, site: DeferredNorm) -> None:
         if self._norm_site:
@@ -256,18 +253,67 @@ class W4A4Linear(nn.Module):
         self._norm_site[:] = [site]
         site.consumers += 1
 
-    def forward(self, x):
+    def quantized_input(self, x) -> k4a4.QuantizedActivation:
         if self._norm_site:
-            a = self._norm_site[0].quantized(x, self.abits, self.a_symmetric, reader=id(self))
-        else:
-            a = k4a4.quantize_activation(x, self.abits, self.a_symmetric)
-        bias = None if self.bias is None else self.bias.to(x.dtype if x.dtype in HALF else torch.float32)
-        return k4a4.w4a4_matmul(a, self.weight_packed, bias, out_dtype=x.dtype)
+            return self._norm_site[0].quantized(x, self.abits, self.a_symmetric, reader=id(self), signed=self.SIGNED)
+        return k4a4.quantize_activation(x, self.abits, self.a_symmetric, signed=self.SIGNED)
+
+    def bias_for(self, x):
+        return None if self.bias is None else self.bias.to(x.dtype if x.dtype in HALF else torch.float32)
 
     def extra_repr(self):
         fused = ", norm fused" if self._norm_site else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, wbits={self.wbits}, " \
                f"abits={self.abits}{fused}"
+
+
+class W4A4Linear(_ActQuantLinear):
+    """y = dequant(quant_a(x)) · dequant(Wq)ᵀ + b with integer math: per-token activation quantization (fused with the
+    norm before it when ``norm_site`` is set) and the int8 tensor-core GEMM of aq.kernels.w4a4."""
+
+    def __init__(self, weight: k4a4.W4A4Weight, bias: torch.Tensor | None, abits: int, a_symmetric: bool = False):
+        super().__init__(bias, abits, a_symmetric)
+        self.in_features, self.out_features = weight.K, weight.N
+        self.wbits, self.w_symmetric = weight.bits, weight.symmetric
+        self.register_buffer("packed", weight.packed)
+        self.register_buffer("w_scale", weight.scale)
+        self.register_buffer("w_zero", weight.zero)
+        self.register_buffer("w_code_sum", weight.code_sum)
+
+    @property
+    def weight_packed(self) -> k4a4.W4A4Weight:
+        return k4a4.W4A4Weight(self.packed, self.w_scale, self.w_zero, self.w_code_sum, self.out_features,
+                               self.in_features, self.wbits, self.w_symmetric)
+
+    def forward(self, x):
+        return k4a4.w4a4_matmul(self.quantized_input(x), self.weight_packed, self.bias_for(x), out_dtype=x.dtype)
+
+
+class W8A8Linear(_ActQuantLinear):
+    """The int8-container form of W4A4Linear (aq.kernels.w8a8): weight codes of up to 8 bits per output channel or
+    per group, signed per-token activation codes of up to 8 bits, an int8 x int8 -> int32 GEMM."""
+    SIGNED = True
+
+    def __init__(self, weight: k8a8.W8A8Weight, bias: torch.Tensor | None, abits: int, a_symmetric: bool = False):
+        super().__init__(bias, abits, a_symmetric)
+        self.in_features, self.out_features = weight.K, weight.N
+        self.wbits, self.group_size = weight.bits, weight.group_size
+        self.register_buffer("codes", weight.codes)
+        self.register_buffer("w_scale", weight.scale)
+        self.register_buffer("w_zero", weight.zero)
+        self.register_buffer("w_code_sum", weight.code_sum)
+
+    @property
+    def weight_packed(self) -> k8a8.W8A8Weight:
+        return k8a8.W8A8Weight(self.codes, self.w_scale, self.w_zero, self.w_code_sum, self.out_features,
+                               self.in_features, self.wbits, self.group_size)
+
+    def forward(self, x):
+        return k8a8.w8a8_matmul(self.quantized_input(x), self.weight_packed, self.bias_for(x), out_dtype=x.dtype)
+
+    def extra_repr(self):
+        g = "" if self.group_size == self.in_features else f", group={self.group_size}"
+        return super().extra_repr() + g
 
 
 class FusedNorm(_NormCopy):
@@ -347,12 +393,12 @@ class ProjectionSlice(nn.Module):
 
 
 def _concat(mods: list[nn.Module]) -> nn.Module | None:
-    """One module computing the concatenated outputs of `mods` (all W4A16Linear or all W4A4Linear on the same input
-    with the same settings), or None when they cannot be joined."""
+    """One module computing the concatenated outputs of `mods` (all W4A16Linear, all W4A4Linear or all W8A8Linear on
+    the same input with the same settings), or None when they cannot be joined."""
     first = mods[0]
     if any(type(m) is not type(first) or m.in_features != first.in_features for m in mods):
         return None
-    dev = first.qweight.device if isinstance(first, W4A16Linear) else first.packed.device
+    dev = next(first.buffers()).device
     biases = [m.bias if m.bias is not None else None for m in mods]
     bias = None
     if any(b is not None for b in biases):
@@ -367,17 +413,25 @@ def _concat(mods: list[nn.Module]) -> nn.Module | None:
                                torch.cat([m.zeros for m in mods], 1), first.bits, first.group_size, N,
                                first.in_features)
         return W4A16Linear(p, bias).to(dev)
-    if isinstance(first, W4A4Linear):
-        if any((m.wbits, m.abits, m.w_symmetric, m.a_symmetric) != (first.wbits, first.abits, first.w_symmetric,
-                                                                     first.a_symmetric) for m in mods):
+    if isinstance(first, (W4A4Linear, W8A8Linear)):
+        w4 = isinstance(first, W4A4Linear)
+        same = ("wbits", "abits", "a_symmetric") + (("w_symmetric",) if w4 else ("group_size",))
+        if any(any(getattr(m, a) != getattr(first, a) for a in same) for m in mods):
             return None
         sites = {id(m._norm_site[0]) if m._norm_site else None for m in mods}
         if len(sites) != 1:
             return None
-        w = k4a4.W4A4Weight(torch.cat([m.packed for m in mods]), torch.cat([m.w_scale for m in mods]),
-                            torch.cat([m.w_zero for m in mods]), torch.cat([m.w_code_sum for m in mods]),
-                            sum(m.out_features for m in mods), first.in_features, first.wbits, first.w_symmetric)
-        out = W4A4Linear(w, bias, first.abits, first.a_symmetric)
+        N = sum(m.out_features for m in mods)
+        if w4:
+            w = k4a4.W4A4Weight(torch.cat([m.packed for m in mods]), torch.cat([m.w_scale for m in mods]),
+                                torch.cat([m.w_zero for m in mods]), torch.cat([m.w_code_sum for m in mods]),
+                                N, first.in_features, first.wbits, first.w_symmetric)
+            out = W4A4Linear(w, bias, first.abits, first.a_symmetric)
+        else:  # qparams are [groups, N]: joined along N
+            w = k8a8.W8A8Weight(torch.cat([m.codes for m in mods]), torch.cat([m.w_scale for m in mods], 1),
+                                torch.cat([m.w_zero for m in mods], 1), torch.cat([m.w_code_sum for m in mods], 1),
+                                N, first.in_features, first.wbits, first.group_size)
+            out = W8A8Linear(w, bias, first.abits, first.a_symmetric)
         if first._norm_site:
             site = first._norm_site[0]
             for m in mods:  # the fused module replaces them as the site's consumer
@@ -394,6 +448,25 @@ def _rtn_codes(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bo
     return primitives.quantize(w, scale, zero, bits, group_size), scale, zero
 
 
+# What serves each quantized linear (kernel_for decides; every setting aq calibrates has one)
+KERNELS = {
+    "w4a16": "weight-only (abits 16), 2..8-bit codes per group or per channel: W4A16Linear, fused dequantize-matmul "
+             "(2-bit codes in 2-bit slots, 3..4 in 4-bit, 5..8 in bytes)",
+    "w4a4": "per-channel weights of <= 4 bits with activations of <= 7 bits: W4A4Linear, two codes per byte, int8 GEMM",
+    "w8a8": "every other weight-activation setting (W8A8, W6A6, W4A8, weight groups, ...): W8A8Linear, codes of up to "
+            "8 bits in int8 containers, int8 GEMM",
+}
+
+
+def kernel_for(wbits: int, abits: int, group_size: int | None, K: int) -> str:
+    """The one dispatch by setting: the KERNELS entry that serves a linear of these bits, group size and input width."""
+    if abits >= 16:
+        return "w4a16"
+    if wbits <= 4 and abits <= 7 and primitives.check_group_size(K, group_size) == K:
+        return "w4a4"
+    return "w8a8"
+
+
 def _quantized_linear(src: nn.Module, cfg: QuantConfig | None, dtype: torch.dtype, name: str) -> nn.Module:
     """The patched module for a FakeQuantLinear (its own codes) or a plain nn.Linear (RTN with cfg)."""
     if isinstance(src, FakeQuantLinear):
@@ -404,17 +477,16 @@ def _quantized_linear(src: nn.Module, cfg: QuantConfig | None, dtype: torch.dtyp
         wbits, group, abits, symmetric = cfg.wbits, cfg.group_size, cfg.abits, cfg.symmetric
         codes, scale, zero = _rtn_codes(src.weight.detach(), wbits, group, symmetric)
     bias = None if src.bias is None else src.bias.detach()
-    if abits >= 16:
-        return W4A16Linear.from_codes(codes, scale, zero, wbits, group, bias, dtype)
-    K = codes.shape[1]
-    if primitives.check_group_size(K, group) != K:
-        raise ValueError(f"{name}: the W4A4 kernel takes per-channel weights, this layer has groups of {group}")
-    if wbits > 4 or abits > 7:
-        raise ValueError(f"{name}: W{wbits}A{abits} has no kernel (weights <= 4 bits, activations <= 7 bits); "
-                         "evaluate the fake-quantized model instead")
-    w = primitives.dequantize(codes, scale, zero, None, torch.float32)  # exact: the packer recovers the same codes
-    packed = k4a4.pack_w4a4_weight(w, wbits, symmetric, scale=scale[:, 0], zero=zero[:, 0])
-    return W4A4Linear(packed, bias, abits)
+    kind = kernel_for(wbits, abits, group, codes.shape[1])
+    try:
+        if kind == "w4a16":
+            return W4A16Linear.from_codes(codes, scale, zero, wbits, group, bias, dtype)
+        if kind == "w8a8":
+            return W8A8Linear(k8a8.pack_w8a8_codes(codes, scale, zero, wbits, group), bias, abits)
+        w = primitives.dequantize(codes, scale, zero, None, torch.float32)  # exact: the packer recovers the codes
+        return W4A4Linear(k4a4.pack_w4a4_weight(w, wbits, symmetric, scale=scale[:, 0], zero=zero[:, 0]), bias, abits)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -455,7 +527,7 @@ def patch_model(model: nn.Module, cfg: QuantConfig | None = None, *, lm_head: bo
     """Replace the quantized linears (and norms, see the module doc) of `model` in place by kernel-backed modules.
 
     cfg: needed only to quantize plain nn.Linear modules (round-to-nearest) and lm_head / embeddings; a calibrated
-    model's FakeQuantLinear modules carry their own settings. fuse_norm: fold the norms feeding W4A4 linears into
+    model's FakeQuantLinear modules carry their own settings. fuse_norm: fold the norms feeding W4A4 / W8A8 linears into
     their activation quantization. norm_kernel: every other decoder norm (and the final norm) runs aq's one-kernel
     norm (aq.kernels.norm) instead of the framework's composite one. fuse_projections: q/k/v (and gate/up) run as one
     kernel call on concatenated weights. dtype: storage dtype of scales / compute dtype of the W4A16 kernel (fp16 or
@@ -491,7 +563,7 @@ def patch_model(model: nn.Module, cfg: QuantConfig | None = None, *, lm_head: bo
         if form == "blockdiag" and (h < 16 or h & (h - 1)):
             warnings.warn(f"{site}: block-diagonal blocks of {h} (not a power of two >= 16) have no fused kernel; "
                           "the transform stays a separate einsum after the norm")
-        elif all(isinstance(c, W4A4Linear) for c in cons) and fuse_norm and form != "full":
+        elif all(isinstance(c, _ActQuantLinear) for c in cons) and fuse_norm and form != "full":
             d = DeferredNorm(norm, t).to(norm.weight.device)
             _set(model, site, d)
             for c in cons:
@@ -551,8 +623,8 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
 
 def patched_summary(model: nn.Module) -> dict[str, int]:
     """Counts of the patched module types in a model (for logs and tests)."""
-    kinds = (W4A16Linear, W4A4Linear, FusedNorm, DeferredNorm, QuantEmbedding, FakeQuantLinear, TransformedNorm,
-             FusedProjections, ProjectionSlice)
+    kinds = (W4A16Linear, W4A4Linear, W8A8Linear, FusedNorm, DeferredNorm, QuantEmbedding, FakeQuantLinear,
+             TransformedNorm, FusedProjections, ProjectionSlice)
     out = {k.__name__: 0 for k in kinds}
     for m in model.modules():
         for k in kinds:

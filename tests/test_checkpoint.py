@@ -7,7 +7,7 @@ from aq.calib.rtn import FakeQuantLinear, quantize_rtn
 from aq.checkpoint import (CheckpointError, MANIFEST, TENSORS, load_checkpoint, pack_codes, read_manifest,
                            save_checkpoint, unpack_codes)
 from aq.config import QuantConfig
-from aq.patch import TransformedNorm, W4A4Linear, patched_summary
+from aq.patch import TransformedNorm, W4A4Linear, W8A8Linear, patched_summary
 from tests.conftest import make_tokenizer, tiny_llama, tiny_opt
 
 IDS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -76,6 +76,16 @@ def test_load_into_a_given_model_and_patched(tmp_path):
     assert m is into and torch.equal(logits(fq), logits(m))
     pm = load_checkpoint(tmp_path / "ck", patch=True)
     assert patched_summary(pm)["W4A4Linear"] == 8 and isinstance(pm.model.layers[0].mlp.down_proj, W4A4Linear)
+    ref = logits(fq)
+    assert ((logits(pm) - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_a_w6a6_checkpoint_loads_patched(tmp_path):
+    cfg = QuantConfig(wbits=6, abits=6, group_size=None, mode="rtn")
+    fq = quantize_rtn(tiny_llama(), cfg)
+    save_checkpoint(fq, cfg, tmp_path / "ck")
+    pm = load_checkpoint(tmp_path / "ck", patch=True)
+    assert patched_summary(pm)["W8A8Linear"] == 8 and isinstance(pm.model.layers[0].mlp.down_proj, W8A8Linear)
     ref = logits(fq)
     assert ((logits(pm) - ref).norm() / ref.norm()) < 1e-5
 

@@ -18,7 +18,9 @@ Public API
   [K // h, h, h]: ``y[:, b*h:(b+1)*h] @ transform[b]``; h a power of two >= 16). Without a block-diagonal transform
   it is one kernel and the normalized row never goes to memory; a block-diagonal transform takes two kernels (the
   products, block-parallel, through a float32 buffer, then the norm and quantization). Rows longer than 16384 go
-  through a chunked kernel. bits 2..7 (codes must fit an int8 operand).
+  through a chunked kernel. bits 2..7 (codes must fit an int8 operand); with ``signed=True`` bits 2..8 and the
+  codes, zero point and code sum are stored shifted by -2^(bits-1) (int8 containers of aq.kernels.w8a8: q - z and
+  the dequantized values are unchanged).
 - ``w4a4_matmul(a: QuantizedActivation, weight: W4A4Weight, bias=None, out_dtype=torch.float16) -> y [..., N]``
   y = ((qa - za) sa) ((qw - zw) sw)^T + bias. ``out_dtype=torch.int32`` returns the exact integer sum_k (qa-za)(qw-zw).
 - ``w4a4_linear(x, weight, bias=None, *, abits=4, a_symmetric=False, norm=..., transform=..., out_dtype=None)``:
@@ -134,9 +136,9 @@ def _check_wbits(bits):
     return bits
 
 
-def _check_abits(bits):
+def _check_abits(bits, signed=False):
     primitives.check_bits(bits, "abits")
-    if bits > 7:
+    if bits > 7 and not signed:
         raise ValueError(f"activation codes must fit a signed int8 operand (<= 7 bits), got bits={bits}")
     return bits
 
@@ -207,19 +209,24 @@ def _normed_reference(x, norm, norm_weight, norm_bias, norm_eps, transform):
 
 
 def quantize_activation_reference(x, bits=4, symmetric=False, norm=None, norm_weight=None, norm_bias=None,
-                                  norm_eps=1e-6, transform=None) -> QuantizedActivation:
+                                  norm_eps=1e-6, transform=None, signed=False) -> QuantizedActivation:
     """Plain-torch reference of quantize_activation (aq.primitives on the float32 normalized, transformed row)."""
-    _check_act_args(x, bits, norm, norm_weight, norm_bias, transform)
+    _check_act_args(x, bits, norm, norm_weight, norm_bias, transform, signed)
     y = _normed_reference(x, norm, norm_weight, norm_bias, norm_eps, transform)
     scale, zero = primitives.choose_qparams(y, bits, None, symmetric)
-    q = primitives.quantize(y, scale, zero, bits)
-    scale, zero = scale.squeeze(-1), zero.squeeze(-1)
-    return QuantizedActivation(q.to(torch.int8), scale, zero.to(torch.int32), q.sum(-1, dtype=torch.int32))
+    q = primitives.quantize(y, scale, zero, bits).to(torch.int32) - _offset(bits, signed)
+    zero = zero.squeeze(-1).to(torch.int32) - _offset(bits, signed)
+    return QuantizedActivation(q.to(torch.int8), scale.squeeze(-1), zero, q.sum(-1, dtype=torch.int32))
 
 
-def _check_act_args(x, bits, norm, norm_weight, norm_bias, transform):
+def _offset(bits: int, signed: bool) -> int:
+    """What stored codes are shifted down by: 2^(bits-1) for signed (int8-container) codes, else 0."""
+    return 2 ** (bits - 1) if signed else 0
+
+
+def _check_act_args(x, bits, norm, norm_weight, norm_bias, transform, signed=False):
     _check_float(x, "activation x")
-    _check_abits(bits)
+    _check_abits(bits, signed)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"activation must have a non-empty last dimension, got shape {tuple(x.shape)}")
     K = x.shape[-1]
@@ -292,7 +299,7 @@ def _act_quant_rows_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, cs_ptr, nw_ptr, nb_ptr, d_ptr, st_ptr, u_ptr, v_ptr,
     M, K, NB, stride_xm, stride_qm, eps,
     BITS: tl.constexpr, SYMMETRIC: tl.constexpr, NORM: tl.constexpr, HAS_NB: tl.constexpr, DIAG: tl.constexpr,
-    POST: tl.constexpr, H: tl.constexpr, FAST_DIV: tl.constexpr, SCALE_EPS: tl.constexpr,
+    POST: tl.constexpr, H: tl.constexpr, FAST_DIV: tl.constexpr, SCALE_EPS: tl.constexpr, OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NB: tl.constexpr,
 ):
     """Whole rows in registers: one load, norm, diagonal, range, codes, stores.
@@ -346,10 +353,10 @@ def _act_quant_rows_kernel(
     xmax = tl.max(tl.where(m, x, float("-inf")), axis=1)
     xmin = tl.min(tl.where(m, x, float("inf")), axis=1)
     scale, zero = _qparams(xmin, xmax, BITS, SYMMETRIC, SCALE_EPS)
-    q = tl.where(m, _codes(x, scale, zero, BITS, FAST_DIV), 0.0).to(tl.int32)
+    q = tl.where(m, _codes(x, scale, zero, BITS, FAST_DIV) - OFFSET, 0.0).to(tl.int32)
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(tl.int8), mask=m)
     tl.store(s_ptr + rows, scale, mask=rok)
-    tl.store(z_ptr + rows, zero.to(tl.int32), mask=rok)
+    tl.store(z_ptr + rows, zero.to(tl.int32) - OFFSET, mask=rok)
     tl.store(cs_ptr + rows, tl.sum(q, axis=1), mask=rok)
 
 
@@ -408,8 +415,8 @@ def _act_quant_chunked_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, cs_ptr, nw_ptr, nb_ptr, t_ptr,
     M, K, stride_xm, stride_qm, eps,
     BITS: tl.constexpr, SYMMETRIC: tl.constexpr, NORM: tl.constexpr, HAS_NB: tl.constexpr, TRANSFORM: tl.constexpr,
-    FAST_DIV: tl.constexpr, SCALE_EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-    PREC: tl.constexpr,
+    FAST_DIV: tl.constexpr, SCALE_EPS: tl.constexpr, OFFSET: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr, PREC: tl.constexpr,
 ):
     """Rows longer than _MAX_ROW_BLOCK, in chunks: norm statistics, then the range, then the codes (recomputing)."""
     pid = tl.program_id(0)
@@ -446,11 +453,11 @@ def _act_quant_chunked_kernel(
     for c0 in range(0, K, BLOCK_C):
         y, m = _chunk(x_ptr, nw_ptr, nb_ptr, t_ptr, rows64, rok, c0, K, stride_xm, mean, rstd,
                       NORM, HAS_NB, TRANSFORM, BLOCK_C, PREC)
-        q = tl.where(m, _codes(y, scale, zero, BITS, FAST_DIV), 0.0).to(tl.int32)
+        q = tl.where(m, _codes(y, scale, zero, BITS, FAST_DIV) - OFFSET, 0.0).to(tl.int32)
         tl.store(q_ptr + rows64[:, None] * stride_qm + (c0 + cc)[None, :], q.to(tl.int8), mask=m)
         csum += tl.sum(q, axis=1)
     tl.store(s_ptr + rows, scale, mask=rok)
-    tl.store(z_ptr + rows, zero.to(tl.int32), mask=rok)
+    tl.store(z_ptr + rows, zero.to(tl.int32) - OFFSET, mask=rok)
     tl.store(cs_ptr + rows, csum, mask=rok)
 
 
@@ -472,8 +479,8 @@ def _row_launch(M, K):
 
 
 def quantize_activation_triton(x, bits=4, symmetric=False, norm=None, norm_weight=None, norm_bias=None,
-                               norm_eps=1e-6, transform=None) -> QuantizedActivation:
-    _check_act_args(x, bits, norm, norm_weight, norm_bias, transform)
+                               norm_eps=1e-6, transform=None, signed=False) -> QuantizedActivation:
+    _check_act_args(x, bits, norm, norm_weight, norm_bias, transform, signed)
     K = x.shape[-1]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
@@ -492,7 +499,7 @@ def quantize_activation_triton(x, bits=4, symmetric=False, norm=None, norm_weigh
     tr = _as_param(transform, x2)
     blockdiag = transform is not None and transform.dim() == 3
     common = dict(BITS=bits, SYMMETRIC=bool(symmetric), NORM=_NORMS[norm], HAS_NB=norm_bias is not None,
-                  FAST_DIV=_fast_div(), SCALE_EPS=primitives.SCALE_EPS)
+                  FAST_DIV=_fast_div(), SCALE_EPS=primitives.SCALE_EPS, OFFSET=_offset(bits, signed))
     eps = float(norm_eps) if norm is not None else 0.0
     if K > _MAX_ROW_BLOCK:
         if blockdiag:
@@ -533,13 +540,14 @@ def quantize_activation_triton(x, bits=4, symmetric=False, norm=None, norm_weigh
 
 
 def quantize_activation(x, bits=4, symmetric=False, norm=None, norm_weight=None, norm_bias=None, norm_eps=1e-6,
-                        transform=None) -> QuantizedActivation:
+                        transform=None, signed=False) -> QuantizedActivation:
     """Per-token quantization of x [..., K], fused with the norm and transform before it (see the module doc)."""
-    _check_act_args(x, bits, norm, norm_weight, norm_bias, transform)
+    _check_act_args(x, bits, norm, norm_weight, norm_bias, transform, signed)
     tensors = [t for t in (x, norm_weight, norm_bias, transform) if isinstance(t, torch.Tensor)]
+    args = (x, bits, symmetric, norm, norm_weight, norm_bias, norm_eps, transform, signed)
     if backend.choose(*tensors) == backend.TRITON:
-        return quantize_activation_triton(x, bits, symmetric, norm, norm_weight, norm_bias, norm_eps, transform)
-    return quantize_activation_reference(x, bits, symmetric, norm, norm_weight, norm_bias, norm_eps, transform)
+        return quantize_activation_triton(*args)
+    return quantize_activation_reference(*args)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -548,12 +556,17 @@ def quantize_activation(x, bits=4, symmetric=False, norm=None, norm_weight=None,
 def _check_mm_args(a: QuantizedActivation, weight: W4A4Weight, bias, out_dtype):
     if not isinstance(weight, W4A4Weight):
         raise TypeError(f"weight must be a W4A4Weight (see pack_w4a4_weight), got {type(weight).__name__}")
+    check_gemm_args(a, weight.K, weight.N, bias, out_dtype)
+
+
+def check_gemm_args(a: QuantizedActivation, K: int, N: int, bias, out_dtype):
+    """The activation, bias and output dtype of an integer GEMM with a weight [N, K] (also aq.kernels.w8a8's)."""
     if not isinstance(a, QuantizedActivation):
         raise TypeError(f"activation must be a QuantizedActivation (see quantize_activation), got {type(a).__name__}")
     if a.q.dtype != torch.int8:
         raise TypeError(f"activation codes must be int8, got {a.q.dtype}")
-    if a.q.dim() < 1 or a.q.shape[-1] != weight.K:
-        raise ValueError(f"activation has K={a.q.shape[-1] if a.q.dim() else None} but the weight has K={weight.K}")
+    if a.q.dim() < 1 or a.q.shape[-1] != K:
+        raise ValueError(f"activation has K={a.q.shape[-1] if a.q.dim() else None} but the weight has K={K}")
     lead = tuple(a.q.shape[:-1])
     for name, t, dt in (("scale", a.scale, torch.float32), ("zero", a.zero, torch.int32),
                         ("code_sum", a.code_sum, torch.int32)):
@@ -561,8 +574,8 @@ def _check_mm_args(a: QuantizedActivation, weight: W4A4Weight, bias, out_dtype):
             raise ValueError(f"activation {name} must be {dt} of shape {lead}, got {t.dtype} {tuple(t.shape)}")
     if bias is not None:
         _check_float(bias, "bias")
-        if tuple(bias.shape) != (weight.N,):
-            raise ValueError(f"bias must have shape [{weight.N}], got {tuple(bias.shape)}")
+        if tuple(bias.shape) != (N,):
+            raise ValueError(f"bias must have shape [{N}], got {tuple(bias.shape)}")
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
 
