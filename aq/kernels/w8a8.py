@@ -144,12 +144,15 @@ def w8a8_matmul_reference(a: QuantizedActivation, weight: W8A8Weight, bias=None,
     _check_mm_args(a, weight, bias, out_dtype)
     K, N, g = weight.K, weight.N, weight.group_size
     lead = tuple(a.q.shape[:-1])
-    qa = (a.q.reshape(-1, K).double() - a.zero.reshape(-1, 1).double()).reshape(-1, K // g, g)
-    qw = (weight.codes.double().reshape(N, K // g, g) - weight.zero.t().double()[:, :, None])
-    s = torch.einsum("mgk,ngk->gmn", qa, qw)  # [groups, M, N], integers
-    if out_dtype == torch.int32:
-        return s[0].round().to(torch.int32).reshape(*lead, N)
-    y = (s * weight.scale.double()[:, None, :]).sum(0) * a.scale.reshape(-1, 1).double()
+    qa = a.q.reshape(-1, K).double() - a.zero.reshape(-1, 1).double()
+    qw = weight.codes.double() - weight.zero.t().double().repeat_interleave(g, 1)
+    y = torch.zeros(qa.shape[0], N, dtype=torch.float64, device=qa.device)
+    for i in range(K // g):  # one group at a time: memory M x N whatever the number of groups
+        s = qa[:, i * g:(i + 1) * g] @ qw[:, i * g:(i + 1) * g].T  # integers
+        if out_dtype == torch.int32:
+            return s.round().to(torch.int32).reshape(*lead, N)
+        y += s * weight.scale[i].double()
+    y = y * a.scale.reshape(-1, 1).double()
     if bias is not None:
         y = y + bias.double()
     return y.to(out_dtype).reshape(*lead, N)
