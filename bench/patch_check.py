@@ -31,23 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aq import calibrate as aq_calibrate  # noqa: E402
 from aq import data, models  # noqa: E402
 from aq import eval as aq_eval  # noqa: E402
-from aq.checkpoint import load_checkpoint, read_manifest, save_checkpoint  # noqa: E402
+from aq.checkpoint import load_checkpoint, read_manifest  # noqa: E402
 from aq.config import MODES  # noqa: E402
 from aq.patch import kernel_for, patched_summary  # noqa: E402
-
-
-@torch.no_grad()
-def logit_error(a_model, b_model, toks: torch.Tensor, windows: int, seqlen: int) -> float:
-    """||b - a|| / ||a|| of the logits over the first `windows` windows."""
-    num = den = 0.0
-    dev = next(a_model.parameters()).device
-    for i in range(min(windows, toks.numel() // seqlen)):
-        x = toks[i * seqlen:(i + 1) * seqlen][None].to(dev)
-        a = a_model(x, use_cache=False).logits.float()
-        b = b_model(x, use_cache=False).logits.float()
-        num += (a - b).pow(2).sum().item()
-        den += a.pow(2).sum().item()
-    return (num / den) ** 0.5
 
 
 def _kernels(man: dict) -> dict[str, int]:
@@ -66,7 +52,7 @@ def check_checkpoint(ckpt: Path, label: str, tok, toks, dtypes, args) -> list[di
         dtype = getattr(torch, dt)
         fq = load_checkpoint(ckpt, device=args.device, dtype=dtype)
         pm = load_checkpoint(ckpt, device=args.device, dtype=dtype, patch=True)
-        err = logit_error(fq, pm, toks, args.logit_windows, args.seqlen)
+        err = aq_eval.logit_error(fq, pm, toks, args.logit_windows, args.seqlen)
         ppl_f = aq_eval.perplexity(fq, toks, args.seqlen, args.eval_windows, args.batch, f"{label} {dt} fake")
         ppl_p = aq_eval.perplexity(pm, toks, args.seqlen, args.eval_windows, args.batch, f"{label} {dt} patched")
         ratio = ppl_p / ppl_f - 1
