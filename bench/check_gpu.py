@@ -358,7 +358,8 @@ def check_w4a16(c: Checker, n: int):
 
 # the integer-GEMM families: weight / activation bits drawn, weight groups, signed (int8-container) activation codes
 _INT_GEMMS = dict(w4a4=dict(wbits=[4, 4, 3, 2], abits=[4, 4, 3, 7], groups=[None], signed=False),
-                  w8a8=dict(wbits=[8, 8, 6, 5, 4], abits=[8, 8, 6, 4], groups=[None, None, 32, 64, 128], signed=True))
+                  w8a8=dict(wbits=[8, 8, 6, 5, 4], abits=[8, 8, 6, 4], groups=[None, None, 32, 64, 128, 256, 48],
+                            signed=True))
 
 
 def check_w4a4(c: Checker, n: int):

@@ -18,6 +18,7 @@ CASES = [
     (20, 96, 33, 8, 8, 24, False),
     (70, 130, 129, 6, 6, None, False),
     (3, 192, 31, 4, 8, 64, False),
+    (9, 512, 40, 8, 8, 256, False),  # two K steps per group
 ]
 
 

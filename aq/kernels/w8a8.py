@@ -160,14 +160,48 @@ def w8a8_matmul_reference(a: QuantizedActivation, weight: W8A8Weight, bias=None,
 
 # ----------------------------------------------------------------------------------------------------------- Triton
 @triton.jit
+def _group_dot(a_rows, w_rows, g0, G, rk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               EVEN_K: tl.constexpr, SUM_A: tl.constexpr):
+    """sum over k in [g0, g0 + G) of ca cw as int32 [BLOCK_M, BLOCK_N] (and, with SUM_A, the activation code sums)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    ra = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for k0 in range(g0, g0 + G, BLOCK_K):
+        ks = k0 + rk
+        if EVEN_K:
+            a = tl.load(a_rows + ks[None, :])
+            w = tl.load(w_rows + ks[None, :])
+        else:
+            kok = ks < g0 + G
+            a = tl.load(a_rows + ks[None, :], mask=kok[None, :], other=0)
+            w = tl.load(w_rows + ks[None, :], mask=kok[None, :], other=0)
+        acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+        if SUM_A:
+            ra += tl.sum(a.to(tl.int32), axis=1)
+    return acc, ra
+
+
+@triton.jit
+def _correct(acc, ra, za, g, grp, wz_ptr, wcs_ptr, rn, nok):
+    """sum_k (ca - za)(cw - zw) over a group of g columns from acc = sum_k ca cw and the code sums (module doc)."""
+    zw = tl.load(wz_ptr + grp + rn, mask=nok, other=0)
+    rw = tl.load(wcs_ptr + grp + rn, mask=nok, other=0)
+    return acc - za[:, None] * rw[None, :] - (ra[:, None] - g * za[:, None]) * zw[None, :]
+
+
+@triton.jit
 def _w8a8_mm_kernel(
     a_ptr, w_ptr, y_ptr, as_ptr, az_ptr, acs_ptr, ws_ptr, wz_ptr, wcs_ptr, b_ptr,
     M, N, K, G, stride_am, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr, ONE_GROUP: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr, FORM: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_N] output tile: per group of G columns an int32 tl.dot accumulation and the zero-point
-    correction (module doc), accumulated over groups in fp32 with the weight scales; then token scale and bias."""
+    """One [BLOCK_M, BLOCK_N] output tile: int32 tl.dot accumulation per group of G columns, the zero-point correction
+    (module doc), weighted by the group's weight scales into an fp32 accumulator; then the token scale and the bias.
+
+    FORM 0: per channel (G = K): one int32 accumulator, the activation code sums of the quantization kernel.
+    FORM 1: groups that BLOCK_K divides: one pipelined loop over K, the correction after a group's last step (every
+    step when BLOCK_K == G); the activation code sums of each group are summed from the loaded tiles.
+    FORM 2: any other group size: a loop per group with masked steps (correct, not fast)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -185,52 +219,57 @@ def _w8a8_mm_kernel(
     a_rows = a_ptr + (rm % M).to(tl.int64)[:, None] * stride_am
     w_rows = w_ptr + (rn % N).to(tl.int64)[:, None] * stride_wn
     za = tl.load(az_ptr + rm, mask=mok, other=0)
-    yacc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    iacc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)  # INT_OUT (one group): the exact sum
-    for g0 in range(0, K, G):
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-        ra = tl.zeros([BLOCK_M], dtype=tl.int32)
-        for k0 in range(g0, g0 + G, BLOCK_K):
-            ks = k0 + rk
-            if EVEN_K:
-                a = tl.load(a_rows + ks[None, :])
-                w = tl.load(w_rows + ks[None, :])
-            else:
-                kok = ks < g0 + G
-                a = tl.load(a_rows + ks[None, :], mask=kok[None, :], other=0)
-                w = tl.load(w_rows + ks[None, :], mask=kok[None, :], other=0)
-            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
-            if not ONE_GROUP:
-                ra += tl.sum(a.to(tl.int32), axis=1)
-        if ONE_GROUP:
-            ra = tl.load(acs_ptr + rm, mask=mok, other=0)
-        grp = (g0 // G) * N
-        zw = tl.load(wz_ptr + grp + rn, mask=nok, other=0)
-        rw = tl.load(wcs_ptr + grp + rn, mask=nok, other=0)
-        s = acc - za[:, None] * rw[None, :] - (ra[:, None] - G * za[:, None]) * zw[None, :]
-        if INT_OUT:
-            iacc += s
-        else:
-            sw = tl.load(ws_ptr + grp + rn, mask=nok, other=0.0)
-            yacc += s.to(tl.float32) * sw[None, :]
+    sa = tl.load(as_ptr + rm, mask=mok, other=0.0)
     ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
     omask = mok[:, None] & nok[None, :]
-    if INT_OUT:
-        tl.store(ptrs, iacc, mask=omask)
+    if FORM == 0:
+        acc, _ = _group_dot(a_rows, w_rows, 0, K, rk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False)
+        s = _correct(acc, tl.load(acs_ptr + rm, mask=mok, other=0), za, K, 0, wz_ptr, wcs_ptr, rn, nok)
+        if INT_OUT:
+            y = s
+        else:
+            sw = tl.load(ws_ptr + rn, mask=nok, other=0.0)
+            y = s.to(tl.float32) * (sa[:, None] * sw[None, :])
+    elif FORM == 1:
+        y = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        ra = tl.zeros([BLOCK_M], dtype=tl.int32)
+        a_ptrs = a_rows + rk[None, :]
+        w_ptrs = w_rows + rk[None, :]
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_ptrs)
+            acc = tl.dot(a, tl.trans(tl.load(w_ptrs)), acc, out_dtype=tl.int32)
+            ra += tl.sum(a.to(tl.int32), axis=1)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+            if (k0 + BLOCK_K) % G == 0:  # the group's last step
+                grp = (k0 // G) * N
+                s = _correct(acc, ra, za, G, grp, wz_ptr, wcs_ptr, rn, nok)
+                y += s.to(tl.float32) * tl.load(ws_ptr + grp + rn, mask=nok, other=0.0)[None, :]
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+                ra = tl.zeros([BLOCK_M], dtype=tl.int32)
+        y = y * sa[:, None]
     else:
-        sa = tl.load(as_ptr + rm, mask=mok, other=0.0)
-        y = yacc * sa[:, None]
+        y = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for g0 in range(0, K, G):
+            acc, ra = _group_dot(a_rows, w_rows, g0, G, rk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, True)
+            grp = (g0 // G) * N
+            s = _correct(acc, ra, za, G, grp, wz_ptr, wcs_ptr, rn, nok)
+            y += s.to(tl.float32) * tl.load(ws_ptr + grp + rn, mask=nok, other=0.0)[None, :]
+        y = y * sa[:, None]
+    if not INT_OUT:
         if HAS_BIAS:
             y = y + tl.load(b_ptr + rn, mask=nok, other=0.0).to(tl.float32)[None, :]
-        tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=omask)
+    tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=omask)
 
 
-# Per M bucket (first whose max_m >= M). BLOCK_K is capped to the group (see _block_k).
+# Per M bucket (first whose max_m >= M); untuned starting points (not measured yet). BLOCK_K is capped to the group
+# (see _block_k).
 _GPU_CONFIGS = [
     dict(max_m=16, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4),
     dict(max_m=64, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4),
     dict(max_m=256, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
-    dict(max_m=None, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(max_m=None, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
 ]
 # The interpreter's cost is programs x steps: few, large blocks there.
 _INTERPRET_CONFIGS = [
@@ -248,6 +287,11 @@ def _block_k(cap: int, g: int) -> int:
             return b
         b //= 2
     return max(32, min(cap, triton.next_power_of_2(g)))
+
+
+def _form(weight: W8A8Weight, block_k: int) -> int:
+    """The kernel's FORM: 0 per channel, 1 groups that the K step divides, 2 other groups (masked steps)."""
+    return 0 if weight.per_channel else 1 if weight.group_size % block_k == 0 else 2
 
 
 def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device | str = "cpu") -> dict:
@@ -278,7 +322,7 @@ def w8a8_matmul_triton(a: QuantizedActivation, weight: W8A8Weight, bias=None, ou
         q, weight.codes, y, a.scale.reshape(-1), a.zero.reshape(-1), a.code_sum.reshape(-1), weight.scale,
         weight.zero, weight.code_sum, bias if bias is not None else weight.scale,
         M, N, K, g, q.stride(0), weight.codes.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, INT_OUT=out_dtype == torch.int32, ONE_GROUP=weight.per_channel,
+        HAS_BIAS=bias is not None, INT_OUT=out_dtype == torch.int32, FORM=_form(weight, cfg["BLOCK_K"]),
         EVEN_K=g % cfg["BLOCK_K"] == 0, **cfg)
     return y.reshape(*lead, N)
 
