@@ -105,3 +105,10 @@ def test_bad_input_is_refused_with_a_clear_error():
         W.w8a8_matmul(Q.quantize_activation(torch.randn(2, 32), 8, signed=True), wt)
     with pytest.raises(TypeError, match="W8A8Weight"):
         W.w8a8_matmul(a, Q.pack_w4a4_weight(w))
+
+
+def test_signed_codes_of_rows_longer_than_one_block():
+    x = torch.randn(3, Q._MAX_ROW_BLOCK + 100, generator=torch.Generator().manual_seed(5)) + 0.2
+    got = Q.quantize_activation_triton(x, 8, signed=True)  # the chunked kernel
+    for g, r in zip(got, Q.quantize_activation_reference(x, 8, signed=True)):
+        assert torch.equal(g, r)
