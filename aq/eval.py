@@ -249,7 +249,8 @@ def build_parser():
         description="Evaluate a causal LM: perplexity (WikiText-2, C4) and zero-shot accuracy (PIQA, ARC-e, ARC-c, "
                     "BoolQ, HellaSwag, WinoGrande) by log-likelihood scoring. The model is FP (--model), "
                     "fake-quantized (--checkpoint DIR from `python -m aq.calibrate --out DIR`, or --rtn W4A16g64) or, "
-                    "with --patch, running aq's W4A16 / W4A4 kernels. Data resolve from $AQ_DATA_DIR, else the hub.",
+                    "with --patch, running aq's W4A16 / W4A4 / W8A8 kernels (every setting aq calibrates). Data "
+                    "resolve from $AQ_DATA_DIR, else the hub.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="FP model: folder, .gguf, hub id or 'smollm2' (default when no "
                    "--checkpoint); with --checkpoint, where the tokenizer comes from if the checkpoint has none")

@@ -118,7 +118,8 @@ def main(argv=None) -> int:
                date=str(datetime.date.today()), model=args.model, tolerance=args.tolerance, seqlen=args.seqlen,
                eval_windows=args.eval_windows, rows=rows, ok=all(r["ok"] for r in rows),
                seconds=round(time.time() - t0, 1))
-    print("\n| setting | dtype | ppl fake | ppl patched | rel. diff | logit rel. err | ok |\n|---|---|---|---|---|---|---|")
+    print("\n| setting | dtype | ppl fake | ppl patched | rel. diff | logit rel. err | ok |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['setting']} | {r['dtype']} | {r['ppl_fake']:.3f} | {r['ppl_patched']:.3f} | "
               f"{100 * r['rel_diff']:+.3f}% | {r['logit_rel_err']:.2e} | {'yes' if r['ok'] else 'NO'} |")
