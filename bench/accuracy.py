@@ -52,9 +52,12 @@ def main(argv=None):
     p.add_argument("--runs", type=Path, default=Path("runs/accuracy"))
     p.add_argument("--out", type=Path, required=True, help="OUT.json and OUT.md are written")
     p.add_argument("--model", default="smollm2")
+    p.add_argument("--collect-only", action="store_true",
+                   help="run nothing: summarize the runs under --runs that finished (e.g. after a time limit)")
     a = p.parse_args(argv)
     a.runs.mkdir(parents=True, exist_ok=True)
-    jobs = [(v, s) for v in a.variants for s in a.seeds]
+    # seed-major: every variant gets its first seed before any gets its second, so a run cut short still compares all
+    jobs = [(v, s) for s in a.seeds for v in a.variants]
 
     def one(job):
         variant, seed = job
@@ -62,6 +65,8 @@ def main(argv=None):
         d = a.runs / f"{name}.s{seed}"
         if (d / "results.json").is_file():
             return job, json.loads((d / "results.json").read_text())
+        if a.collect_only:
+            return job, None
         cmd = [sys.executable, "-m", "aq.calibrate", "--model", a.model, *args, "--seed", str(seed), "--skip-fp",
                "--nsamples", str(a.nsamples), "--batch-size", str(a.batch_size), "--eval-data", a.eval_data,
                "--no-progress", "--out", str(d)]
