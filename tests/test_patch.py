@@ -134,8 +134,9 @@ def test_lm_head_and_embeddings_on_request_and_generate():
     assert out.shape == (1, 8)
 
 
-def test_generate_matches_the_fake_quant_model():
-    fq = quantize_rtn(tiny_llama(), QuantConfig(wbits=4, abits=4, group_size=None))
+@pytest.mark.parametrize("wbits,abits", [(4, 4), (8, 8)])  # W4A4Linear, W8A8Linear (decode: one token a call)
+def test_generate_matches_the_fake_quant_model(wbits, abits):
+    fq = quantize_rtn(tiny_llama(), QuantConfig(wbits=wbits, abits=abits, group_size=None))
     pm = patch_model(copy.deepcopy(fq))
     a = fq.generate(IDS[:1, :6], max_new_tokens=4, do_sample=False)
     b = pm.generate(IDS[:1, :6], max_new_tokens=4, do_sample=False)
