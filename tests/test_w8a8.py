@@ -112,3 +112,8 @@ def test_signed_codes_of_rows_longer_than_one_block():
     got = Q.quantize_activation_triton(x, 8, signed=True)  # the chunked kernel
     for g, r in zip(got, Q.quantize_activation_reference(x, 8, signed=True)):
         assert torch.equal(g, r)
+
+
+def test_grouped_weights_get_narrower_tiles_on_the_gpu():
+    assert W.pick_config(2048, 4096, 4096, 4096, "cuda")["BLOCK_N"] == 128
+    assert W.pick_config(2048, 4096, 4096, 128, "cuda")["BLOCK_N"] == 64

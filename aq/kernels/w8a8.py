@@ -300,6 +300,8 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device | 
     cfg = next((c for c in table if c["max_m"] is None or M <= c["max_m"]), table[-1])
     cfg = dict(cfg)
     cfg["BLOCK_K"] = _block_k(cfg["BLOCK_K"], group_size)
+    if group_size < K and cfg["BLOCK_M"] * cfg["BLOCK_N"] > 128 * 64:
+        cfg["BLOCK_N"] = 64  # grouped: an fp32 and an int32 accumulator; 128 x 128 of both spilled registers on sm_90
     return cfg
 
 
