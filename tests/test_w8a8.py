@@ -78,11 +78,13 @@ def test_linear_with_a_fused_norm_matches_the_reference(norm):
     assert ((y - ref).norm() / ref.norm()).item() < 1e-3
 
 
-def test_pick_config_caps_the_k_step_to_the_group():
+def test_pick_config_caps_the_k_step_to_the_group_and_narrows_grouped_tiles():
     assert W.pick_config(1, 64, 4096, 4096, "cpu")["BLOCK_K"] == 128
     assert W.pick_config(100, 64, 4096, 64, "cuda")["BLOCK_K"] == 64
     assert W.pick_config(100, 64, 96, 96, "cuda")["BLOCK_K"] == 32
     assert W.pick_config(100, 64, 120, 24, "cuda")["BLOCK_K"] == 32  # masked steps
+    assert W.pick_config(2048, 4096, 4096, 4096, "cuda")["BLOCK_N"] == 128
+    assert W.pick_config(2048, 4096, 4096, 128, "cuda")["BLOCK_N"] == 64  # two accumulators: registers
 
 
 def test_bad_input_is_refused_with_a_clear_error():
@@ -112,8 +114,3 @@ def test_signed_codes_of_rows_longer_than_one_block():
     got = Q.quantize_activation_triton(x, 8, signed=True)  # the chunked kernel
     for g, r in zip(got, Q.quantize_activation_reference(x, 8, signed=True)):
         assert torch.equal(g, r)
-
-
-def test_grouped_weights_get_narrower_tiles_on_the_gpu():
-    assert W.pick_config(2048, 4096, 4096, 4096, "cuda")["BLOCK_N"] == 128
-    assert W.pick_config(2048, 4096, 4096, 128, "cuda")["BLOCK_N"] == 64
