@@ -20,3 +20,5 @@ def test_patch_check_runs_offline_on_a_tiny_model(tiny_model_dir, data_dir, tmp_
     assert row["kernels"] == {"w8a8": 14} and row["modules"]["W8A8Linear"] == 8  # q/k/v and gate/up joined
     # fp32: the int8 GEMM on exact codes is the fake-quant model up to float summation order
     assert abs(row["rel_diff"]) < 1e-5 and row["logit_rel_err"] < 1e-5 and row["ppl_fake"] > 1
+    # the noise floor row: the fake-quant model with float64 sums is another rounding of the same values
+    assert 0 < row["floor_logit_rel_err"] < 1e-5 and abs(row["vs_exact_rel_diff"]) < 1e-5
