@@ -4,8 +4,11 @@ aq.kernels entry point; their tensors are buffers, so ``model.to(device)`` moves
 - ``W4A16Linear``: packed low-bit weights (any wbits 2..8, groups or per channel), the fused dequantize-matmul.
 - ``W4A4Linear``: per-channel weights two codes per byte; per-token activation quantization (fused with the norm
   before it through a ``DeferredNorm``) and the int8 tensor-core GEMM.
+- ``W8A8Linear``: every other weight-activation setting (codes of up to 8 bits in int8 containers, per channel or
+  per group; signed activation codes) on aq.kernels.w8a8's int8 GEMM. It shares the activation side with W4A4Linear
+  (``ActQuantLinear``).
 - ``FusedNorm``: a norm and its diagonal or block-diagonal transform in one kernel; ``DeferredNorm``: stands where a
-  norm was when the norm is fused into the activation quantization of the W4A4 linears it feeds.
+  norm was when the norm is fused into the activation quantization of the W4A4 / W8A8 linears it feeds.
 - ``QuantEmbedding``: packed low-bit embedding rows.
 - ``FusedProjections`` / ``ProjectionSlice``: sibling projections of one input (q/k/v, gate/up) as one kernel call.
 """
@@ -16,10 +19,11 @@ import weakref
 import torch
 from torch import nn
 
-from aq.packing import pack_w4a4_nibbles
 from aq.kernels import w4a4 as k4a4
 from aq.kernels import w4a16 as k4a16
+from aq.kernels import w8a8 as k8a8
 from aq.kernels.norm import apply_transform, norm_transform
+from aq.packing import pack_w4a4_nibbles
 from aq.qmodel import transform_form
 
 HALF = (torch.float16, torch.bfloat16)
@@ -118,7 +122,7 @@ class DeferredNorm(_NormCopy):
     def __init__(self, norm: nn.Module, transform: torch.Tensor | None = None, offset: float = 0.0):
         super().__init__(norm, transform, offset)
         self._share = _SharedResult()  # the codes of one input, handed to each consumer once
-        self.consumers = 0  # set by W4A4Linear.attach_norm
+        self.consumers = 0  # set by the consumers' attach_norm
 
     def forward(self, x):
         return x
@@ -129,30 +133,64 @@ class DeferredNorm(_NormCopy):
                            self.eps, None)
         return y if self.transform is None else apply_transform(y, self.transform)
 
-    def quantized(self, x, bits: int, symmetric: bool = False, reader: object = None) -> k4a4.QuantizedActivation:
-        return self._share.get(x, (bits, symmetric), reader, self.consumers, lambda: k4a4.quantize_activation(
+    def quantized(self, x, bits: int, symmetric: bool = False, reader: object = None,
+                  signed: bool = False) -> k4a4.QuantizedActivation:
+        return self._share.get(x, (bits, symmetric, signed), reader, self.consumers, lambda: k4a4.quantize_activation(
             x, bits, symmetric, norm=self.kind, norm_weight=self.weight, norm_bias=self.bias, norm_eps=self.eps,
-            transform=self.transform))
+            transform=self.transform, signed=signed))
 
     def extra_repr(self):
         t = "" if self.transform is None else f", transform={transform_form(self.transform)}"
-        return f"{self.kind}, K={self.weight.shape[0]}, eps={self.eps}{t} (fused into the next W4A4 quantization)"
+        return f"{self.kind}, K={self.weight.shape[0]}, eps={self.eps}{t} (fused into the next activation quantization)"
 
 
-class W4A4Linear(nn.Module):
+class ActQuantLinear(nn.Module):
+    """What the integer-GEMM linears share: per-token activation quantization of their input, fused with the norm
+    before it once a DeferredNorm is attached. SIGNED: codes shifted to signed int8 containers (aq.kernels.w8a8)."""
+    SIGNED = False
+
+    def __init__(self, bias: torch.Tensor | None, abits: int, a_symmetric: bool):
+        super().__init__()
+        self.abits, self.a_symmetric = abits, a_symmetric
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._norm_site: list[DeferredNorm] = []  # a plain list: the site is registered where the norm was
+
+    def _hold(self, weight, stored: str, codes: torch.Tensor) -> None:
+        """The packed weight's shape and bits, and its tensors as buffers (`stored`: the codes in the kernel's
+        layout; w_scale, w_zero, w_code_sum: the epilogue's per-channel or per-group terms)."""
+        self.in_features, self.out_features, self.wbits = weight.K, weight.N, weight.bits
+        self.register_buffer(stored, codes)
+        for name in ("scale", "zero", "code_sum"):
+            self.register_buffer(f"w_{name}", getattr(weight, name))
+
+    def attach_norm(self, site: DeferredNorm) -> None:
+        if self._norm_site:
+            self._norm_site[0].consumers -= 1
+        self._norm_site[:] = [site]
+        site.consumers += 1
+
+    def quantized_input(self, x) -> k4a4.QuantizedActivation:
+        if self._norm_site:
+            return self._norm_site[0].quantized(x, self.abits, self.a_symmetric, reader=id(self), signed=self.SIGNED)
+        return k4a4.quantize_activation(x, self.abits, self.a_symmetric, signed=self.SIGNED)
+
+    def bias_for(self, x):
+        return None if self.bias is None else self.bias.to(x.dtype if x.dtype in HALF else torch.float32)
+
+    def extra_repr(self):
+        fused = ", norm fused" if self._norm_site else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, wbits={self.wbits}, " \
+               f"abits={self.abits}{fused}"
+
+
+class W4A4Linear(ActQuantLinear):
     """y = dequant(quant_a(x)) · dequant(Wq)ᵀ + b with integer math: per-token activation quantization (fused with the
     norm before it when ``norm_site`` is set) and the int8 tensor-core GEMM of aq.kernels.w4a4."""
 
     def __init__(self, weight: k4a4.W4A4Weight, bias: torch.Tensor | None, abits: int, a_symmetric: bool = False):
-        super().__init__()
-        self.in_features, self.out_features = weight.K, weight.N
-        self.wbits, self.abits, self.w_symmetric, self.a_symmetric = weight.bits, abits, weight.symmetric, a_symmetric
-        self.register_buffer("packed", weight.packed)
-        self.register_buffer("w_scale", weight.scale)
-        self.register_buffer("w_zero", weight.zero)
-        self.register_buffer("w_code_sum", weight.code_sum)
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self._norm_site: list[DeferredNorm] = []  # a plain list: the site is registered where the norm was
+        super().__init__(bias, abits, a_symmetric)
+        self._hold(weight, "packed", weight.packed)
+        self.w_symmetric = weight.symmetric
 
     @classmethod
     def from_codes(cls, codes, scale, zero, wbits, symmetric, bias, abits) -> "W4A4Linear":
@@ -169,24 +207,37 @@ class W4A4Linear(nn.Module):
         return k4a4.W4A4Weight(self.packed, self.w_scale, self.w_zero, self.w_code_sum, self.out_features,
                                self.in_features, self.wbits, self.w_symmetric)
 
-    def attach_norm(self, site: DeferredNorm) -> None:
-        if self._norm_site:
-            self._norm_site[0].consumers -= 1
-        self._norm_site[:] = [site]
-        site.consumers += 1
+    def forward(self, x):
+        return k4a4.w4a4_matmul(self.quantized_input(x), self.weight_packed, self.bias_for(x), out_dtype=x.dtype)
+
+
+class W8A8Linear(ActQuantLinear):
+    """The int8-container form of W4A4Linear (aq.kernels.w8a8): weight codes of up to 8 bits per output channel or
+    per group, signed per-token activation codes of up to 8 bits, an int8 x int8 -> int32 GEMM."""
+    SIGNED = True
+
+    def __init__(self, weight: k8a8.W8A8Weight, bias: torch.Tensor | None, abits: int, a_symmetric: bool = False):
+        super().__init__(bias, abits, a_symmetric)
+        self._hold(weight, "codes", weight.codes)
+        self.group_size = weight.group_size
+
+    @classmethod
+    def from_codes(cls, codes, scale, zero, wbits, group_size, bias, abits) -> "W8A8Linear":
+        """From integer codes [N, K] and their scale / zero [N, K // g] (as aq.qmodel.FakeQuantLinear holds them):
+        stored as they are (shifted into int8 containers), never re-rounded."""
+        return cls(k8a8.pack_w8a8_codes(codes, scale, zero, wbits, group_size), bias, abits)
+
+    @property
+    def weight_packed(self) -> k8a8.W8A8Weight:
+        return k8a8.W8A8Weight(self.codes, self.w_scale, self.w_zero, self.w_code_sum, self.out_features,
+                               self.in_features, self.wbits, self.group_size)
 
     def forward(self, x):
-        if self._norm_site:
-            a = self._norm_site[0].quantized(x, self.abits, self.a_symmetric, reader=id(self))
-        else:
-            a = k4a4.quantize_activation(x, self.abits, self.a_symmetric)
-        bias = None if self.bias is None else self.bias.to(x.dtype if x.dtype in HALF else torch.float32)
-        return k4a4.w4a4_matmul(a, self.weight_packed, bias, out_dtype=x.dtype)
+        return k8a8.w8a8_matmul(self.quantized_input(x), self.weight_packed, self.bias_for(x), out_dtype=x.dtype)
 
     def extra_repr(self):
-        fused = ", norm fused" if self._norm_site else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, wbits={self.wbits}, " \
-               f"abits={self.abits}{fused}"
+        g = "" if self.group_size == self.in_features else f", group={self.group_size}"
+        return super().extra_repr() + g
 
 
 class FusedNorm(_NormCopy):
@@ -272,12 +323,12 @@ class ProjectionSlice(nn.Module):
 
 
 def concat_projections(mods: list[nn.Module]) -> nn.Module | None:
-    """One module computing the concatenated outputs of `mods` (all W4A16Linear or all W4A4Linear on the same input
-    with the same settings), or None when they cannot be joined."""
+    """One module computing the concatenated outputs of `mods` (all W4A16Linear, all W4A4Linear or all W8A8Linear on
+    the same input with the same settings), or None when they cannot be joined."""
     first = mods[0]
     if any(type(m) is not type(first) or m.in_features != first.in_features for m in mods):
         return None
-    dev = first.qweight.device if isinstance(first, W4A16Linear) else first.packed.device
+    dev = next(first.buffers()).device
     biases = [m.bias if m.bias is not None else None for m in mods]
     bias = None
     if any(b is not None for b in biases):
@@ -292,17 +343,25 @@ def concat_projections(mods: list[nn.Module]) -> nn.Module | None:
                                torch.cat([m.zeros for m in mods], 1), first.bits, first.group_size, N,
                                first.in_features)
         return W4A16Linear(p, bias).to(dev)
-    if isinstance(first, W4A4Linear):
-        if any((m.wbits, m.abits, m.w_symmetric, m.a_symmetric) != (first.wbits, first.abits, first.w_symmetric,
-                                                                     first.a_symmetric) for m in mods):
+    if isinstance(first, (W4A4Linear, W8A8Linear)):
+        w4 = isinstance(first, W4A4Linear)
+        same = ("wbits", "abits", "a_symmetric") + (("w_symmetric",) if w4 else ("group_size",))
+        if any(any(getattr(m, a) != getattr(first, a) for a in same) for m in mods):
             return None
         sites = {id(m._norm_site[0]) if m._norm_site else None for m in mods}
         if len(sites) != 1:
             return None
-        w = k4a4.W4A4Weight(torch.cat([m.packed for m in mods]), torch.cat([m.w_scale for m in mods]),
-                            torch.cat([m.w_zero for m in mods]), torch.cat([m.w_code_sum for m in mods]),
-                            sum(m.out_features for m in mods), first.in_features, first.wbits, first.w_symmetric)
-        out = W4A4Linear(w, bias, first.abits, first.a_symmetric)
+        N = sum(m.out_features for m in mods)
+        if w4:
+            w = k4a4.W4A4Weight(torch.cat([m.packed for m in mods]), torch.cat([m.w_scale for m in mods]),
+                                torch.cat([m.w_zero for m in mods]), torch.cat([m.w_code_sum for m in mods]),
+                                N, first.in_features, first.wbits, first.w_symmetric)
+            out = W4A4Linear(w, bias, first.abits, first.a_symmetric)
+        else:  # qparams are [groups, N]: joined along N
+            w = k8a8.W8A8Weight(torch.cat([m.codes for m in mods]), torch.cat([m.w_scale for m in mods], 1),
+                                torch.cat([m.w_zero for m in mods], 1), torch.cat([m.w_code_sum for m in mods], 1),
+                                N, first.in_features, first.wbits, first.group_size)
+            out = W8A8Linear(w, bias, first.abits, first.a_symmetric)
         if first._norm_site:
             site = first._norm_site[0]
             for m in mods:  # the fused module replaces them as the site's consumer

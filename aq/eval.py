@@ -47,6 +47,21 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048, max_windows: int
     return math.exp(total / n)
 
 
+@torch.no_grad()
+def logit_error(reference, model, tokens: torch.Tensor, windows: int, seqlen: int = 2048) -> float:
+    """||logits(model) - logits(reference)|| / ||logits(reference)|| over the first `windows` windows of tokens (how
+    far a patched model is from the fake-quantized one it was made from)."""
+    num = den = 0.0
+    dev = next(reference.parameters()).device
+    for i in range(min(windows, tokens.numel() // seqlen)):
+        x = tokens[i * seqlen:(i + 1) * seqlen][None].to(dev)
+        a = reference(x, use_cache=False).logits.float()
+        b = model(x, use_cache=False).logits.float()
+        num += (a - b).pow(2).sum().item()
+        den += a.pow(2).sum().item()
+    return (num / den) ** 0.5
+
+
 def eval_token_sets(tokenizer, names, seqlen: int = 2048) -> dict[str, torch.Tensor]:
     """{name: token ids} of each evaluation text, after checking that each holds at least one window of seqlen
     (so that a short text is refused before a run spends any time, not after)."""
@@ -235,7 +250,8 @@ def build_parser():
         description="Evaluate a causal LM: perplexity (WikiText-2, C4) and zero-shot accuracy (PIQA, ARC-e, ARC-c, "
                     "BoolQ, HellaSwag, WinoGrande) by log-likelihood scoring. The model is FP (--model), "
                     "fake-quantized (--checkpoint DIR from `python -m aq.calibrate --out DIR`, or --rtn W4A16g64) or, "
-                    "with --patch, running aq's W4A16 / W4A4 kernels. Data resolve from $AQ_DATA_DIR, else the hub.",
+                    "with --patch, running aq's W4A16 / W4A4 / W8A8 kernels (every setting aq calibrates). Data "
+                    "resolve from $AQ_DATA_DIR, else the hub.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="FP model: folder, .gguf, hub id or 'smollm2' (default when no "
                    "--checkpoint); with --checkpoint, where the tokenizer comes from if the checkpoint has none")

@@ -9,7 +9,10 @@ What is replaced
   - ``W4A16Linear`` when its abits >= 16: the codes are packed once (aq.kernels.w4a16 layout, scales and zeros in the
     compute dtype) and every call runs the fused dequantize-matmul ``w4a16_linear``;
   - ``W4A4Linear`` when abits < 16 (per-channel weights, wbits <= 4, abits <= 7): the weight codes are packed two per
-    byte and every call runs per-token activation quantization then the int8 tensor-core GEMM ``w4a4_matmul``.
+    byte and every call runs per-token activation quantization then the int8 tensor-core GEMM ``w4a4_matmul``;
+  - ``W8A8Linear`` for every other weight-activation setting (W8A8, W6A6, W4A8, groups along K, ...): codes of up to
+    8 bits in int8 containers (aq.kernels.w8a8), the same activation quantization with signed codes, an int8 GEMM.
+  ``kernel_for`` is the one place that makes this choice (KERNELS says what each serves).
   With a QuantConfig, plain ``nn.Linear`` modules (all but lm_head) are quantized round-to-nearest with exactly the
   qparams ``quantize_rtn`` would choose, so ``patch_model(m, cfg)`` equals ``patch_model(quantize_rtn(m, cfg))``.
 - lm_head and the token embedding stay as they are unless ``lm_head=True`` / ``embeddings=True`` (then they are
@@ -20,8 +23,9 @@ What is replaced
     transform in one Triton kernel (aq.kernels.norm), no dense d x d matmul; a full matrix stays a dense matmul
     (TRANSFORM_FORMS states each form's cost);
   - a weight-activation model (with ``fuse_norm=True``, the default) gets a ``DeferredNorm`` that returns its input
-    untouched: the consuming W4A4Linear modules quantize the raw residual stream with the norm (and its diagonal or
-    block-diagonal transform) fused into the quantization kernel, once per input (q, k and v share the codes).
+    untouched: the consuming W4A4Linear / W8A8Linear modules quantize the raw residual stream with the norm (and its
+    diagonal or block-diagonal transform) fused into the quantization kernel, once per input (q, k and v share the
+    codes).
 Runs on CPU (torch reference path, or interpreted Triton under TRITON_INTERPRET=1) and on CUDA (compiled Triton), and
 works with ``model.generate``. The modules themselves are in aq.deploy; this module is the walk over the model.
 """
@@ -34,8 +38,8 @@ from torch import nn
 
 from aq import models, primitives
 from aq.config import QuantConfig
-from aq.deploy import (HALF, DeferredNorm, FusedNorm, FusedProjections, ProjectionSlice, QuantEmbedding, W4A4Linear,
-                       W4A16Linear, concat_projections, norm_params)
+from aq.deploy import (HALF, ActQuantLinear, DeferredNorm, FusedNorm, FusedProjections, ProjectionSlice, QuantEmbedding,
+                       W4A4Linear, W4A16Linear, W8A8Linear, concat_projections, norm_params)
 from aq.kernels import w4a16 as k4a16
 from aq.qmodel import TRANSFORM_FORMS, FakeQuantLinear, TransformedNorm, set_submodule, split_norm, transform_form
 
@@ -44,6 +48,25 @@ from aq.qmodel import TRANSFORM_FORMS, FakeQuantLinear, TransformedNorm, set_sub
 def _rtn_codes(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool):
     scale, zero = primitives.choose_qparams(w, bits, group_size, symmetric)
     return primitives.quantize(w, scale, zero, bits, group_size), scale, zero
+
+
+# What serves each quantized linear (kernel_for decides; every setting aq calibrates has one)
+KERNELS = {
+    "w4a16": "weight-only (abits 16), 2..8-bit codes per group or per channel: W4A16Linear, fused dequantize-matmul "
+             "(2-bit codes in 2-bit slots, 3..4 in 4-bit, 5..8 in bytes)",
+    "w4a4": "per-channel weights of <= 4 bits with activations of <= 7 bits: W4A4Linear, two codes per byte, int8 GEMM",
+    "w8a8": "every other weight-activation setting (W8A8, W6A6, W4A8, weight groups, ...): W8A8Linear, codes of up to "
+            "8 bits in int8 containers, int8 GEMM",
+}
+
+
+def kernel_for(wbits: int, abits: int, group_size: int | None, K: int) -> str:
+    """The one dispatch by setting: the KERNELS entry that serves a linear of these bits, group size and input width."""
+    if abits >= 16:
+        return "w4a16"
+    if wbits <= 4 and abits <= 7 and primitives.check_group_size(K, group_size) == K:
+        return "w4a4"
+    return "w8a8"
 
 
 def _quantized_linear(src: nn.Module, cfg: QuantConfig | None, dtype: torch.dtype, name: str) -> nn.Module:
@@ -55,15 +78,15 @@ def _quantized_linear(src: nn.Module, cfg: QuantConfig | None, dtype: torch.dtyp
         wbits, group, abits, symmetric = cfg.wbits, cfg.group_size, cfg.abits, cfg.symmetric
         codes, scale, zero = _rtn_codes(src.weight.detach(), wbits, group, symmetric)
     bias = None if src.bias is None else src.bias.detach()
-    if abits >= 16:
-        return W4A16Linear.from_codes(codes, scale, zero, wbits, group, bias, dtype)
-    K = codes.shape[1]
-    if primitives.check_group_size(K, group) != K:
-        raise ValueError(f"{name}: the W4A4 kernel takes per-channel weights, this layer has groups of {group}")
-    if wbits > 4 or abits > 7:
-        raise ValueError(f"{name}: W{wbits}A{abits} has no kernel (weights <= 4 bits, activations <= 7 bits); "
-                         "evaluate the fake-quantized model instead")
-    return W4A4Linear.from_codes(codes, scale, zero, wbits, symmetric, bias, abits)
+    kind = kernel_for(wbits, abits, group, codes.shape[1])
+    try:
+        if kind == "w4a16":
+            return W4A16Linear.from_codes(codes, scale, zero, wbits, group, bias, dtype)
+        if kind == "w8a8":
+            return W8A8Linear.from_codes(codes, scale, zero, wbits, group, bias, abits)
+        return W4A4Linear.from_codes(codes, scale, zero, wbits, symmetric, bias, abits)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 def _rtn_linear(lin: nn.Linear, cfg: QuantConfig, dtype) -> W4A16Linear:
@@ -92,7 +115,7 @@ def patch_model(model: nn.Module, cfg: QuantConfig | None = None, *, lm_head: bo
     """Replace the quantized linears (and norms, see the module doc) of `model` in place by kernel-backed modules.
 
     cfg: needed only to quantize plain nn.Linear modules (round-to-nearest) and lm_head / embeddings; a calibrated
-    model's FakeQuantLinear modules carry their own settings. fuse_norm: fold the norms feeding W4A4 linears into
+    model's FakeQuantLinear modules carry their own settings. fuse_norm: fold the norms feeding W4A4 / W8A8 linears into
     their activation quantization. norm_kernel: every other decoder norm (and the final norm) runs aq's one-kernel
     norm (aq.kernels.norm) instead of the framework's composite one. fuse_projections: q/k/v (and gate/up) run as one
     kernel call on concatenated weights. dtype: storage dtype of scales / compute dtype of the W4A16 kernel (fp16 or
@@ -129,7 +152,7 @@ def patch_model(model: nn.Module, cfg: QuantConfig | None = None, *, lm_head: bo
         if form == "block" and (h < 16 or h & (h - 1)):
             warnings.warn(f"{site}: block-diagonal blocks of {h} (not a power of two >= 16) have no fused kernel; "
                           "the transform stays a separate einsum after the norm")
-        elif all(isinstance(c, W4A4Linear) for c in cons) and fuse_norm and form != "full":
+        elif all(isinstance(c, ActQuantLinear) for c in cons) and fuse_norm and form != "full":
             d = DeferredNorm(norm, t, off).to(norm.weight.device)
             set_submodule(model, site, d)
             for c in cons:
@@ -190,8 +213,8 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
 
 def patched_summary(model: nn.Module) -> dict[str, int]:
     """Counts of the patched module types in a model (for logs and tests)."""
-    kinds = (W4A16Linear, W4A4Linear, FusedNorm, DeferredNorm, QuantEmbedding, FakeQuantLinear, TransformedNorm,
-             FusedProjections, ProjectionSlice)
+    kinds = (W4A16Linear, W4A4Linear, W8A8Linear, FusedNorm, DeferredNorm, QuantEmbedding, FakeQuantLinear,
+             TransformedNorm, FusedProjections, ProjectionSlice)
     out = {k.__name__: 0 for k in kinds}
     for m in model.modules():
         for k in kinds:

@@ -52,6 +52,7 @@ def main(argv=None):
     p.add_argument("--runs", type=Path, default=Path("runs/accuracy"))
     p.add_argument("--out", type=Path, required=True, help="OUT.json and OUT.md are written")
     p.add_argument("--model", default="smollm2")
+    p.add_argument("--note", default="", help="a paragraph put under the table (how the runs were made)")
     p.add_argument("--collect-only", action="store_true",
                    help="run nothing: summarize the runs under --runs that finished (e.g. after a time limit)")
     a = p.parse_args(argv)
@@ -87,8 +88,8 @@ def main(argv=None):
     sets = [s for s in a.eval_data.split(",") if s]
     for variant in a.variants:
         res = [r for (v, _), r in done if v == variant and r is not None]
-        if not res:
-            rows[variant] = {"seeds": 0}
+        if not res:  # failed (non-zero exit) or, with --collect-only, never finished within its device call
+            rows[variant] = {"seeds": 0, "status": "not finished" if a.collect_only else "failed"}
             continue
         row = {"seeds": len(res), "calib_s": statistics.mean(r["quantize_seconds"] for r in res),
                "peak_gib": max((r["peak_gpu_gib"] or 0) for r in res), "gpu": res[0]["gpu"],
@@ -103,13 +104,14 @@ def main(argv=None):
              "|---|---|" + "---|" * len(sets) + "---|---|"]
     for v, r in rows.items():
         if not r["seeds"]:
-            lines.append(f"| {v} | 0 (failed) |" + " |" * (len(sets) + 2))
+            lines.append(f"| {v} | 0 ({r['status']}) |" + " |" * (len(sets) + 2))
             continue
         cells = [f"{r[s]['mean']:.2f} ({r[s]['min']:.2f}-{r[s]['max']:.2f})" for s in sets]
         lines.append(f"| {v} | {r['seeds']} | " + " | ".join(cells) + f" | {r['calib_s']:.0f} | {r['peak_gib']:.2f} |")
     gpu = next((r["gpu"] for r in rows.values() if r.get("gpu")), "cpu")
     text = (f"# Accuracy: {a.model}, {gpu}, {time.strftime('%Y-%m-%d')}\n\n{a.nsamples} x 2048 C4 segments, "
-            f"batch {a.batch_size}, epochs {a.epochs or 'paper'}, seeds {a.seeds}\n\n" + "\n".join(lines) + "\n")
+            f"batch {a.batch_size}, epochs {a.epochs or 'paper'}, seeds {a.seeds}\n\n" + "\n".join(lines) + "\n"
+            + (f"\n{a.note}\n" if a.note else ""))
     a.out.with_suffix(".md").write_text(text)
     print(text)
 

@@ -8,7 +8,8 @@ Families: fake_quant (forward, STE backward, LWC clipping gradients), affine (ma
 fused transform + fake quant, forward and backward), norm (rms / layer norm with diagonal and block-diagonal
 transforms), w4a16 (every kernel path - gemv, mma swapped / plain / folded, split-K, dequant + cuBLAS - over the M
 buckets, and the dispatcher's own pick), w4a4 (activation quantization with fused norm, the int GEMM per M bucket),
-patch (W4A16Linear / W4A4Linear modules and a patched tiny LLaMA against its CPU twin).
+w8a8 (signed activation codes of 4..8 bits, the int8-container GEMM per channel and per group, with fused norms),
+patch (W4A16Linear / W4A4Linear / W8A8Linear modules and patched tiny LLaMAs against their CPU twins).
 
 The kernel runs on the device (cuda, or cpu under TRITON_INTERPRET=1); the reference is the same public function on
 CPU copies of the inputs with AQ_BACKEND=torch (aq.backend then runs the plain-torch reference). Each case compares
@@ -355,27 +356,50 @@ def check_w4a16(c: Checker, n: int):
             c.run("w4a16", cfg["kernel"] if cfg else "dispatch", one, **info)
 
 
-def check_w4a4(c: Checker, n: int):
-    from aq.kernels import w4a4 as Q
+# the integer-GEMM families: weight / activation bits drawn, weight groups, signed (int8-container) activation codes
+_INT_GEMMS = dict(w4a4=dict(wbits=[4, 4, 3, 2], abits=[4, 4, 3, 7], groups=[None], signed=False),
+                  w8a8=dict(wbits=[8, 8, 6, 5, 4], abits=[8, 8, 6, 4], groups=[None, None, 32, 64, 128, 256, 48],
+                            signed=True))
 
+
+def check_w4a4(c: Checker, n: int):
+    _check_int_gemm(c, n, "w4a4")
+
+
+def check_w8a8(c: Checker, n: int):
+    _check_int_gemm(c, n, "w8a8")
+
+
+def _check_int_gemm(c: Checker, n: int, family: str):
+    from aq.kernels import w4a4 as Q
+    from aq.kernels import w8a8 as W
+
+    spec = _INT_GEMMS[family]
+    signed = spec["signed"]
+    if family == "w4a4":
+        pack, matmul, linear = (lambda w, b, group, sym: Q.pack_w4a4_weight(w, b, sym)), Q.w4a4_matmul, Q.w4a4_linear
+    else:
+        pack, matmul, linear = W.pack_w8a8_weight, W.w8a8_matmul, W.w8a8_linear
     for i in range(n):
         if i and c.out_of_time():
             break
         rng, g = c.rng, c.gen()
-        K = _ragged(rng, 32, 256 if c.quick else 4200, 2 if rng.random() < 0.8 else 1)
+        group = rng.choice(spec["groups"])
+        K = _ragged(rng, 32, 256 if c.quick else 4200, group or (2 if rng.random() < 0.8 else 1))
         N = _ragged(rng, 8, 100 if c.quick else 2100)
         M = rng.choice([1, 3, 17, 40] if c.quick else [1, 2, 5, 16, 31, 64, 100, 128, 300, 512, 1024, 2048])
-        wbits, abits = rng.choice([4, 4, 3, 2]), rng.choice([4, 4, 3, 7])
+        wbits, abits = rng.choice(spec["wbits"]), rng.choice(spec["abits"])
         wsym, asym = rng.random() < 0.3, rng.random() < 0.3
         dtype = rng.choice(HALF + (torch.float32,))
         fuse = rng.choice([None, "rms", "layer"])
         h = 16
         form = rng.choice([None, "diagonal", "blockdiag"]) if fuse else None
         if form == "blockdiag":
-            K = max(h, K // h * h)
+            step = math.lcm(h, group or 1)
+            K = max(step, K // step * step)
         N = max(8, min(N, int(1.5e9 // (M * K))))  # the float64 CPU reference: at most ~1.5 GFLOP a product
-        x = (torch.randn(M, K, generator=g) * 2).to(dtype)
-        wt = Q.pack_w4a4_weight(torch.randn(N, K, generator=g) * 0.05, wbits, wsym)
+        x = (torch.randn(M, K, generator=g) * 2 + 0.3).to(dtype)  # off-centre: the zero points matter
+        wt = pack(torch.randn(N, K, generator=g) * 0.05, wbits, group, wsym)
         bias = torch.randn(N, generator=g).to(dtype) if rng.random() < 0.4 else None
         nkw = {}
         if fuse:
@@ -383,16 +407,16 @@ def check_w4a4(c: Checker, n: int):
                        norm_bias=torch.randn(K, generator=g).to(dtype) if fuse == "layer" else None, norm_eps=1e-5,
                        transform=None if form is None else (torch.rand(K, generator=g) + 0.5 if form == "diagonal"
                                                             else torch.randn(K // h, h, h, generator=g) / 4))
-        info = dict(M=M, K=K, N=N, wbits=wbits, abits=abits, wsym=wsym, asym=asym, norm=fuse, form=form,
+        info = dict(M=M, K=K, N=N, wbits=wbits, abits=abits, group=group, wsym=wsym, asym=asym, norm=fuse, form=form,
                     dtype=str(dtype)[6:], bias=bias is not None)
         dkw = {k: c.dev(v) for k, v in nkw.items()}
         wd = wt.to(c.device)
 
         def act():
             t0 = time.time()
-            got = Q.quantize_activation(c.dev(x), abits, asym, **dkw)
+            got = Q.quantize_activation(c.dev(x), abits, asym, signed=signed, **dkw)
             with torch_backend():
-                ref = Q.quantize_activation(x, abits, asym, **nkw)
+                ref = Q.quantize_activation(x, abits, asym, signed=signed, **nkw)
             dq = lambda a: ((a.q.double() - a.zero.double().unsqueeze(-1)) * a.scale.double().unsqueeze(-1))  # noqa
             codes = (got.q.cpu().int() - ref.q.int()).abs()
             errs = dict(codes_off=float((codes > 0).float().mean()), codes_max=float(codes.max()),
@@ -401,34 +425,35 @@ def check_w4a4(c: Checker, n: int):
             # fused norm/transform in fp32 on either side: a rare tie may flip one code by one step
             tol = dict(codes_off=flip_tol(ref.q, 5e-3 if fuse else 1e-3), codes_max=1.0,
                        scale=1e-5 if not fuse else 1e-4, values=5e-2, code_sum=0.0)
-            c.record("w4a4", "quantize_activation", errs, tol, t0, **info)
+            c.record(family, "quantize_activation", errs, tol, t0, **info)
 
         def mm():
             t0 = time.time()
-            a = Q.quantize_activation_reference(x.float(), abits, asym)
+            a = Q.quantize_activation_reference(x.float(), abits, asym, signed=signed)
             ad = Q.QuantizedActivation(*(c.dev(v) for v in a))  # a NamedTuple
-            got = Q.w4a4_matmul(ad, wd, None, torch.int32)
+            errs, tol = {}, {}
+            if group is None:  # the exact integer sum
+                got = matmul(ad, wd, None, torch.int32)
+                with torch_backend():
+                    ref = matmul(a, wt, None, torch.int32)
+                errs["int_mismatch"], tol["int_mismatch"] = float((got.cpu() != ref).float().mean()), 0.0
+            gy = matmul(ad, wd, c.dev(bias), dtype)
             with torch_backend():
-                ref = Q.w4a4_matmul(a, wt, None, torch.int32)
-            exact = float((got.cpu() != ref).float().mean())
-            odt = dtype
-            gy = Q.w4a4_matmul(ad, wd, c.dev(bias), odt)
-            with torch_backend():
-                ry = Q.w4a4_matmul(a, wt, bias, odt)
-            c.record("w4a4", "matmul", dict(int_mismatch=exact, y=rel(gy, ry)),
-                     dict(int_mismatch=0.0, y=_tol(odt, 1e-5, 1.6e-2)), t0, **info)
+                ry = matmul(a, wt, bias, dtype)
+            errs["y"], tol["y"] = rel(gy, ry), _tol(dtype, 1e-5, 1.6e-2)
+            c.record(family, "matmul", errs, tol, t0, **info)
 
-        def linear():
+        def lin():
             t0 = time.time()
-            got = Q.w4a4_linear(c.dev(x), wd, c.dev(bias), abits=abits, a_symmetric=asym, **dkw)
+            got = linear(c.dev(x), wd, c.dev(bias), abits=abits, a_symmetric=asym, **dkw)
             with torch_backend():
-                ref = Q.w4a4_linear(x, wt, bias, abits=abits, a_symmetric=asym, **nkw)
+                ref = linear(x, wt, bias, abits=abits, a_symmetric=asym, **nkw)
             # a flipped activation code (fused norm in fp32 on either side) moves whole output rows by one step
-            c.record("w4a4", "linear", dict(y=rel(got, ref)), 5e-2 if fuse else _tol(dtype, 1e-5, 1.6e-2), t0, **info)
+            c.record(family, "linear", dict(y=rel(got, ref)), 5e-2 if fuse else _tol(dtype, 1e-5, 1.6e-2), t0, **info)
 
-        c.run("w4a4", "quantize_activation", act, **info)
-        c.run("w4a4", "matmul", mm, **info)
-        c.run("w4a4", "linear", linear, **info)
+        c.run(family, "quantize_activation", act, **info)
+        c.run(family, "matmul", mm, **info)
+        c.run(family, "linear", lin, **info)
 
 
 def _tiny_llama(hidden, inter, layers):
@@ -447,7 +472,8 @@ def check_patch(c: Checker, n: int):
     from aq.config import QuantConfig
     from aq.kernels import w4a4 as Q
     from aq.kernels import w4a16 as W
-    from aq.deploy import W4A4Linear, W4A16Linear
+    from aq.deploy import W4A4Linear, W4A16Linear, W8A8Linear
+    from aq.kernels import w8a8 as W8
     from aq.patch import patch_model
 
     for i in range(n):
@@ -480,11 +506,22 @@ def check_patch(c: Checker, n: int):
                     ref = m(x)
             c.record("patch", "W4A4Linear", dict(y=rel(got, ref)), 2e-2, t0, **info)
 
+        def lin8():
+            t0 = time.time()
+            m = W8A8Linear(W8.pack_w8a8_weight(w, 8, 64), bias, 8)
+            with torch.no_grad():
+                got = copy.deepcopy(m).to(c.device)(c.dev(x))
+                with torch_backend():
+                    ref = m(x)
+            c.record("patch", "W8A8Linear", dict(y=rel(got, ref)), 2e-2, t0, **info)
+
         c.run("patch", "W4A16Linear", lin16, **info)
         c.run("patch", "W4A4Linear", lin4, **info)
+        c.run("patch", "W8A8Linear", lin8, **info)
 
     # whole patched models (norm fusion, fused projections, deferred norms), each against its CPU twin in fp32
-    for wbits, abits, group in ((4, 16, 32), (4, 4, None), (3, 6, None))[: 2 if c.quick else 3]:
+    for wbits, abits, group in ((4, 16, 32), (4, 4, None), (8, 8, None), (3, 6, None), (6, 6, 64), (2, 16, 64),
+                                (3, 16, 64))[: 3 if c.quick else 7]:
         info = dict(wbits=wbits, abits=abits, group=group)
 
         def model(wbits=wbits, abits=abits, group=group, info=info):
@@ -503,12 +540,12 @@ def check_patch(c: Checker, n: int):
 
 
 FAMILIES = dict(fake_quant=check_fake_quant, affine=check_affine, norm=check_norm, w4a16=check_w4a16,
-                w4a4=check_w4a4, patch=check_patch)
+                w4a4=check_w4a4, w8a8=check_w8a8, patch=check_patch)
 # cases per family (each w4a16 problem runs every admitted kernel path: ~4-6 cases)
-FULL = dict(fake_quant=60, affine=30, norm=60, w4a16=60, w4a4=40, patch=10)
+FULL = dict(fake_quant=60, affine=30, norm=60, w4a16=60, w4a4=40, w8a8=40, patch=10)
 # shares of --budget-s (compile time dominates a cold run: the matmul families have the most variants)
-SHARE = dict(fake_quant=1.0, affine=1.0, norm=0.5, w4a16=2.0, w4a4=1.5, patch=1.0)
-QUICK = dict(fake_quant=2, affine=1, norm=2, w4a16=1, w4a4=1, patch=1)
+SHARE = dict(fake_quant=1.0, affine=1.0, norm=0.5, w4a16=2.0, w4a4=1.5, w8a8=1.0, patch=1.0)
+QUICK = dict(fake_quant=2, affine=1, norm=2, w4a16=1, w4a4=1, w8a8=2, patch=1)
 
 
 def main(argv=None) -> int:

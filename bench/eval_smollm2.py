@@ -28,19 +28,6 @@ from aq.patch import patch_model, patched_summary
 PPL = ("wikitext2", "c4")
 
 
-@torch.no_grad()
-def logit_error(a_model, b_model, toks: torch.Tensor, windows: int, seqlen: int = 2048) -> float:
-    num = den = 0.0
-    dev = next(a_model.parameters()).device
-    for i in range(windows):
-        x = toks[i * seqlen:(i + 1) * seqlen][None].to(dev)
-        a = a_model(x, use_cache=False).logits.float()
-        b = b_model(x, use_cache=False).logits.float()
-        num += (a - b).pow(2).sum().item()
-        den += a.pow(2).sum().item()
-    return (num / den) ** 0.5
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=models.DEFAULT_MODEL)
@@ -93,7 +80,7 @@ def main():
                 name = f"RTN {setting}"
             fq_ppl = aq_eval.perplexities(fq, tok, PPL, args.seqlen, args.eval_windows, 8, f"{name} fake")
             pm = patch_model(copy.deepcopy(fq))
-            err = logit_error(fq, pm, wt, args.logit_windows, args.seqlen)
+            err = aq_eval.logit_error(fq, pm, wt, args.logit_windows, args.seqlen)
             del fq
             torch.cuda.empty_cache()
             row = ev(pm, f"{name} (aq kernels)")

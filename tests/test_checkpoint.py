@@ -8,7 +8,7 @@ from aq.calib.rtn import quantize_rtn
 from aq.checkpoint import CheckpointError, MANIFEST, TENSORS, load_checkpoint, read_manifest, save_checkpoint
 from aq.packing import pack_storage_codes, unpack_storage_codes
 from aq.config import QuantConfig
-from aq.deploy import W4A4Linear
+from aq.deploy import W4A4Linear, W8A8Linear
 from aq.patch import patched_summary
 from aq.qmodel import FakeQuantLinear, TransformedNorm
 from tests.conftest import make_tokenizer, tiny_llama, tiny_opt
@@ -79,6 +79,16 @@ def test_load_into_a_given_model_and_patched(tmp_path):
     assert m is into and torch.equal(logits(fq), logits(m))
     pm = aq.load_checkpoint(tmp_path / "ck", patch=True)
     assert patched_summary(pm)["W4A4Linear"] == 8 and isinstance(pm.model.layers[0].mlp.down_proj, W4A4Linear)
+    ref = logits(fq)
+    assert ((logits(pm) - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_a_w6a6_checkpoint_loads_patched(tmp_path):
+    cfg = QuantConfig(wbits=6, abits=6, group_size=None, mode="rtn")
+    fq = quantize_rtn(tiny_llama(), cfg)
+    save_checkpoint(fq, cfg, tmp_path / "ck")
+    pm = aq.load_checkpoint(tmp_path / "ck", patch=True)
+    assert patched_summary(pm)["W8A8Linear"] == 8 and isinstance(pm.model.layers[0].mlp.down_proj, W8A8Linear)
     ref = logits(fq)
     assert ((logits(pm) - ref).norm() / ref.norm()) < 1e-5
 

@@ -7,8 +7,8 @@ from aq.calib.rtn import quantize_rtn
 from aq.config import QuantConfig
 from aq.kernels.w4a16 import dequantize_weight
 from aq.models import arch_of
-from aq.deploy import DeferredNorm, FusedNorm, QuantEmbedding, W4A4Linear, W4A16Linear
-from aq.patch import patch_model, patched_summary, weight_bytes
+from aq.deploy import DeferredNorm, FusedNorm, QuantEmbedding, W4A4Linear, W4A16Linear, W8A8Linear
+from aq.patch import kernel_for, patch_model, patched_summary, weight_bytes
 from aq.primitives import fake_quant
 from aq.qmodel import FakeQuantLinear, TransformedNorm
 from tests.conftest import tiny_llama, tiny_opt
@@ -135,19 +135,47 @@ def test_lm_head_and_embeddings_on_request_and_generate():
     assert out.shape == (1, 8)
 
 
-def test_generate_matches_the_fake_quant_model():
-    fq = quantize_rtn(tiny_llama(), QuantConfig(wbits=4, abits=4, group_size=None))
+@pytest.mark.parametrize("wbits,abits", [(4, 4), (8, 8)])  # W4A4Linear, W8A8Linear (decode: one token a call)
+def test_generate_matches_the_fake_quant_model(wbits, abits):
+    fq = quantize_rtn(tiny_llama(), QuantConfig(wbits=wbits, abits=abits, group_size=None))
     pm = patch_model(copy.deepcopy(fq))
     a = fq.generate(IDS[:1, :6], max_new_tokens=4, do_sample=False)
     b = pm.generate(IDS[:1, :6], max_new_tokens=4, do_sample=False)
     assert torch.equal(a, b)
 
 
+# every setting aq calibrates (issue 16): (wbits, abits, group) -> the module that serves it
+SETTINGS = [(8, 8, None, W8A8Linear), (6, 6, None, W8A8Linear), (8, 8, 32, W8A8Linear), (4, 4, 32, W8A8Linear),
+            (4, 8, None, W8A8Linear), (4, 4, None, W4A4Linear), (3, 16, 64, W4A16Linear), (2, 16, 64, W4A16Linear)]
+
+
+@pytest.mark.parametrize("wbits,abits,group,kind", SETTINGS,
+                         ids=lambda v: v.__name__ if isinstance(v, type) else str(v))
+def test_every_calibrated_setting_is_served_like_its_fake_quant_model(wbits, abits, group, kind, one_thread):
+    fq = quantize_rtn(tiny_llama(), QuantConfig(wbits=wbits, abits=abits, group_size=group, mode="rtn"))
+    pm = patch_model(copy.deepcopy(fq))
+    s = patched_summary(pm)
+    assert s[kind.__name__] == 8 and s["FakeQuantLinear"] == 0  # q/k/v, gate/up joined: 4 per layer, 2 layers
+    assert isinstance(pm.model.layers[0].mlp.down_proj, kind)
+    ref = logits(fq)
+    if abits < 16:
+        # integer GEMM on exact per-token codes, fp32 epilogue: the fp32 fake-quant model up to summation order
+        # (a wrong code, zero point or scale anywhere moves the logits by > 1e-3)
+        assert s["DeferredNorm"] == 4 and rel(ref, logits(pm)) < 1e-5
+    else:
+        # the weight-only kernel computes in bf16: within twice what bf16 alone does to the fake-quant model
+        noise = rel(ref, logits(copy.deepcopy(fq).to(torch.bfloat16)))
+        assert rel(ref, logits(pm)) < 2 * noise
+
+
+def test_kernel_for_is_the_one_dispatch():
+    assert kernel_for(4, 16, 64, 128) == "w4a16" and kernel_for(8, 16, None, 128) == "w4a16"
+    assert kernel_for(4, 4, None, 128) == "w4a4" and kernel_for(3, 7, 128, 128) == "w4a4"  # one group = per channel
+    assert kernel_for(8, 8, None, 128) == kernel_for(6, 6, None, 128) == kernel_for(4, 4, 64, 128) == "w8a8"
+    assert kernel_for(4, 8, None, 128) == kernel_for(5, 4, None, 128) == "w8a8"
+
+
 def test_patch_refuses_what_has_no_kernel():
-    with pytest.raises(ValueError, match="per-channel"):
-        patch_model(tiny_llama(), QuantConfig(wbits=4, abits=4, group_size=32))
-    with pytest.raises(ValueError, match="W6A6 has no kernel"):
-        patch_model(tiny_llama(), QuantConfig(wbits=6, abits=6, group_size=None))
     with pytest.raises(ValueError, match="nothing to patch"):
         patch_model(tiny_llama())
     with pytest.raises(ValueError, match="needs a QuantConfig"):

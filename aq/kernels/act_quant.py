@@ -2,15 +2,17 @@
 of W4A4; any GEMM on int8 codes with per-token scales can take its output).
 
 ``quantize_activation(x, bits=4, symmetric=False, norm=None, norm_weight=None, norm_bias=None, norm_eps=1e-6,
-transform=None) -> QuantizedActivation(q, scale, zero, code_sum)``: per-token quantization of x [..., K]: q int8 codes
-in [0, 2^bits - 1] (exactly those of ``primitives.quantize(y, *primitives.choose_qparams(y, bits, None, symmetric),
-bits)``), scale float32 [...], zero int32 [...], code_sum int32 [...] (sum of each token's codes, for a GEMM's
-zero-point correction). y is x itself (``norm=None``), or ``norm(x) * norm_weight (+ norm_bias)`` with
+transform=None, signed=False) -> QuantizedActivation(q, scale, zero, code_sum)``: per-token quantization of x [..., K]:
+q int8 codes in [0, 2^bits - 1] (exactly those of ``primitives.quantize(y, *primitives.choose_qparams(y, bits, None,
+symmetric), bits)``), scale float32 [...], zero int32 [...], code_sum int32 [...] (sum of each token's codes, for a
+GEMM's zero-point correction). y is x itself (``norm=None``), or ``norm(x) * norm_weight (+ norm_bias)`` with
 ``norm="rms"`` or ``"layer"``; then optionally times a diagonal (``transform`` of shape [K]) or right-multiplied block
 by block by a block-diagonal matrix (``transform`` of shape [K // h, h, h]: ``y[:, b*h:(b+1)*h] @ transform[b]``; h a
-power of two >= 16). Without a block-diagonal transform it is one kernel and the normalized row never goes to memory;
-a block-diagonal transform takes two kernels (the products, block-parallel, through a float32 buffer, then the norm
-and quantization). Rows longer than 16384 go through a chunked kernel. bits 2..7 (codes must fit an int8 operand).
+power of two >= 16). Without a block-diagonal transform it is one kernel and the normalized row never goes to memory; a
+block-diagonal transform takes two kernels (the products, block-parallel, through a float32 buffer, then the norm and
+quantization). Rows longer than 16384 go through a chunked kernel. bits 2..7 (codes must fit an int8 operand); with
+``signed=True`` bits 2..8 and the codes, zero point and code sum are stored shifted by -2^(bits-1) (the int8 containers
+of aq.kernels.w8a8: q - z and the dequantized values are unchanged).
 The plain-torch reference is ``quantize_activation_reference``; ``quantize_activation`` dispatches through aq.backend.
 
 Codes are exact: min/max, scale and zero point follow aq.primitives operation by operation (aq.kernels.common); the
@@ -41,7 +43,7 @@ _MAX_ROW_BLOCK = 16384  # rows up to this many columns are quantized with the wh
 
 class QuantizedActivation(NamedTuple):
     """Per-token codes of an activation [..., K]."""
-    q: torch.Tensor         # int8 [..., K], codes in [0, 2^bits - 1]
+    q: torch.Tensor         # int8 [..., K], codes in [0, 2^bits - 1] (signed: shifted by -2^(bits-1))
     scale: torch.Tensor     # float32 [...]
     zero: torch.Tensor      # int32 [...]
     code_sum: torch.Tensor  # int32 [...], sum over k of the codes
@@ -56,9 +58,9 @@ def check_float(t: torch.Tensor, what: str):
 
 
 
-def _check_abits(bits):
+def _check_abits(bits, signed=False):
     primitives.check_bits(bits, "abits")
-    if bits > 7:
+    if bits > 7 and not signed:
         raise ValueError(f"activation codes must fit a signed int8 operand (<= 7 bits), got bits={bits}")
     return bits
 
@@ -85,19 +87,24 @@ def _normed_reference(x, norm, norm_weight, norm_bias, norm_eps, transform):
 
 
 def quantize_activation_reference(x, bits=4, symmetric=False, norm=None, norm_weight=None, norm_bias=None,
-                                  norm_eps=1e-6, transform=None) -> QuantizedActivation:
+                                  norm_eps=1e-6, transform=None, signed=False) -> QuantizedActivation:
     """Plain-torch reference of quantize_activation (aq.primitives on the float32 normalized, transformed row)."""
-    _check_act_args(x, bits, norm, norm_weight, norm_bias, transform)
+    _check_act_args(x, bits, norm, norm_weight, norm_bias, transform, signed)
     y = _normed_reference(x, norm, norm_weight, norm_bias, norm_eps, transform)
     scale, zero = primitives.choose_qparams(y, bits, None, symmetric)
-    q = primitives.quantize(y, scale, zero, bits)
-    scale, zero = scale.squeeze(-1), zero.squeeze(-1)
-    return QuantizedActivation(q.to(torch.int8), scale, zero.to(torch.int32), q.sum(-1, dtype=torch.int32))
+    q = primitives.quantize(y, scale, zero, bits).to(torch.int32) - _offset(bits, signed)
+    zero = zero.squeeze(-1).to(torch.int32) - _offset(bits, signed)
+    return QuantizedActivation(q.to(torch.int8), scale.squeeze(-1), zero, q.sum(-1, dtype=torch.int32))
 
 
-def _check_act_args(x, bits, norm, norm_weight, norm_bias, transform):
+def _offset(bits: int, signed: bool) -> int:
+    """What stored codes are shifted down by: 2^(bits-1) for signed (int8-container) codes, else 0."""
+    return 2 ** (bits - 1) if signed else 0
+
+
+def _check_act_args(x, bits, norm, norm_weight, norm_bias, transform, signed=False):
     check_float(x, "activation x")
-    _check_abits(bits)
+    _check_abits(bits, signed)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"activation must have a non-empty last dimension, got shape {tuple(x.shape)}")
     K = x.shape[-1]
@@ -130,7 +137,7 @@ def _act_quant_rows_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, cs_ptr, nw_ptr, nb_ptr, d_ptr, st_ptr, u_ptr, v_ptr,
     M, K, NB, stride_xm, stride_qm, eps,
     BITS: tl.constexpr, SYMMETRIC: tl.constexpr, NORM: tl.constexpr, HAS_NB: tl.constexpr, DIAG: tl.constexpr,
-    POST: tl.constexpr, H: tl.constexpr, FAST_DIV: tl.constexpr, SCALE_EPS: tl.constexpr,
+    POST: tl.constexpr, H: tl.constexpr, FAST_DIV: tl.constexpr, SCALE_EPS: tl.constexpr, OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NB: tl.constexpr,
 ):
     """Whole rows in registers: one load, norm, diagonal, range, codes, stores.
@@ -178,10 +185,10 @@ def _act_quant_rows_kernel(
     xmax = tl.max(tl.where(m, x, float("-inf")), axis=1)
     xmin = tl.min(tl.where(m, x, float("inf")), axis=1)
     scale, zero = qparams(xmin, xmax, BITS, SYMMETRIC, SCALE_EPS)
-    q = tl.where(m, quant_codes(x, scale[:, None], zero[:, None], BITS, FAST_DIV), 0.0).to(tl.int32)
+    q = tl.where(m, quant_codes(x, scale[:, None], zero[:, None], BITS, FAST_DIV) - OFFSET, 0.0).to(tl.int32)
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(tl.int8), mask=m)
     tl.store(s_ptr + rows, scale, mask=rok)
-    tl.store(z_ptr + rows, zero.to(tl.int32), mask=rok)
+    tl.store(z_ptr + rows, zero.to(tl.int32) - OFFSET, mask=rok)
     tl.store(cs_ptr + rows, tl.sum(q, axis=1), mask=rok)
 
 
@@ -240,8 +247,8 @@ def _act_quant_chunked_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, cs_ptr, nw_ptr, nb_ptr, t_ptr,
     M, K, stride_xm, stride_qm, eps,
     BITS: tl.constexpr, SYMMETRIC: tl.constexpr, NORM: tl.constexpr, HAS_NB: tl.constexpr, TRANSFORM: tl.constexpr,
-    FAST_DIV: tl.constexpr, SCALE_EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-    PREC: tl.constexpr,
+    FAST_DIV: tl.constexpr, SCALE_EPS: tl.constexpr, OFFSET: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr, PREC: tl.constexpr,
 ):
     """Rows longer than _MAX_ROW_BLOCK, in chunks: norm statistics, then the range, then the codes (recomputing)."""
     pid = tl.program_id(0)
@@ -262,11 +269,11 @@ def _act_quant_chunked_kernel(
     for c0 in range(0, K, BLOCK_C):
         y, m = _chunk(x_ptr, nw_ptr, nb_ptr, t_ptr, rows64, rok, c0, K, stride_xm, mean, rstd,
                       NORM, HAS_NB, TRANSFORM, BLOCK_C, PREC)
-        q = tl.where(m, quant_codes(y, scale[:, None], zero[:, None], BITS, FAST_DIV), 0.0).to(tl.int32)
+        q = tl.where(m, quant_codes(y, scale[:, None], zero[:, None], BITS, FAST_DIV) - OFFSET, 0.0).to(tl.int32)
         tl.store(q_ptr + rows64[:, None] * stride_qm + (c0 + cc)[None, :], q.to(tl.int8), mask=m)
         csum += tl.sum(q, axis=1)
     tl.store(s_ptr + rows, scale, mask=rok)
-    tl.store(z_ptr + rows, zero.to(tl.int32), mask=rok)
+    tl.store(z_ptr + rows, zero.to(tl.int32) - OFFSET, mask=rok)
     tl.store(cs_ptr + rows, csum, mask=rok)
 
 
@@ -288,8 +295,8 @@ def _row_launch(M, K):
 
 
 def quantize_activation_triton(x, bits=4, symmetric=False, norm=None, norm_weight=None, norm_bias=None,
-                               norm_eps=1e-6, transform=None) -> QuantizedActivation:
-    _check_act_args(x, bits, norm, norm_weight, norm_bias, transform)
+                               norm_eps=1e-6, transform=None, signed=False) -> QuantizedActivation:
+    _check_act_args(x, bits, norm, norm_weight, norm_bias, transform, signed)
     K = x.shape[-1]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
@@ -308,7 +315,7 @@ def quantize_activation_triton(x, bits=4, symmetric=False, norm=None, norm_weigh
     tr = _as_param(transform, x2)
     blockdiag = transform is not None and transform.dim() == 3
     common = dict(BITS=bits, SYMMETRIC=bool(symmetric), NORM=_NORMS[norm], HAS_NB=norm_bias is not None,
-                  FAST_DIV=_fast_div(), SCALE_EPS=primitives.SCALE_EPS)
+                  FAST_DIV=_fast_div(), SCALE_EPS=primitives.SCALE_EPS, OFFSET=_offset(bits, signed))
     eps = float(norm_eps) if norm is not None else 0.0
     if K > _MAX_ROW_BLOCK:
         if blockdiag:
@@ -349,12 +356,13 @@ def quantize_activation_triton(x, bits=4, symmetric=False, norm=None, norm_weigh
 
 
 def quantize_activation(x, bits=4, symmetric=False, norm=None, norm_weight=None, norm_bias=None, norm_eps=1e-6,
-                        transform=None) -> QuantizedActivation:
+                        transform=None, signed=False) -> QuantizedActivation:
     """Per-token quantization of x [..., K], fused with the norm and transform before it (see the module doc)."""
-    _check_act_args(x, bits, norm, norm_weight, norm_bias, transform)
+    _check_act_args(x, bits, norm, norm_weight, norm_bias, transform, signed)
     tensors = [t for t in (x, norm_weight, norm_bias, transform) if isinstance(t, torch.Tensor)]
+    args = (x, bits, symmetric, norm, norm_weight, norm_bias, norm_eps, transform, signed)
     if backend.choose(*tensors) == backend.TRITON:
-        return quantize_activation_triton(x, bits, symmetric, norm, norm_weight, norm_bias, norm_eps, transform)
-    return quantize_activation_reference(x, bits, symmetric, norm, norm_weight, norm_bias, norm_eps, transform)
+        return quantize_activation_triton(*args)
+    return quantize_activation_reference(*args)
 
 

@@ -15,7 +15,9 @@ Public API
 - ``w4a4_linear(x, weight, bias=None, *, abits=4, a_symmetric=False, norm=..., transform=..., out_dtype=None)``:
   both steps; out_dtype defaults to x's dtype (float32 for float32 inputs).
 - References in plain torch beside them: ``w4a4_matmul_reference`` (and act_quant's
-  ``quantize_activation_reference``). Also ``pick_config(M, N, K, device)`` (the dispatch) and ``unpack_weight_int8``.
+  ``quantize_activation_reference``). Also ``pick_config(M, N, K, device)`` (the dispatch), ``unpack_weight_int8`` and
+  ``check_gemm_args`` / ``gemm_rows`` / ``dispatch_gemm`` (the checks, operands and backend choice of an integer
+  GEMM, shared with aq.kernels.w8a8).
 All calls go through ``aq.backend``: compiled Triton on CUDA, interpreted Triton on CPU under TRITON_INTERPRET=1, the
 torch references otherwise.
 
@@ -137,12 +139,17 @@ def pack_w4a4_weight(w: torch.Tensor, wbits: int = 4, symmetric: bool = False,
 def _check_mm_args(a: QuantizedActivation, weight: W4A4Weight, bias, out_dtype):
     if not isinstance(weight, W4A4Weight):
         raise TypeError(f"weight must be a W4A4Weight (see pack_w4a4_weight), got {type(weight).__name__}")
+    check_gemm_args(a, weight.K, weight.N, bias, out_dtype)
+
+
+def check_gemm_args(a: QuantizedActivation, K: int, N: int, bias, out_dtype):
+    """The activation, bias and output dtype of an integer GEMM with a weight [N, K] (also aq.kernels.w8a8's)."""
     if not isinstance(a, QuantizedActivation):
         raise TypeError(f"activation must be a QuantizedActivation (see quantize_activation), got {type(a).__name__}")
     if a.q.dtype != torch.int8:
         raise TypeError(f"activation codes must be int8, got {a.q.dtype}")
-    if a.q.dim() < 1 or a.q.shape[-1] != weight.K:
-        raise ValueError(f"activation has K={a.q.shape[-1] if a.q.dim() else None} but the weight has K={weight.K}")
+    if a.q.dim() < 1 or a.q.shape[-1] != K:
+        raise ValueError(f"activation has K={a.q.shape[-1] if a.q.dim() else None} but the weight has K={K}")
     lead = tuple(a.q.shape[:-1])
     for name, t, dt in (("scale", a.scale, torch.float32), ("zero", a.zero, torch.int32),
                         ("code_sum", a.code_sum, torch.int32)):
@@ -150,8 +157,8 @@ def _check_mm_args(a: QuantizedActivation, weight: W4A4Weight, bias, out_dtype):
             raise ValueError(f"activation {name} must be {dt} of shape {lead}, got {t.dtype} {tuple(t.shape)}")
     if bias is not None:
         check_float(bias, "bias")
-        if tuple(bias.shape) != (weight.N,):
-            raise ValueError(f"bias must have shape [{weight.N}], got {tuple(bias.shape)}")
+        if tuple(bias.shape) != (N,):
+            raise ValueError(f"bias must have shape [{N}], got {tuple(bias.shape)}")
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
 
@@ -405,12 +412,8 @@ def w4a4_matmul_triton(a: QuantizedActivation, weight: W4A4Weight, bias=None, ou
                        config: dict | None = None):
     _check_mm_args(a, weight, bias, out_dtype)
     K, N = weight.K, weight.N
-    lead = tuple(a.q.shape[:-1])
-    q = a.q.reshape(-1, K)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    q, y, lead = gemm_rows(a, K, N, out_dtype)
     M = q.shape[0]
-    y = torch.empty(M, N, dtype=out_dtype, device=q.device)
     if M == 0:
         return y.reshape(*lead, N)
     cfg = dict(config) if config is not None else pick_config(M, N, K, q.device)
@@ -453,10 +456,25 @@ def w4a4_matmul_triton(a: QuantizedActivation, weight: W4A4Weight, bias=None, ou
 def w4a4_matmul(a: QuantizedActivation, weight: W4A4Weight, bias=None, out_dtype=torch.float16):
     """y = ((qa - za) sa) ((qw - zw) sw)^T + bias for quantized activations a [..., K] and a packed weight [N, K]."""
     _check_mm_args(a, weight, bias, out_dtype)
-    tensors = [a.q, weight.packed] + ([bias] if bias is not None else [])
-    if backend.choose(*tensors) == backend.TRITON:
-        return w4a4_matmul_triton(a, weight, bias, out_dtype)
-    return w4a4_matmul_reference(a, weight, bias, out_dtype)
+    return dispatch_gemm(w4a4_matmul_triton, w4a4_matmul_reference, a, weight, weight.packed, bias, out_dtype)
+
+
+def gemm_rows(a: QuantizedActivation, K: int, N: int, out_dtype) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """An integer GEMM's activation codes as rows [M, K] (unit stride along K), its output [M, N] to fill, and the
+    activation's leading shape."""
+    lead = tuple(a.q.shape[:-1])
+    q = a.q.reshape(-1, K)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    return q, torch.empty(q.shape[0], N, dtype=out_dtype, device=q.device), lead
+
+
+def dispatch_gemm(triton_fn, reference_fn, a: QuantizedActivation, weight, codes: torch.Tensor, bias, out_dtype):
+    """A checked integer GEMM (this module's or aq.kernels.w8a8's) on whichever path aq.backend picks for its
+    tensors (codes: the weight's code tensor)."""
+    tensors = [a.q, codes] + ([bias] if bias is not None else [])
+    fn = triton_fn if backend.choose(*tensors) == backend.TRITON else reference_fn
+    return fn(a, weight, bias, out_dtype)
 
 
 def w4a4_linear(x, weight: W4A4Weight, bias=None, *, abits=4, a_symmetric=False, norm=None, norm_weight=None,
