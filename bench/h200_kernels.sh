@@ -7,9 +7,13 @@
 # Each step has its own timeout inside a total bound (TOTAL_S, default 500 s); a step that fails or times out is
 # recorded and the next one still runs. Exit code: non-zero when a check failed or a step crashed.
 #   OUT=/some/dir bash bench/h200_kernels.sh            # QUICK=1: kernels.py --quick and smaller checks
+# The device tool brings back at most 8 files from $OUT: everything is written under $OUT/work and packed at the end
+# into $OUT/h200_kernels.tgz (steps.tsv and gpu.txt also stay beside it). Unpack with tar xzf.
 set -u
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the output folder}"
+FINAL=$OUT
+OUT=$FINAL/work
 TOTAL_S=${TOTAL_S:-500}
 PY=${PY:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package of this checkout
@@ -54,4 +58,5 @@ step kernels 120 $PY bench/kernels.py --out "$OUT/kernels" $KQ
 step kernels_fallback 40 env AQ_FALLBACK=nearest $PY bench/kernels.py --out "$OUT/kernels_fallback" \
   --methods bf16,aq_w4a16 --shapes 4096x4096,4096x14336,14336x4096 --ms 1,16,128,4096
 echo "== all steps in $(( $(date +%s) - T0 ))s, status $STATUS"; cat "$OUT/steps.tsv"
+cp "$OUT/steps.tsv" "$OUT/gpu.txt" "$FINAL/" && tar czf "$FINAL/h200_kernels.tgz" -C "$OUT" . && rm -rf "$OUT"
 exit $STATUS
