@@ -29,8 +29,9 @@ def main():
                    help="dominance floor of the projection (aq's MIN_MARGIN, 0.05) for this probe only")
     p.add_argument("--out", default=None, help="JSON file (default alpha_probe_<alpha>_<seed>.json)")
     a = p.parse_args()
-    if a.min_margin is not None:  # the projection's default argument, bound when aq.calib.transforms was imported
-        Transform.keep_dominant_.__defaults__ = (a.min_margin,)
+    if a.min_margin is not None:  # the projection's default argument (bound at definition, under no_grad's wrapper)
+        fn = Transform.keep_dominant_
+        getattr(fn, "__wrapped__", fn).__defaults__ = (a.min_margin,)
     torch.manual_seed(a.seed)
     model, tok = aq.load_model("smollm2")
     seg = calib_segments(tok, "c4", 16, 256, seed=a.seed)
