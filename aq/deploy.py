@@ -23,7 +23,7 @@ from aq.kernels import w4a4 as k4a4
 from aq.kernels import w4a16 as k4a16
 from aq.kernels import w8a8 as k8a8
 from aq.kernels.norm import apply_transform, norm_transform
-from aq.packing import pack_w4a4_nibbles
+from aq.packing import pack_w4a4_nibbles, w4a16_word_codes
 from aq.qmodel import transform_form
 
 HALF = (torch.float16, torch.bfloat16)
@@ -271,12 +271,8 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("zeros", packed.zeros)
 
     def forward(self, ids):
-        cb = k4a16.container_bits(self.bits)
-        e = 32 // cb
-        words = self.qweight[ids // k4a16.ROW_BLOCK, :, ids % k4a16.ROW_BLOCK].to(torch.int64) & 0xFFFFFFFF
-        i = torch.arange(e, device=ids.device)
-        shifts = (i % 2) * 16 + (i // 2) * cb
-        q = ((words.unsqueeze(-1) >> shifts) & (2**cb - 1)).reshape(*ids.shape, self.embedding_dim).float()
+        words = self.qweight[ids // k4a16.ROW_BLOCK, :, ids % k4a16.ROW_BLOCK]  # [*ids, K / E]: each id's row
+        q = w4a16_word_codes(words, self.bits).reshape(*ids.shape, self.embedding_dim).float()
         g = self.group_size
         s = self.scales.t()[ids].float().repeat_interleave(g, -1)
         z = self.zeros.t()[ids].float().repeat_interleave(g, -1)
