@@ -72,7 +72,7 @@ def _equivalence(model, arch, cfg, alpha=0.7) -> tuple[float, float]:
     geo = models.geometry(model)
     with torch.no_grad():
         ref = model(IDS).logits
-    _, kws = loop.capture(model, IDS, 2)
+    _, kws = pipeline.capture(model, IDS, 2)
     layers = models.decoder_layers(model)
     g = torch.Generator().manual_seed(1)
     worst = 0.0

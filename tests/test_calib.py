@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from aq import models
-from aq.calib import loop
+from aq.calib import loop, pipeline
 from aq.calib.layer import LayerCalib
 from aq.calib.rtn import quantize_rtn
 from aq.calib.transforms import MIN_MARGIN, band_at
@@ -60,7 +60,7 @@ def test_random_transforms_with_quantization_off_keep_the_logits(make, mode, for
     arch, geo = models.arch_of(model), models.geometry(model)
     ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
     ref = model(ids).logits
-    _, kws = loop.capture(model, ids, 2)
+    _, kws = pipeline.capture(model, ids, 2)
     layers = models.decoder_layers(model)
     g = torch.Generator().manual_seed(1)
     kvd = geo.kv_heads * geo.head_dim
@@ -205,7 +205,7 @@ def test_checkpoint_resume_gives_the_same_result(tmp_path, torch_backend):
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # a fresh FP model loads the finished run
-    c = loop.load_calibrated(tiny_llama(), tmp_path)
+    c = pipeline.load_calibrated(tiny_llama(), tmp_path)
     ids = _segments(1, 32, 9)
     assert torch.equal(c(ids).logits, a(ids).logits)
     # resuming with other settings, or writing over a run without --resume, fails clearly

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aq.calib.loop import PAUSE_ENV
+from aq.calib.pipeline import PAUSE_ENV
 from aq.checkpoint import TENSORS
 
 ROOT = Path(__file__).resolve().parents[1]

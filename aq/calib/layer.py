@@ -29,7 +29,7 @@ from aq.kernels.fake_quant import fake_quant_ste
 from aq.models import Arch, Geometry, Site
 from aq.primitives import check_group_size, choose_qparams
 from aq.qmodel import FakeQuantLinear, TransformedNorm, set_qkv_abits
-from aq.qmodel import set_submodule as _set
+from aq.qmodel import set_submodule
 
 LWC_INIT = 4.0  # sigmoid(4) ~ 0.982 of the group's range (OmniQuant's init)
 
@@ -143,10 +143,10 @@ class LayerCalib(nn.Module):
         abits = cfg.abits if quantize else 16
         self.live = {n: _LiveLinear(abits) for n in arch.linears}
         for n, m in self.live.items():
-            _set(self.work, n, m)
+            set_submodule(self.work, n, m)
         for s in self.sites:
             if s.form == "norm":
-                _set(self.work, s.producer, _LiveNorm(self.work.get_submodule(s.producer), self.t[s.name]))
+                set_submodule(self.work, s.producer, _LiveNorm(self.work.get_submodule(s.producer), self.t[s.name]))
         if abits < 16:
             set_qkv_abits(self.work.get_submodule(arch.attention), abits)
 
@@ -348,10 +348,11 @@ class LayerCalib(nn.Module):
                 mod.weight.copy_((w32 if self.quantize else w).to(dt))
                 if bias is not None:
                     mod.bias.copy_(bias)
-            _set(new, n, mod)
+            set_submodule(new, n, mod)
         for s in self.sites:
             if s.form == "norm":
-                _set(new, s.producer, _merge_norm(new.get_submodule(s.producer), self.t[s.name], a.norm_offset))
+                merged = _merge_norm(new.get_submodule(s.producer), self.t[s.name], a.norm_offset)
+                set_submodule(new, s.producer, merged)
         if self.quantize and cfg.abits < 16:
             set_qkv_abits(new.get_submodule(a.attention), cfg.abits)
         return new, qparams

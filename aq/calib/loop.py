@@ -23,22 +23,15 @@ from aq import checks, models
 from aq.calib import pipeline
 from aq.calib import step as step_mod
 from aq.calib.gptq import gptq_round_layer
-from aq.calib.layer import LayerCalib, _set, active_sites
+from aq.calib.layer import LayerCalib, active_sites
 from aq.calib.loss import layer_loss, position0_share
-from aq.calib.pipeline import (  # noqa: F401 (API)
-    CKPT_VERSION,
-    PAUSE_ENV,
-    capture,
-    load_calibrated,
-    propagate,
-    take,
-)
+from aq.calib.pipeline import CKPT_VERSION, propagate, take
 from aq.calib.rotation import rotate_residual
 from aq.calib.rtn import check_model
 from aq.calib.step import autocast
 from aq.config import QuantConfig
 from aq.primitives import check_group_size
-from aq.qmodel import FakeQuantLinear, enable_qkv_quant, set_qkv_abits
+from aq.qmodel import FakeQuantLinear, enable_qkv_quant, set_qkv_abits, set_submodule
 
 INIT_PROBE_SEGMENTS = 4  # segments on which the initial transforms (SmoothQuant scales vs identity) are compared
 
@@ -246,7 +239,7 @@ def _rtn_layer(fp_layer: nn.Module, arch: models.Arch, cfg: QuantConfig) -> nn.M
     new = copy.deepcopy(fp_layer)
     for n in arch.linears:
         lin = new.get_submodule(n)
-        _set(new, n, FakeQuantLinear.from_linear(lin, cfg.wbits, cfg.group_size, cfg.abits, cfg.symmetric))
+        set_submodule(new, n, FakeQuantLinear.from_linear(lin, cfg.wbits, cfg.group_size, cfg.abits, cfg.symmetric))
     if cfg.abits < 16:
         set_qkv_abits(new.get_submodule(arch.attention), cfg.abits)
     return new
