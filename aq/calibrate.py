@@ -32,7 +32,7 @@ from aq.calib import loop
 from aq.calib.gptq import quantize_gptq
 from aq.calib.pipeline import BUFFERS, streamed
 from aq.calib.rtn import quantize_rtn
-from aq.calib.step import STEP_CAPTURES
+from aq.calib.step import DEFAULT_STEP_CAPTURE, STEP_CAPTURES
 from aq.checkpoint import save_checkpoint
 from aq.config import (CPU_SCHEDULE, DEFAULT_NORM_BLOCK, DEFAULT_NORM_TRANSFORM, GPU_SCHEDULE, LOSSES, MODES,
                        NORM_TRANSFORMS, ROTATIONS, ROUNDINGS, QuantConfig)
@@ -50,7 +50,8 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 def run(model, tokenizer, config: QuantConfig | None = None, data="c4", out: str | os.PathLike | None = None, *,
         resume: bool = False, amp: str = "auto", model_name: str = "", progress: bool = False, say=print,
-        device: str | torch.device | None = None, step_capture: str = "off", buffers: str = "auto") -> dict:
+        device: str | torch.device | None = None, step_capture: str = DEFAULT_STEP_CAPTURE,
+        buffers: str = "auto") -> dict:
     """aq.calibrate with its report: {"config" (resolved), "calib" (the loop's log or None for rtn), "seconds"}."""
     dev = torch.device(device) if device is not None else _device_of(model)
     cfg = (config or QuantConfig()).resolve(model, dev)
@@ -209,11 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the calibration activations (two float32 streams of nsamples x seqlen x hidden) live: "
                         "device, or cpu (pinned; slower steps, same values); auto: the device when a memory "
                         "estimate says they fit")
-    g.add_argument("--step-capture", choices=STEP_CAPTURES, default="off",
-                   help="run the training step as a CUDA graph (captured once per epoch's mask structure, replayed "
-                        "for every step; auto: on CUDA devices, falling back to eager steps if the capture fails) "
-                        "or eagerly (off, the default until the captured step has been checked against the eager "
-                        "one on a GPU: bench/calib_step.py --check)")
+    g.add_argument("--step-capture", choices=STEP_CAPTURES, default=DEFAULT_STEP_CAPTURE,
+                   help="run the training step as a CUDA graph, captured once per epoch's mask structure and "
+                        "replayed for every step (auto, the default: on CUDA devices, falling back to eager steps "
+                        "with a warning if the capture fails; graph: fail instead), or eagerly (off)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-data", default="wikitext2,c4", help="comma-separated evaluation sets (names or files)")
     e.add_argument("--eval-windows", type=int, default=None,

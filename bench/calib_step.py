@@ -49,16 +49,17 @@ STEP_VOCAB = 1024
 
 
 def layer_model(shape: str, layers: int, dev, dtype=None, vocab: int | None = None):
-    """A LLaMA-shaped model with random weights built directly on `dev` (fast on a GPU), in `dtype`."""
+    """A LLaMA-shaped model with random weights, built on the CPU (seeded) and moved to `dev`, in `dtype`. Not built on
+    the GPU: after a failed graph capture the CUDA generator refuses every random op of the process."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     kw = dict(SHAPES[shape])
     if vocab is not None:
         kw["vocab_size"] = vocab
     cfg = LlamaConfig(num_hidden_layers=layers, tie_word_embeddings=False, **kw)
-    with torch.device(dev):
+    with torch.device("cpu"):
         model = LlamaForCausalLM(cfg)
-    return model.to(dtype or torch.float32).eval()
+    return model.to(device=dev, dtype=dtype or torch.float32).eval()
 
 
 def one_layer_model(dev, shape: str = "smollm2", dtype=None):

@@ -7,6 +7,7 @@ pipeline.move is wrapped to see each move. The CUDA graph is stood in for by a f
 and whose replay runs it on the static inputs, so the runner's bookkeeping (warm-up, one capture per mask structure,
 static inputs, short batches, fallback) is checked against plain eager steps."""
 import contextlib
+import weakref
 
 import pytest
 import torch
@@ -158,10 +159,11 @@ def test_cpu_kept_streams_give_the_same_model(torch_backend):
 
 
 class FakeGraphs:
-    """capture() records the step without running it; replay() runs it (on the runner's static inputs)."""
+    """capture() records the step without running it; replay() runs it (on the runner's static inputs). Like CUDA's
+    private pools, a capture after the first one needs an earlier graph still alive (else the allocator asserts)."""
 
     def __init__(self, fail=False):
-        self.fail, self.captured, self.eager_steps = fail, [], 0
+        self.fail, self.captured, self.eager_steps, self.live = fail, [], 0, []
 
     def eager(self):
         self.eager_steps += 1
@@ -170,11 +172,20 @@ class FakeGraphs:
     def capture(self, fn):
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
+        if self.live and not any(r() is not None for r in self.live):
+            raise AssertionError("capture into a pool whose graphs were all freed")
+        g = _FakeGraph(fn)
         self.captured.append(fn)
-        return fn
+        self.live.append(weakref.ref(g))
+        return g
 
     def replay(self, g):
-        g()
+        g.fn()
+
+
+class _FakeGraph:
+    def __init__(self, fn):
+        self.fn = fn
 
 
 @pytest.mark.parametrize("mode,n,batch", [("affinequant", 8, 2), ("omniquant", 9, 2)])

@@ -196,7 +196,7 @@ def _probe_loss(calib: LayerCalib, q_buf, fp_buf, kwargs, idx: list[int], amp, c
 
 def _train(calib: LayerCalib, q_buf, fp_buf, kwargs, cfg: QuantConfig, epochs: int, lr_scale: float,
            gen: torch.Generator, amp, bar_desc: str, progress: bool, log: LayerLog, dev: torch.device,
-           step_capture: str = "off", say=print) -> float:
+           step_capture: str = step_mod.DEFAULT_STEP_CAPTURE, say=print) -> float:
     """Train the layer's transforms and clipping for `epochs` epochs (steps run by aq.calib.step.StepRunner: eager or
     CUDA-graph replays of the same step function); returns the last epoch's mean loss."""
     groups = [{"params": calib.transform_params(), "lr": cfg.lr_transform * lr_scale},
@@ -251,7 +251,8 @@ def _finite_layer(layer: nn.Module) -> bool:
 
 def calibrate_layer(i: int, n_layers: int, fp_layer: nn.Module, fp_buf: torch.Tensor, q_buf: torch.Tensor,
                     kwargs: dict, arch: models.Arch, geo: models.Geometry, cfg: QuantConfig, *,
-                    amp, batch: int, progress: bool, say, step_capture: str = "off") -> tuple[nn.Module, LayerLog]:
+                    amp, batch: int, progress: bool, say,
+                    step_capture: str = step_mod.DEFAULT_STEP_CAPTURE) -> tuple[nn.Module, LayerLog]:
     """Train layer i (on fp_layer's device; the streams may be kept elsewhere); on return fp_buf holds the FP layer's
     outputs (the next layer's FP inputs). Returns the merged quantized layer (q_buf is not propagated here) and its
     log."""
@@ -336,7 +337,8 @@ def run_config(cfg: QuantConfig, model_name: str, n_layers: int, alpha: float, a
 def calibrate(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *, ckpt_dir: Path | None = None,
               resume: bool = False, model_name: str = "", amp: torch.dtype | None = None, batch: int = 8,
               progress: bool = True, say=print, device: torch.device | str | None = None, stream: bool | None = None,
-              buffers: str = "auto", step_capture: str = "off", max_layers: int | None = None) -> dict:
+              buffers: str = "auto", step_capture: str = step_mod.DEFAULT_STEP_CAPTURE,
+              max_layers: int | None = None) -> dict:
     """Calibrate `model` in place (its decoder layers are replaced by calibrated ones) on token segments [N, T].
 
     device: where the work runs (default: the model's device); a model kept on the CPU with device "cuda" is streamed

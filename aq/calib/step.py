@@ -25,6 +25,8 @@ from aq.calib.loss import layer_loss
 from aq.calib.transforms import RopeTransform, Transform
 
 STEP_CAPTURES = ("auto", "off", "graph")  # auto: a CUDA graph on CUDA devices, eager elsewhere
+# Captured steps match eager ones within GPU noise (bench/calib_step.py --check on the H200, bench/NOTES-calib-speed.md)
+DEFAULT_STEP_CAPTURE = "auto"
 GRAPH_WARMUP = 2  # eager steps before the first capture (later structures: RECAPTURE_WARMUP)
 RECAPTURE_WARMUP = 1  # a new band needs one eager step (its masks are built and cached there)
 _capture_failed: str | None = None  # set by the first failed capture: "auto" stays eager for the rest of the process
@@ -86,8 +88,13 @@ def structure_key(calib) -> tuple:
 
 
 class CudaGraphs:
-    """The CUDA side of StepRunner: eager warm-up steps on a side stream, capture into one memory pool shared by the
-    layer's successive graphs (one is live at a time), replay."""
+    """The CUDA side of StepRunner: eager warm-up steps and captures on one side stream (the autograd engine's
+    gradient-accumulation nodes, created by the warm-up steps, then run on the stream they are captured on), capture
+    into one memory pool shared by the layer's successive graphs, replay.
+
+    The caller keeps the previous graph alive until the next capture has finished: the allocator frees a private pool
+    once no graph uses it but tensors it holds (the gradients) are still alive, and a later capture into that pool then
+    fails an internal assert (seen on the H200, torch 2.11)."""
 
     def __init__(self, device: torch.device):
         self.device, self.pool = device, None
@@ -105,7 +112,7 @@ class CudaGraphs:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
+        with torch.cuda.graph(g, pool=self.pool, stream=self.stream):
             fn()
         return g
 
@@ -133,6 +140,7 @@ class StepRunner:
         self.calib, self.opt, self.kwargs, self.cfg, self.amp, self.acc = calib, opt, kwargs, cfg, amp, acc
         self.graphs, self.strict, self.say = graphs, strict, say
         self.key, self.graph, self.warm, self.static = None, None, 0, None
+        self.retired = None  # the previous structure's graph, alive until the next capture (see CudaGraphs)
         self.captures = self.replays = 0
 
     def _step(self, x, target) -> None:
@@ -146,6 +154,7 @@ class StepRunner:
                 return self._step(x, target)
         key = structure_key(self.calib)
         if key != self.key:
+            self.retired = self.graph if self.graph is not None else self.retired
             self.key, self.graph, self.warm = key, None, 0
         if self.warm < (GRAPH_WARMUP if self.captures == 0 else RECAPTURE_WARMUP):
             self.warm += 1
@@ -167,6 +176,7 @@ class StepRunner:
                 self.graphs = None
                 return self._step(x, target)
             self.captures += 1
+            self.retired = None
         sx.copy_(x)
         st.copy_(target)
         self.graphs.replay(self.graph)
