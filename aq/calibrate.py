@@ -192,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "Qwen2/3, Phi-3, Gemma; refused on OPT and Gemma 2/3, docs/architectures.md): "
                         "hadamard (with random signs from --seed) or random orthogonal; spreads outlier channels")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration segments and the sample order")
+    g.add_argument("--deterministic", action="store_true",
+                   help="the same command on the same GPU gives the same checkpoint: torch's deterministic "
+                        "algorithms (warn-only), a fixed cuBLAS workspace, and plain (math) attention in the "
+                        "training step instead of the fused kernels, whose backward adds up with atomics; costs "
+                        "some speed")
     g.add_argument("--out", type=Path, default=None,
                    help="folder for the quantized checkpoint (docs/checkpoint.md), results.json and the per-layer "
                         "calibration checkpoints (ckpt/)")
@@ -274,8 +279,18 @@ def _export(model, tok, cfg: QuantConfig, args, out: Path) -> None:
         sys.exit(f"error: {e}")
 
 
+def use_deterministic() -> None:
+    """What --deterministic switches on, before any CUDA work: cuBLAS repeats its results bit for bit only with a fixed
+    workspace configuration (read when its first handle is made), and torch's deterministic mode, which also makes
+    the training step use the math attention backend (aq.calib.step.attention_backends)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.deterministic:
+        use_deterministic()
     on_cpu = torch.device(args.device).type == "cpu"
     form, block = args.norm_transform
     try:

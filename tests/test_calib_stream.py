@@ -7,6 +7,7 @@ pipeline.move is wrapped to see each move. The CUDA graph is stood in for by a f
 and whose replay runs it on the static inputs, so the runner's bookkeeping (warm-up, one capture per mask structure,
 static inputs, short batches, fallback) is checked against plain eager steps."""
 import contextlib
+import os
 import weakref
 
 import pytest
@@ -293,3 +294,25 @@ def test_streamed_gptq_equals_the_resident_one(monkeypatch):
     a, b = _state(ref), _state(model)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert log.max_on_dev == 1 and not log.on_dev and log.model_moves == [DEV, torch.device("cpu")] * 2
+
+
+def test_deterministic_mode_gives_the_training_step_the_math_attention_only(monkeypatch):
+    from aq.calibrate import build_parser, use_deterministic
+    cuda = torch.device("cuda")
+    assert isinstance(step.attention_backends(cuda), contextlib.nullcontext)  # torch's default: every backend
+    prev = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert build_parser().parse_args(["--deterministic"]).deterministic
+    assert not build_parser().parse_args([]).deterministic
+    use_deterministic()
+    try:
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        with step.attention_backends(cuda):
+            assert torch.backends.cuda.math_sdp_enabled()
+            assert not (torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled()
+                        or torch.backends.cuda.cudnn_sdp_enabled())
+        assert torch.backends.cuda.flash_sdp_enabled()  # restored after the step
+        assert isinstance(step.attention_backends(torch.device("cpu")), contextlib.nullcontext)
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])

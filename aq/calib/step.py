@@ -51,11 +51,22 @@ class Accum:
         self.margin.fill_(1.0)
 
 
+def attention_backends(device: torch.device):
+    """The attention kernels the training step may use: all, unless torch's deterministic mode is on
+    (torch.use_deterministic_algorithms; aq.calibrate --deterministic) on a CUDA device, then SDPA's math backend only:
+    the fused attention backwards add the query gradient up with atomics, so two same-seed runs differ from the
+    first layer on (seen on the H200). The math backend is plain products and a softmax, repeatable bit for bit."""
+    if device.type != "cuda" or not torch.are_deterministic_algorithms_enabled():
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def train_step(calib, opt: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor, kwargs: dict, cfg,
                amp: torch.dtype | None, acc: Accum) -> None:
     """One optimizer step of layer calibration on the batch x -> target ([B, T, d] on the layer's device)."""
     calib.refresh()
-    with autocast(x.device, amp):
+    with autocast(x.device, amp), attention_backends(x.device):
         out = calib(x, **kwargs)
     loss = layer_loss(out, target, cfg.loss, cfg.sink_weight)
     opt.zero_grad(set_to_none=True)
