@@ -34,8 +34,8 @@ from aq.calib.pipeline import BUFFERS, streamed
 from aq.calib.rtn import quantize_rtn
 from aq.calib.step import DEFAULT_STEP_CAPTURE, STEP_CAPTURES
 from aq.checkpoint import save_checkpoint
-from aq.config import (CPU_SCHEDULE, DEFAULT_NORM_BLOCK, DEFAULT_NORM_TRANSFORM, GPU_SCHEDULE, LOSSES, MODES,
-                       NORM_TRANSFORMS, ROTATIONS, ROUNDINGS, QuantConfig)
+from aq.config import (CPU_SCHEDULE, DEFAULT_NORM_BLOCK, DEFAULT_NORM_TRANSFORM, GPTQ_HESSIANS, GPU_SCHEDULE, LOSSES,
+                       MODES, NORM_TRANSFORMS, ROTATIONS, ROUNDINGS, QuantConfig)
 
 CPU_EVAL_WINDOWS = 2  # without a GPU the default run evaluates this many 2048-token windows per dataset
 EVAL_SEQLEN = 2048
@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "rtn: round-to-nearest, no training; gptq: GPTQ rounding, layer by layer (weight-only)")
     p.add_argument("--act-order", action="store_true",
                    help="mode gptq: quantize columns in order of decreasing Hessian diagonal (static group qparams)")
+    p.add_argument("--gptq-hessian", choices=GPTQ_HESSIANS, default="raw",
+                   help="GPTQ (--mode gptq, --rounding gptq): raw, the paper's H = 2 X^T X / n; normalized: every "
+                        "token's input at unit norm first, so tokens with massive activations no longer own H")
     p.add_argument("--wbits", type=int, default=4, help="weight bits (2..8)")
     p.add_argument("--abits", type=int, default=16, help="activation bits (2..8; 16 = weight-only)")
     p.add_argument("--group-size", type=_group_size, default="auto",
@@ -306,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
             wbits=args.wbits, abits=args.abits, group_size=args.group_size, symmetric=args.symmetric, mode=args.mode,
             norm_transform=form, norm_block=block or DEFAULT_NORM_BLOCK, alpha_sf=args.alpha_sf,
             smooth_alpha=args.smooth_alpha, lwc=not args.no_lwc, act_order=args.act_order, rounding=args.rounding,
+            gptq_hessian=args.gptq_hessian,
             shifts=AUTO_ON_OFF[args.shifts],
             down_transform=AUTO_ON_OFF[args.down_transform],
             epochs=args.epochs, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,

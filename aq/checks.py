@@ -51,7 +51,8 @@ _TRAINING_ARGS = {"epochs": "--epochs", "nsamples": "--nsamples", "calib_data": 
                   "batch_size": "--batch-size", "alpha_sf": "--alpha-sf", "smooth_alpha": "--smooth-alpha",
                   "lr_transform": "--lr-transform", "lr_clip": "--lr-clip", "no_lwc": "--no-lwc", "shifts": "--shifts",
                   "down_transform": "--down-transform", "norm_transform": "--norm-transform", "amp": "--amp",
-                  "resume": "--resume", "seed": "--seed", "loss": "--loss", "sink_weight": "--sink-weight"}
+                  "resume": "--resume", "seed": "--seed", "loss": "--loss", "sink_weight": "--sink-weight",
+                  "gptq_hessian": "--gptq-hessian"}
 
 
 def ignored_calibration_args(mode: str, weight_only: bool, given: set[str]) -> list[str]:
@@ -64,6 +65,8 @@ def ignored_calibration_args(mode: str, weight_only: bool, given: set[str]) -> l
             if dest in given:
                 out.append(f"{flag} is not used with --mode rtn (round-to-nearest does not train)")
         return out
+    if "gptq_hessian" in given and mode != "gptq" and "rounding" not in given:
+        out.append("--gptq-hessian is not used here: it weighs GPTQ's Hessian (--mode gptq or --rounding gptq)")
     if "sink_weight" in given and "loss" not in given:
         out.append("--sink-weight is not used with the mse loss: it weighs position 0 in --loss token")
     if mode == "omniquant" and "alpha_sf" in given:

@@ -16,6 +16,10 @@ ROUNDINGS = ("rtn", "gptq")
 # within noise of the paper's full form at 1/9 of its inference cost (bench/results/calib_smollm2.md)
 DEFAULT_NORM_TRANSFORM = "block"
 DEFAULT_NORM_BLOCK = 64
+# Token weights of GPTQ's Hessian (aq.calib.gptq.Hessian): "raw" is the paper's H = 2 X^T X / n, which on SmolLM2 the
+# massive-activation tokens own; "normalized" scales every token's input row to unit norm first, so each token counts
+# once (bench/NOTES-accuracy.md, GPTQ).
+GPTQ_HESSIANS = ("raw", "normalized")
 # Block-wise reconstruction loss (aq.calib.loss): "mse" is the paper's; "token" weighs every token by its error relative
 # to its own size (what the next RMSNorm sees), so the attention-sink token no longer owns the loss.
 LOSSES = ("mse", "token")
@@ -43,6 +47,7 @@ class QuantConfig:
     smooth_alpha: float | None = None  # SmoothQuant alpha of the initial scales; None = 0.75 at abits <= 4, else 0.5
     act_order: bool = False      # mode gptq: columns in order of decreasing Hessian diagonal
     rounding: str = "rtn"        # omniquant / affinequant: final rounding of the merged weights (ROUNDINGS)
+    gptq_hessian: str = "raw"    # GPTQ (mode gptq, rounding gptq): token weights of the Hessian (GPTQ_HESSIANS)
     lwc: bool = True             # learnable weight clipping
     shifts: bool | None = None   # learnable shifts; None = weight-activation runs where the producer has a bias
     # a learnable diagonal transform between up_proj's rows and down_proj's columns (not in the paper; exact for
@@ -75,6 +80,8 @@ class QuantConfig:
             raise ValueError(f"unknown mode {self.mode!r}: choose from {', '.join(MODES)}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"unknown rounding {self.rounding!r}: choose from {', '.join(ROUNDINGS)}")
+        if self.gptq_hessian not in GPTQ_HESSIANS:
+            raise ValueError(f"unknown GPTQ Hessian {self.gptq_hessian!r}: choose from {', '.join(GPTQ_HESSIANS)}")
         if self.rounding != "rtn" and self.mode not in ("omniquant", "affinequant"):
             raise ValueError(f"rounding {self.rounding!r} is for omniquant/affinequant (learned transforms, then "
                              f"{self.rounding}); mode {self.mode} has its own rounding")

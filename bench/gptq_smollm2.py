@@ -6,7 +6,9 @@
 
 Writes <out>/gptq_smollm2.json (grid statistics, perplexity and per-layer hidden-state error per variant) and prints
 a table. Variants: rtn, gptq (dynamic groups, damp 0.01), static (qparams from the un-updated weights), damp0.1,
-nopos0 (position 0 out of the Hessian), normtok (every token's input scaled to unit norm before it enters H).
+nopos0 (position 0 out of the Hessian), normtok (--gptq-hessian normalized: every token's input at unit norm before
+it enters H), normtok-damp0.1. Hidden-state errors are measured on 4 calibration segments (in-sample) and on the
+first 4 x seqlen tokens of the first evaluation set (held out).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from aq.primitives import fake_quant
 
 VARIANTS = {
     "rtn": {}, "gptq": {}, "static": {"groups": "static"}, "damp0.1": {"damp": 0.1},
-    "nopos0": {"tokens": "nopos0"}, "normtok": {"tokens": "normtok"},
+    "nopos0": {"tokens": "nopos0"}, "normtok": {"hessian": "normalized"},
+    "normtok-damp0.1": {"hessian": "normalized", "damp": 0.1},
 }
 
 
@@ -73,21 +76,23 @@ def main(argv=None):
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--wbits", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration segments")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     fp, tok = models.load_model(models.DEFAULT_MODEL, torch.float32, a.device)
-    segs = data.calib_segments(tok, a.calib_data, a.nsamples, a.seqlen, 0)
+    segs = data.calib_segments(tok, a.calib_data, a.nsamples, a.seqlen, a.seed)
     sets = a.eval_data.split(",")
     toks = aq_eval.eval_token_sets(tok, sets, 2048)
     windows = a.eval_windows or None
     res = {"grid": grid_stats(fp), "args": {k: str(v) for k, v in vars(a).items()}, "rows": {}}
     print(json.dumps(res["grid"]), flush=True)
     probe = segs[:4].to(a.device)
-    cfg = QuantConfig(wbits=a.wbits, group_size=a.group_size, mode="gptq")
+    held = toks[sets[0]][:4 * a.seqlen].view(4, a.seqlen).to(a.device)
     add = gptq.Hessian.add
     for v in a.variants.split(","):
         kw = dict(VARIANTS[v])
         tokens = kw.pop("tokens", None)
+        cfg = QuantConfig(wbits=a.wbits, group_size=a.group_size, mode="gptq", gptq_hessian=kw.pop("hessian", "raw"))
         m = copy.deepcopy(fp)
         t0 = time.time()
         if v == "rtn":
@@ -95,18 +100,18 @@ def main(argv=None):
         else:
             if tokens == "nopos0":
                 gptq.Hessian.add = lambda self, x: add(self, x[:, 1:] if x.dim() == 3 else x)
-            elif tokens == "normtok":
-                gptq.Hessian.add = lambda self, x: add(self, x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6))
             try:
                 gptq.quantize_gptq(m, segs, cfg, batch=4, progress=False, say=lambda _s: None, **kw)
             finally:
                 gptq.Hessian.add = add
         secs = time.time() - t0
         ppl = {s: aq_eval.perplexity(m, toks[s], 2048, windows) for s in sets}
-        errs = hidden_errors(m, fp, probe)
-        res["rows"][v] = {"ppl": ppl, "seconds": secs, "layers": errs}
+        errs, herrs = hidden_errors(m, fp, probe), hidden_errors(m, fp, held)
+        res["rows"][v] = {"ppl": ppl, "seconds": secs, "layers": errs, "layers_heldout": herrs}
+        at = (0, 9, 19, len(errs) - 1)
         print(f"{v}: " + " ".join(f"{s} {x:.2f}" for s, x in ppl.items()) + f" ({secs:.0f}s); rest-token rel MSE "
-              f"layers 1/10/20/30: " + " ".join(f"{errs[i]['rest_rel']:.2e}" for i in (0, 9, 19, len(errs) - 1))
+              f"layers 1/10/20/30 in-sample " + " ".join(f"{errs[i]['rest_rel']:.2e}" for i in at)
+              + ", held-out " + " ".join(f"{herrs[i]['rest_rel']:.2e}" for i in at)
               + f"; pos0 MSE layer 20: {errs[19]['pos0']:.3g}", flush=True)
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "gptq_smollm2.json").write_text(json.dumps(res, indent=1))

@@ -166,3 +166,35 @@ def test_cli_rounding_gptq(mode, extra, tiny_model_dir, data_dir, tmp_path, caps
     capsys.readouterr()
     with pytest.raises(SystemExit, match="rounding"):
         calibrate.main(["--model", str(tiny_model_dir), "--mode", "rtn", "--rounding", "gptq", "--eval-windows", "1"])
+
+
+def test_normalized_hessian_weighs_every_token_once():
+    """gptq_hessian "normalized": H is that of the unit-norm rows, so a token with massive activations counts as much
+    as any other (scaling it changes nothing), while the raw H follows it."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 37, 24, generator=g)
+    big = x.clone()
+    big[:, 0] *= 1000.0  # an attention-sink-like token
+    raw, norm, norm_big, raw_big = (Hessian(24, "cpu", normalized=n) for n in (False, True, True, False))
+    raw.add(x)
+    norm.add(x)
+    norm_big.add(big)
+    raw_big.add(big)
+    unit = x.reshape(-1, 24) / x.reshape(-1, 24).norm(dim=-1, keepdim=True)
+    assert torch.allclose(norm.H, 2 * unit.T @ unit / unit.shape[0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(norm_big.H, norm.H, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(raw.H, 2 * x.reshape(-1, 24).T @ x.reshape(-1, 24) / 74, rtol=1e-5, atol=1e-5)
+    assert (raw_big.H - raw.H).abs().max() > 100 * raw.H.abs().max()
+    with pytest.raises(ValueError, match="unknown GPTQ Hessian"):
+        QuantConfig(mode="gptq", gptq_hessian="sqrt")
+
+
+def test_cli_gptq_hessian_reaches_the_run(tiny_model_dir, data_dir, tmp_path):
+    common = ["--model", str(tiny_model_dir), "--mode", "gptq", "--wbits", "3", "--group-size", "16", "--nsamples",
+              "4", "--seqlen", "64", "--eval-windows", "1", "--no-progress", "--skip-fp"]
+    res = {h: calibrate.main(common + ["--gptq-hessian", h, "--out", str(tmp_path / h)]) for h in ("raw", "normalized")}
+    assert res["normalized"]["config"]["gptq_hessian"] == "normalized"
+    saved = json.loads((tmp_path / "normalized" / "results.json").read_text())
+    assert saved["config"]["gptq_hessian"] == "normalized"
+    ppl = [r["perplexity"]["GPTQ W3A16g16"]["wikitext2"] for r in res.values()]
+    assert ppl[0] != ppl[1]  # another Hessian, other codes
