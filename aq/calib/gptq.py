@@ -200,19 +200,19 @@ def quantize_gptq(model: nn.Module, segments: torch.Tensor, cfg: QuantConfig, *,
         + (f", {cfg.rotate} rotation" if cfg.rotate != "none" else ""))
     for i, layer in enumerate(tqdm(layers, desc=f"GPTQ {cfg.label}", leave=False, disable=not progress)):
         move(layer, dev)
-        _sequential(layer, arch, buf, layer_kwargs[i], batch,
-                    lambda _n, lin, H: gptq_linear(lin, H, cfg, damp=damp, groups=groups),
-                    normalized=cfg.gptq_hessian == "normalized")
+        _sequential(layer, arch, buf, layer_kwargs[i], batch, cfg,
+                    lambda _n, lin, H: gptq_linear(lin, H, cfg, damp=damp, groups=groups))
         propagate(layer, buf, layer_kwargs[i], batch)
         move(layer, home)
     return model
 
 
-def _sequential(layer: nn.Module, arch: models.Arch, buf: torch.Tensor, kwargs: dict, batch: int, make,
-                abits: int = 16, normalized: bool = False) -> None:
-    """Replace the layer's linears stage by stage (true-sequential) by make(name, linear, its input Hessian)."""
+def _sequential(layer: nn.Module, arch: models.Arch, buf: torch.Tensor, kwargs: dict, batch: int, cfg: QuantConfig,
+                make) -> None:
+    """Replace the layer's linears stage by stage (true-sequential) by make(name, linear, its input Hessian); the
+    Hessians as cfg says (its activation bits and gptq_hessian)."""
     for stage in stages(arch):
-        hs = layer_hessians(layer, stage, buf, kwargs, batch, abits, normalized)
+        hs = layer_hessians(layer, stage, buf, kwargs, batch, cfg.abits, cfg.gptq_hessian == "normalized")
         for n in stage:
             set_submodule(layer, n, make(n, layer.get_submodule(n), hs[n]))
 
@@ -223,5 +223,4 @@ def gptq_round_layer(qlayer: nn.Module, qparams: dict, arch: models.Arch, buf: t
     """Round a merged layer whose linears hold unrounded weights (LayerCalib.merged_unrounded) with GPTQ, in place:
     the Hessians come from the layer's quantized-stream inputs buf (unchanged), the group qparams are the learned
     clipping's, qparams[name] = (scale, zero) (static groups, so the learned ranges are the ones used)."""
-    _sequential(qlayer, arch, buf, kwargs, batch, lambda n, lin, H: gptq_linear(lin, H, cfg, qparams[n]),
-                abits=cfg.abits, normalized=cfg.gptq_hessian == "normalized")
+    _sequential(qlayer, arch, buf, kwargs, batch, cfg, lambda n, lin, H: gptq_linear(lin, H, cfg, qparams[n]))

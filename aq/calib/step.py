@@ -25,7 +25,7 @@ from aq.calib.loss import layer_loss
 from aq.calib.transforms import RopeTransform, Transform
 
 STEP_CAPTURES = ("auto", "off", "graph")  # auto: a CUDA graph on CUDA devices, eager elsewhere
-# Captured steps match eager ones within GPU noise (bench/calib_step.py --check on the H200, bench/NOTES-calib-speed.md)
+# Captured steps give bitwise the eager result (bench/calib_step.py --check on the H200, NOTES-calib-speed.md)
 DEFAULT_STEP_CAPTURE = "auto"
 GRAPH_WARMUP = 2  # eager steps before the first capture (later structures: RECAPTURE_WARMUP)
 RECAPTURE_WARMUP = 1  # a new band needs one eager step (its masks are built and cached there)
@@ -165,7 +165,8 @@ class StepRunner:
                 return self._step(x, target)
         key = structure_key(self.calib)
         if key != self.key:
-            self.retired = self.graph if self.graph is not None else self.retired
+            if self.graph is not None:
+                self.retired = self.graph
             self.key, self.graph, self.warm = key, None, 0
         if self.warm < (GRAPH_WARMUP if self.captures == 0 else RECAPTURE_WARMUP):
             self.warm += 1
