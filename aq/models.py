@@ -10,8 +10,13 @@ rotation, GPTQ, patching and checkpoints work on any model of that family withou
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib.metadata
+import os
 import re
+import shutil
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -282,16 +287,83 @@ def _resolve(name: str) -> tuple[str, str | None]:
     return name, None  # a hub id such as "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
+# A .gguf file is converted once (transformers parses it four times in pure Python and dequantizes every tensor:
+# ~30 s for SmolLM2-135M) and kept as a Hugging Face folder (safetensors + tokenizer) that loads in seconds.
+# AQ_CACHE_DIR=off turns the cache off.
+_CACHE_ENV = "AQ_CACHE_DIR"
+_CACHE_DONE = "aq-gguf-cache.json"  # written last: a folder without it is incomplete and ignored
+
+
+def gguf_cache_dir(path: Path, dtype: torch.dtype) -> Path | None:
+    """Where the converted form of the GGUF file `path` in `dtype` lives (None: cache off). The key is the file's
+    resolved path, size and modification time, so a changed file is converted again."""
+    root = os.environ.get(_CACHE_ENV, "~/.cache/aq")
+    if root.lower() in ("off", "0", "none", ""):
+        return None
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}"
+    return Path(root).expanduser() / "gguf" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _write_gguf_cache(target: Path, model, tok, source: Path) -> None:
+    """Save to a private temporary folder, then rename it into place (atomic: concurrent runs and a run killed
+    mid-write leave no half-written cache). Best effort: a failure only costs the next run the slow path."""
+    import json
+
+    import safetensors.torch
+
+    need = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(target.parent).free
+        if free < 1.2 * need + 2**30:
+            print(f"note: not caching the converted GGUF ({need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free in "
+                  f"{target.parent}); set {_CACHE_ENV} to a folder with room", file=sys.stderr)
+            return
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        # save_pretrained refuses a model loaded from GGUF (it counts as quantized with the GGUF method); its weights
+        # are plain dequantized tensors, so config (less the GGUF marker) and safetensors are written directly.
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        safetensors.torch.save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok.save_pretrained(tmp)
+        (tmp / _CACHE_DONE).write_text(json.dumps({"source": str(source.resolve())}) + "\n")
+        if target.exists() and not (target / _CACHE_DONE).is_file():
+            shutil.rmtree(target, ignore_errors=True)  # left by a run killed mid-write (or an older aq)
+        try:
+            os.replace(tmp, target)
+            print(f"note: converted {source.name} cached in {target} (next loads take seconds; "
+                  f"{_CACHE_ENV}=off turns the cache off)", file=sys.stderr)
+        except OSError:  # another run got there first (target exists and is not empty)
+            shutil.rmtree(tmp, ignore_errors=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"note: could not cache the converted GGUF in {target} ({e}); the next run converts it again",
+              file=sys.stderr)
+        shutil.rmtree(target.parent / f".{target.name}.tmp-{os.getpid()}", ignore_errors=True)
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load (model, tokenizer) from a path, a .gguf file, a hub id or "smollm2"; the model in eval mode."""
+    """Load (model, tokenizer) from a path, a .gguf file, a hub id or "smollm2"; the model in eval mode.
+    A .gguf file is read through its converted copy under AQ_CACHE_DIR (gguf_cache_dir), made on first use."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, gguf = _resolve(name)
+    cache = gguf_cache_dir(Path(src) / gguf, dtype) if gguf else None
+    cached = cache is not None and (cache / _CACHE_DONE).is_file()
+    if cached:
+        src, gguf = str(cache), None
     kw = {"gguf_file": gguf} if gguf else {}
     try:
         tok = AutoTokenizer.from_pretrained(src, **kw)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
     except OSError as e:
-        raise FileNotFoundError(f"could not load model {name!r}: {e}") from e
+        raise FileNotFoundError(f"could not load model {name!r}{f' from its cache {cache}' if cached else ''}: {e}"
+                                f"{f' (delete {cache} to convert the GGUF again)' if cached else ''}") from e
     arch_of(model)  # fail early on an architecture aq has no mapping for
+    if cache is not None and not cached:
+        _write_gguf_cache(cache, model, tok, Path(src) / gguf)
     return model.to(device).eval(), tok

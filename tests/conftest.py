@@ -80,3 +80,15 @@ def data_dir(tmp_path, monkeypatch):
     (d / "c4" / "c4-train.00000-of-01024.first1000.jsonl").write_text("\n".join(json.dumps(r) for r in docs))
     monkeypatch.setenv("AQ_DATA_DIR", str(d))
     return d
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gguf_cache(tmp_path_factory):
+    """Converted GGUF files go to a folder of this test session, not the user's ~/.cache/aq."""
+    old = os.environ.get("AQ_CACHE_DIR")
+    os.environ["AQ_CACHE_DIR"] = str(tmp_path_factory.mktemp("aq-cache"))
+    yield
+    if old is None:
+        os.environ.pop("AQ_CACHE_DIR", None)
+    else:
+        os.environ["AQ_CACHE_DIR"] = old

