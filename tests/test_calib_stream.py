@@ -164,14 +164,18 @@ class FakeGraphs:
     private pools, a capture after the first one needs an earlier graph still alive (else the allocator asserts)."""
 
     def __init__(self, fail=False):
+        """fail: True, every capture fails; "cold": a capture with no eager step since the last one fails."""
         self.fail, self.captured, self.eager_steps, self.live = fail, [], 0, []
+        self.eager_since_capture = 0
 
     def eager(self):
         self.eager_steps += 1
+        self.eager_since_capture += 1
         return contextlib.nullcontext()
 
     def capture(self, fn):
-        if self.fail:
+        cold, self.eager_since_capture = self.eager_since_capture == 0, 0
+        if self.fail is True or (self.fail == "cold" and cold):
             raise RuntimeError("operation not permitted when stream is capturing")
         if self.live and not any(r() is not None for r in self.live):
             raise AssertionError("capture into a pool whose graphs were all freed")
@@ -197,19 +201,38 @@ def test_graph_runner_replays_the_eager_computation(mode, n, batch, monkeypatch,
     res_ref = loop.calibrate(ref, _segments(n), cfg, step_capture="off", progress=False, say=lambda s: None)
     fakes = []
     monkeypatch.setattr(step, "graphs_for", lambda choice, dev: fakes.append(FakeGraphs()) or fakes[-1])
+    monkeypatch.setattr(step, "_warm_structures", set())  # a fresh process
     model = tiny_llama()
     res = loop.calibrate(model, _segments(n), cfg, progress=False, say=lambda s: None)
     a, b = _state(ref), _state(model)
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps_per_epoch = -(-n // batch)
-    for r, r0 in zip(res["layers"], res_ref["layers"]):
+    for i, (r, r0) in enumerate(zip(res["layers"], res_ref["layers"])):
         assert r["steps"] == r0["steps"] == 3 * steps_per_epoch and r0["graph_captures"] == 0
         # affinequant: the band changes every epoch (a capture each); omniquant: one structure for the whole layer
         captures = 3 if mode == "affinequant" else 1
         short = n % batch != 0  # the short last batch of each epoch runs eagerly
         assert r["graph_captures"] == captures
-        warmups = step.GRAPH_WARMUP + step.RECAPTURE_WARMUP * (captures - 1)
+        # a band met at an earlier layer is captured without its eager warm-up step
+        warmups = step.GRAPH_WARMUP + (step.RECAPTURE_WARMUP * (captures - 1) if i == 0 else 0)
         assert r["graph_replays"] == r["steps"] - warmups - 3 * short
+
+
+def test_failed_capture_without_warmup_brings_the_warmup_back(monkeypatch, torch_backend):
+    cfg = QuantConfig(mode="affinequant", wbits=3, group_size=16, epochs=3, norm_transform="block", norm_block=16,
+                      batch_size=2)
+    ref = tiny_llama()
+    loop.calibrate(ref, _segments(8), cfg, step_capture="off", progress=False, say=lambda s: None)
+    monkeypatch.setattr(step, "graphs_for", lambda choice, dev: FakeGraphs(fail="cold"))
+    monkeypatch.setattr(step, "_warm_structures", set())
+    monkeypatch.setattr(step, "_cold_capture_failed", None)
+    model, msgs = tiny_llama(), []
+    res = loop.calibrate(model, _segments(8), cfg, progress=False, say=msgs.append)
+    assert sum("without a warm-up step failed" in m for m in msgs) == 1  # once: warm-ups from then on
+    assert step._cold_capture_failed and step._capture_failed is None
+    assert [r["graph_captures"] for r in res["layers"]] == [3, 3]  # still captured, after warm-ups
+    a, b = _state(ref), _state(model)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the failed capture lost no step and changed nothing
 
 
 def test_failed_capture_falls_back_to_eager_steps_or_raises_when_required(monkeypatch, torch_backend):

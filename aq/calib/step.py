@@ -11,7 +11,10 @@ choices made while tracing must stay the same. The only such choice that changes
 band (once an epoch: it selects kernels, masks and loop bounds), so a graph is captured per mask structure
 (structure_key), after eager steps with that structure (GRAPH_WARMUP before the first capture: Triton autotuning,
 cuBLAS handles; RECAPTURE_WARMUP later: the new band's masks are built and cached there),
-and replayed for every other step of that structure; a short last batch runs eagerly. Every step, eager, warm-up or
+and replayed for every other step of that structure; a short last batch runs eagerly. A structure that already ran
+eagerly in this process (the same band at an earlier layer: its kernels are compiled and tuned, its masks cached) is
+captured without the eager step: at 40 epochs that step is ~30 ms of host time per epoch and layer. If such a capture
+fails, the warm-up comes back for the rest of the process. Every step, eager, warm-up or
 replayed, is a real training step: the captured run is the eager run's computation.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 
 from aq.calib.loss import layer_loss
 from aq.calib.transforms import RopeTransform, Transform
+from aq.kernels import affine as AF
 
 STEP_CAPTURES = ("auto", "off", "graph")  # auto: a CUDA graph on CUDA devices, eager elsewhere
 # Captured steps give bitwise the eager result (bench/calib_step.py --check on the H200, NOTES-calib-speed.md)
@@ -30,6 +34,8 @@ DEFAULT_STEP_CAPTURE = "auto"
 GRAPH_WARMUP = 2  # eager steps before the first capture (later structures: RECAPTURE_WARMUP)
 RECAPTURE_WARMUP = 1  # a new band needs one eager step (its masks are built and cached there)
 _capture_failed: str | None = None  # set by the first failed capture: "auto" stays eager for the rest of the process
+_warm_structures: set = set()  # (structure key, input shape, device) that ran an eager step in this process
+_cold_capture_failed: str | None = None  # set when a capture without its warm-up failed: warm-ups always from then on
 
 
 def autocast(device: torch.device, amp: torch.dtype | None):
@@ -158,6 +164,7 @@ class StepRunner:
         train_step(self.calib, self.opt, x, target, self.kwargs, self.cfg, self.amp, self.acc)
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        global _capture_failed, _cold_capture_failed
         if self.graphs is None:
             return self._step(x, target)
         if self.static is not None and x.shape != self.static[0].shape:  # a short last batch
@@ -168,20 +175,39 @@ class StepRunner:
             if self.graph is not None:
                 self.retired = self.graph
             self.key, self.graph, self.warm = key, None, 0
-        if self.warm < (GRAPH_WARMUP if self.captures == 0 else RECAPTURE_WARMUP):
+        seen = (key, tuple(x.shape), x.device)
+        if self.captures == 0:
+            warmup = GRAPH_WARMUP  # the layer's first capture: new parameters, optimizer state, side stream
+        else:
+            warmup = 0 if seen in _warm_structures and _cold_capture_failed is None else RECAPTURE_WARMUP
+        if self.warm < warmup:
             self.warm += 1
             if self.static is None:
                 self.static = (torch.empty_like(x), torch.empty_like(target))
             with self.graphs.eager():
-                return self._step(x, target)
+                self._step(x, target)
+            _warm_structures.add(seen)
+            return
         sx, st = self.static
         if self.graph is None:
             try:
                 self.graph = self.graphs.capture(lambda: self._step(sx, st))
             except Exception as e:
+                if warmup == 0:  # captured without its eager step: warm up from now on, this step eagerly
+                    _cold_capture_failed = f"{type(e).__name__}: {e}"
+                    self.say(f"note: CUDA graph capture without a warm-up step failed ({_cold_capture_failed}); "
+                             "warming up before every capture from here on")
+                    AF.forget_cached_masks()  # masks first built inside the failed capture were never computed
+                    for m in self.calib.modules():
+                        if isinstance(m, Transform):
+                            m.forget_mask()
+                    self.warm += 1
+                    with self.graphs.eager():
+                        self._step(x, target)
+                    _warm_structures.add(seen)
+                    return
                 if self.strict:
                     raise
-                global _capture_failed
                 _capture_failed = f"{type(e).__name__}: {e}"
                 self.say(f"warning: CUDA graph capture of the training step failed ({_capture_failed}); "
                          "eager steps from here on")

@@ -76,6 +76,10 @@ class Transform(nn.Module):
     def set_epoch(self, epoch: int, epochs: int) -> None:
         self.band = band_at(epoch, epochs, self.block)
 
+    def forget_mask(self) -> None:
+        """Drop the projection's cached mask (a failed graph capture may have left one that was never computed)."""
+        self._mask, self._mask_key = None, None
+
     @torch.no_grad()
     def keep_dominant_(self, min_margin: float = MIN_MARGIN) -> None:
         """Project A back onto the strictly diagonally dominant matrices after an optimizer step: in every row whose
@@ -87,7 +91,7 @@ class Transform(nn.Module):
         check fails and the layer falls back to diagonal transforms."""
         if self.form == "diagonal":
             return
-        key = (self.band, self.A.device)
+        key = (self.band, self.A.device)  # built inside a graph capture when the band is new there (aq.calib.step)
         if self._mask_key != key:  # one mask per epoch (the band changes once an epoch)
             self._mask, self._mask_key = AF.affine_mask(self.d, self.band, self._block_arg, self.alpha,
                                                         device=self.A.device), key

@@ -47,7 +47,7 @@ def affine_mask(d: int, band: int | None = None, block: int | None = None, alpha
     keep = (i[:, None] - i[None, :]).abs() < band
     if block < d:
         keep &= (i[:, None] // block) == (i[None, :] // block)
-    m = torch.where(keep, torch.tensor(float(alpha), device=device), torch.tensor(0.0, device=device))
+    m = keep.to(torch.float32) * float(alpha)  # no host scalar tensors: the mask may be built inside a graph capture
     m.fill_diagonal_(1.0)
     return m
 
@@ -281,8 +281,13 @@ def _mask_cached(d: int, band: int, block: int, alpha: float, device: str) -> to
     return affine_mask(d, band, block, alpha, device=device)
 
 
-def _mask(d, band, block, alpha, device):
+def cached_mask(d, band, block, alpha, device):
     return _mask_cached(d, band, block, float(alpha), str(device))
+
+
+def forget_cached_masks() -> None:
+    """Empty the mask cache: after a failed CUDA graph capture it may hold masks that were never computed."""
+    _mask_cached.cache_clear()
 
 
 def _torch_dtype(dm: int, fallback: torch.dtype) -> torch.dtype:
@@ -312,7 +317,7 @@ def _diag_blocks(m: torch.Tensor, b: int) -> torch.Tensor:
 
 def _block_mask(block: int, band: int, alpha: float, device) -> torch.Tensor:
     """The mask inside one diagonal block, [block, block] (the same for every block); broadcasts over [nb, b, b]."""
-    return _mask(block, band, block, alpha, device)
+    return cached_mask(block, band, block, alpha, device)
 
 
 def _from_blocks(blocks: torch.Tensor) -> torch.Tensor:
@@ -415,7 +420,7 @@ class _MaskedWeight(torch.autograd.Function):
             Mb = _block_mask(block, band, alpha, A.device)
             out = _by_blocks(w, (_diag_blocks(A, block) * Mb).transpose(1, 2), dm).to(w.dtype)
         else:
-            out = _dense_mm(w, (A * _mask(d, band, block, alpha, A.device)).T, dm).to(w.dtype)
+            out = _dense_mm(w, (A * cached_mask(d, band, block, alpha, A.device)).T, dm).to(w.dtype)
         ctx.save_for_backward(w, A)
         ctx.cfg = (band, block, alpha, path, dm)
         return out
@@ -436,7 +441,7 @@ class _MaskedWeight(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 gA = _blocks_grad(gy, w, Mb, dm)
         else:
-            M = _mask(d, band, block, alpha, A.device)
+            M = cached_mask(d, band, block, alpha, A.device)
             if ctx.needs_input_grad[0]:
                 gw = _dense_mm(gy, A * M, dm).to(w.dtype)
             if ctx.needs_input_grad[1]:
@@ -466,7 +471,7 @@ class _TransformFakeQuant(torch.autograd.Function):
                 wt = _by_blocks(w, Am.transpose(1, 2), dm)
             else:
                 t = _torch_dtype(dm, torch.float32)
-                Am = (A * _mask(d, band, block, alpha, A.device)).to(t)
+                Am = (A * cached_mask(d, band, block, alpha, A.device)).to(t)
                 if path == "blocked":
                     wt = _blocked_xat(w.to(t), Am, band)
                 else:
@@ -494,7 +499,7 @@ class _TransformFakeQuant(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 gA = _blocks_grad(gwt, w, _block_mask(block, band, alpha, A.device), dm)
         else:
-            M = _mask(d, band, block, alpha, A.device)
+            M = cached_mask(d, band, block, alpha, A.device)
             wd = w.to(t)
             if path == "blocked":
                 if ctx.needs_input_grad[0]:
@@ -551,7 +556,7 @@ class _MaskedInverseAct(torch.autograd.Function):
             elif path == "blocks":
                 gA = _blocks_grad(y, gx, _block_mask(block, band, alpha, y.device), dm).neg_()
             else:
-                gA = -(_dense_mm(y.T, gx, dm).float() * _mask(d, band, block, alpha, y.device))
+                gA = -(_dense_mm(y.T, gx, dm).float() * cached_mask(d, band, block, alpha, y.device))
         gx = gx.to(y.dtype) if ctx.needs_input_grad[0] else None
         return gx, gA, None, None, None, None, None
 
@@ -606,7 +611,7 @@ def masked_inverse_act(x: torch.Tensor, A: torch.Tensor, band: int | None = None
         Amb = _diag_blocks(A.detach(), blk) * _block_mask(blk, bnd, alpha, A.device)
         inv, margin = inverse_blocks(Amb, name, check)
     else:
-        Am = A.detach() * _mask(d, bnd, blk, alpha, A.device)
+        Am = A.detach() * cached_mask(d, bnd, blk, alpha, A.device)
         structure = (blk if blk < d else None, bnd)
         inv, margin = checked_inverse(Am, name, *structure) if check else inverse_with_margin(Am, *structure)
     y = _MaskedInverseAct.apply(_rows(x), A, inv, bnd, blk, float(alpha), path).reshape(x.shape)
